@@ -1,0 +1,29 @@
+//! The engine's typed errors. `server` alone maps them to HTTP status codes.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// A request field is out of range; `param` names the field (OpenAI-style).
+    #[error("{message}")]
+    InvalidParam { param: &'static str, message: String },
+    /// Prompt plus requested tokens do not fit the model's context.
+    #[error("this model's maximum context length is {max} tokens, but the request needs {requested} ({prompt} in the prompt)")]
+    ContextLengthExceeded { max: usize, prompt: usize, requested: usize },
+    /// The command queue is full: the caller should retry later (HTTP 429).
+    #[error("the engine is overloaded (command queue full); retry later")]
+    Overloaded,
+    /// The engine thread has stopped (shutdown or a fatal error).
+    #[error("the engine has shut down")]
+    Shutdown,
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("chat template error: {0}")]
+    Template(String),
+    #[error("model load error: {0}")]
+    Load(String),
+    #[error(transparent)]
+    Model(#[from] kiln_models::ModelError),
+    #[error("internal engine error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,115 @@
+//! `y = x W^T (+ b)` over quantized GGUF blocks or float weights. Projections that read the same
+//! input (Q/K/V, gate/up) are fused into one matrix at load time when their storage types
+//! agree, so the activation is quantized and streamed once per step instead of three times.
+
+use crate::error::{ModelError, Result};
+use crate::weights::Weight;
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{Module, Tensor, D};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+enum Part {
+    Quant(QMatMul),
+    /// `[out, in]` f32.
+    Float(Tensor),
+}
+
+impl Part {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Part::Quant(m) => m.forward(x)?,
+            Part::Float(w) => x.matmul(&w.t()?)?,
+        })
+    }
+}
+
+pub struct Linear {
+    /// Row blocks of the (possibly fused) weight; outputs are concatenated in order.
+    parts: Vec<Part>,
+    /// `[out]`
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(w: Weight, bias: Option<Tensor>) -> Result<Self> {
+        Self::fused(vec![w], bias.map(|b| vec![b]))
+    }
+
+    /// Stacks the rows of `ws` into one matrix where storage allows it. `biases`, when given,
+    /// has one entry per weight.
+    pub fn fused(ws: Vec<Weight>, biases: Option<Vec<Tensor>>) -> Result<Self> {
+        let bias = match biases {
+            Some(bs) if bs.len() == ws.len() => Some(Tensor::cat(&bs, 0)?),
+            Some(_) => return Err(ModelError::Invalid("fused linear: one bias per weight".into())),
+            None => None,
+        };
+        let mut parts: Vec<Part> = Vec::new();
+        let mut pending: Vec<Weight> = Vec::new();
+        for w in ws {
+            if let Some(prev) = pending.last() {
+                if !same_storage(prev, &w) {
+                    parts.push(stack(std::mem::take(&mut pending))?);
+                }
+            }
+            pending.push(w);
+        }
+        if !pending.is_empty() {
+            parts.push(stack(pending)?);
+        }
+        Ok(Self { parts, bias })
+    }
+
+    /// `x`: `[rows, in]` -> `[rows, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if self.parts.len() == 1 {
+            self.parts[0].forward(x)?
+        } else {
+            let ys = self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&ys, D::Minus1)?
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+fn same_storage(a: &Weight, b: &Weight) -> bool {
+    match (a, b) {
+        (Weight::Quant(x), Weight::Quant(y)) => x.dtype() == y.dtype() && x.shape().dims()[1] == y.shape().dims()[1],
+        (Weight::Float(_), Weight::Float(_)) => true,
+        _ => false,
+    }
+}
+
+/// Concatenates same-storage weights along the output dimension. Quantized rows are whole
+/// blocks, so stacking is a byte concatenation.
+fn stack(ws: Vec<Weight>) -> Result<Part> {
+    if ws.len() == 1 {
+        return Ok(match ws.into_iter().next() {
+            Some(Weight::Quant(q)) => Part::Quant(QMatMul::from_arc(q)?),
+            Some(Weight::Float(t)) => Part::Float(t),
+            None => unreachable!("len checked"),
+        });
+    }
+    match &ws[0] {
+        Weight::Float(_) => {
+            let ts: Vec<Tensor> = ws.into_iter().map(|w| match w { Weight::Float(t) => t, Weight::Quant(_) => unreachable!("same_storage") }).collect();
+            Ok(Part::Float(Tensor::cat(&ts, 0)?))
+        }
+        Weight::Quant(first) => {
+            let (dtype, k, device) = (first.dtype(), first.shape().dims()[1], first.device());
+            let mut bytes = Vec::new();
+            let mut rows = 0;
+            for w in &ws {
+                let Weight::Quant(q) = w else { unreachable!("same_storage") };
+                bytes.extend_from_slice(&q.data()?);
+                rows += q.shape().dims()[0];
+            }
+            let storage = QStorage::from_data(Cow::Owned(bytes), &device, dtype)?;
+            let q = QTensor::new(storage, (rows, k))?;
+            Ok(Part::Quant(QMatMul::from_arc(Arc::new(q))?))
+        }
+    }
+}

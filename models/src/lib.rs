@@ -63,12 +63,24 @@ impl ModelFormat {
     }
 }
 
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Dequantize GGUF blocks to f32 at load (exact float math; 4-8x the memory).
+    pub dequantize: bool,
+}
+
 /// Loads the model at `format` onto `device`, choosing the architecture from its metadata.
 pub fn load(format: &ModelFormat, device: &Device) -> Result<Box<dyn CausalLM>> {
+    load_with(format, device, LoadOptions::default())
+}
+
+pub fn load_with(format: &ModelFormat, device: &Device, opts: LoadOptions) -> Result<Box<dyn CausalLM>> {
     let (mut store, cfg) = match format {
         ModelFormat::Gguf(p) => WeightStore::open_gguf(p, device)?,
         ModelFormat::Safetensors(d) => WeightStore::open_safetensors(d, device)?,
     };
+    store.set_dequantize(opts.dequantize);
     Ok(match cfg.arch {
         Arch::Llama => Box::new(llama::Llama::load(cfg, &mut store)?),
         Arch::Qwen2 => Box::new(qwen2::load(cfg, &mut store)?),

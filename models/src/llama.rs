@@ -101,6 +101,10 @@ impl CausalLM for Llama {
             let h = b.ffn_norm.forward(&x)?;
             x = (&x + b.mlp.forward(&h)?)?;
         }
+        if batch.logits_rows.is_empty() {
+            // Every sequence is mid-prefill: the step only filled the cache.
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), candle_core::DType::F32, &self.device)?);
+        }
         let rows = Tensor::new(batch.logits_rows.as_slice(), &self.device)?;
         let x = self.norm.forward(&x.index_select(&rows, 0)?)?;
         self.lm_head.forward(&x) // [logits_rows, vocab]

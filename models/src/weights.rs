@@ -36,6 +36,7 @@ enum Source {
 pub struct WeightStore {
     source: Source,
     device: Device,
+    dequantize: bool,
 }
 
 impl WeightStore {
@@ -46,7 +47,7 @@ impl WeightStore {
             .map_err(|e| ModelError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display())))?;
         let cfg = ModelConfig::from_gguf(&content)?;
         let source = Source::Gguf { content, file, path: path.to_path_buf() };
-        Ok((Self { source, device: device.clone() }, cfg))
+        Ok((Self { source, device: device.clone(), dequantize: false }, cfg))
     }
 
     /// A directory with `config.json` and one or more `*.safetensors` files.
@@ -68,7 +69,12 @@ impl WeightStore {
         for f in files {
             tensors.extend(candle_core::safetensors::load(&f, device)?);
         }
-        Ok((Self { source: Source::Safetensors { tensors }, device: device.clone() }, cfg))
+        Ok((Self { source: Source::Safetensors { tensors }, device: device.clone(), dequantize: false }, cfg))
+    }
+
+    /// Hand out quantized GGUF tensors as f32 from now on.
+    pub fn set_dequantize(&mut self, on: bool) {
+        self.dequantize = on;
     }
 
     pub fn device(&self) -> &Device {
@@ -85,9 +91,11 @@ impl WeightStore {
                     tensor: format!("{name} in {}", path.display()),
                     dtype: format!("{dtype:?} ({e})"),
                 })?;
-                Ok(Some(match dtype {
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Float(q.dequantize(&self.device)?),
-                    _ => Weight::Quant(Arc::new(q)),
+                let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+                Ok(Some(if float || self.dequantize {
+                    Weight::Float(q.dequantize(&self.device)?)
+                } else {
+                    Weight::Quant(Arc::new(q))
                 }))
             }
             Source::Safetensors { tensors } => {

@@ -1,0 +1,31 @@
+//! Helpers shared by the model test binaries.
+#![allow(dead_code)]
+
+use anyhow::Result;
+use candle_core::Tensor;
+use std::path::PathBuf;
+
+pub const BS: usize = 16;
+/// "The capital of France is" in SmolLM2's tokenizer (reference prompt_ids).
+pub const PROMPT: &[u32] = &[504, 3575, 282, 4649, 314];
+
+/// `$KILN_MODELS_DIR` or `~/.cache/kiln/models`, where scripts/fetch-models.sh puts them.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("KILN_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/models"))
+}
+
+pub fn smollm2() -> Result<PathBuf> {
+    let p = models_dir().join("smollm2-135m-instruct-q4_1.gguf");
+    anyhow::ensure!(p.is_file(), "{} missing: run scripts/fetch-models.sh", p.display());
+    Ok(p)
+}
+
+pub fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+pub fn argmax(t: &Tensor) -> Result<u32> {
+    Ok(t.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
+}

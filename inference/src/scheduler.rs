@@ -1,1 +1,317 @@
-//! (being written)
+//! The scheduler: decides, each engine step, which sequences compute how many new tokens, and owns
+//! the [`BlockManager`] that backs their KV cache.
+//!
+//! It is phase-free (vLLM v1's idea): a sequence is just `num_computed` (tokens whose K/V are in
+//! the cache) and `len` (prompt + generated tokens known so far). A step grants each scheduled
+//! sequence up to `len - num_computed` tokens under one token budget, so prefill, chunked prefill
+//! and decode are one code path. When blocks run out, the newest running sequence is preempted by
+//! recompute: its blocks are freed and it goes back to the front of the waiting queue.
+//!
+//! It knows ids and counts only: it must not touch a tensor, a token id, a model or a request's
+//! sampling state. Engine misuse (unknown ids, duplicate ids) is a logged no-op, never a panic;
+//! internal invariants are `debug_assert`s.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::block_manager::{BlockId, BlockManager, BlockTable};
+
+pub type SeqId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Cap on running sequences, counting slots reserved for not-yet-forked children.
+    pub max_num_seqs: usize,
+    /// Token budget of one step, summed over all scheduled sequences.
+    pub max_num_batched_tokens: usize,
+    pub num_blocks: usize,
+    /// Token slots per KV block.
+    pub block_size: usize,
+}
+
+/// One sequence's share of a step: compute positions `start..start + num_tokens`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: SeqId,
+    /// First position computed this step (= `num_computed` before the step).
+    pub start: usize,
+    pub num_tokens: usize,
+    /// `start + num_tokens == len`: the engine samples a token for this sequence.
+    pub needs_logits: bool,
+    /// The sequence's blocks, covering at least `start + num_tokens` positions.
+    pub block_table: Vec<BlockId>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulerOutput {
+    /// Running sequences first (oldest first), then newly admitted ones (FCFS).
+    pub seqs: Vec<ScheduledSeq>,
+    /// Sequences preempted by recompute this step: their KV is gone, they wait to start over.
+    pub preempted: Vec<SeqId>,
+    /// Copy-on-write `(src, dst)` block copies. The runner must apply them in this order, before
+    /// the forward pass writes: a block freed by a preemption later in the same step may be the
+    /// `dst` of a later pair after being the `src` of an earlier one.
+    pub copies: Vec<(BlockId, BlockId)>,
+    /// Sum of `num_tokens` over `seqs`; never above `max_num_batched_tokens`.
+    pub num_batched_tokens: usize,
+}
+
+#[derive(Debug)]
+struct SeqState {
+    num_computed: usize,
+    len: usize,
+    /// Running slots still reserved for children this sequence will fork (OpenAI `n - 1` at
+    /// first). Counted at admission so forking later can never push past `max_num_seqs`.
+    pending_forks: usize,
+    table: BlockTable,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    blocks: BlockManager,
+    seqs: HashMap<SeqId, SeqState>,
+    /// Scheduling priority, oldest first; a fork sits right after its parent. The back is the
+    /// "newest" sequence, the first to be preempted.
+    running: Vec<SeqId>,
+    /// FCFS; preempted sequences re-enter at the front. Waiting sequences hold no blocks.
+    waiting: VecDeque<SeqId>,
+}
+
+impl Scheduler {
+    /// Panics on a configuration that could never schedule anything (zero caps); that is a startup
+    /// error, not a request's.
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        assert!(cfg.max_num_seqs > 0, "max_num_seqs must be > 0");
+        assert!(cfg.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0");
+        Self {
+            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size),
+            cfg,
+            seqs: HashMap::new(),
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Enqueues a new sequence at the back of the waiting queue. `reserve_seqs` is how many running
+    /// slots the request needs once its children are forked (OpenAI `n`).
+    ///
+    /// Requests that could block the queue forever are refused with a warning instead: an empty
+    /// prompt (nothing to compute) or one that can never fit the cache. `reserve_seqs` is clamped
+    /// to `1..=max_num_seqs` so an oversized `n` cannot stall admission either.
+    pub fn add(&mut self, id: SeqId, prompt_len: usize, reserve_seqs: usize) {
+        if self.seqs.contains_key(&id) {
+            tracing::warn!(seq = id, "scheduler: duplicate sequence id ignored");
+            return;
+        }
+        if prompt_len == 0 || !self.fits(prompt_len) {
+            tracing::warn!(seq = id, prompt_len, "scheduler: prompt is empty or exceeds the KV cache; ignored");
+            return;
+        }
+        let reserve = reserve_seqs.clamp(1, self.cfg.max_num_seqs);
+        let state = SeqState { num_computed: 0, len: prompt_len, pending_forks: reserve - 1, table: BlockTable::new() };
+        self.seqs.insert(id, state);
+        self.waiting.push_back(id);
+    }
+
+    /// Forks `child` from `parent`: it shares the parent's blocks (copy-on-write), `num_computed`
+    /// and `len`, and is queued right after the parent (in running, or in waiting if the parent
+    /// was preempted). Uses one of the parent's reserved slots when it has any.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) {
+        if self.seqs.contains_key(&child) {
+            tracing::warn!(seq = child, "scheduler: fork into an existing id ignored");
+            return;
+        }
+        let Some(p) = self.seqs.get_mut(&parent) else {
+            tracing::warn!(seq = parent, "scheduler: fork of an unknown sequence ignored");
+            return;
+        };
+        p.pending_forks = p.pending_forks.saturating_sub(1);
+        let state =
+            SeqState { num_computed: p.num_computed, len: p.len, pending_forks: 0, table: self.blocks.fork(&p.table) };
+        self.seqs.insert(child, state);
+        if let Some(i) = self.running.iter().position(|&s| s == parent) {
+            self.running.insert(i + 1, child);
+        } else if let Some(i) = self.waiting.iter().position(|&s| s == parent) {
+            self.waiting.insert(i + 1, child);
+        } else {
+            debug_assert!(false, "sequence {parent} is neither running nor waiting");
+        }
+    }
+
+    /// A token was sampled for `id`: its known length grows by one.
+    pub fn append_token(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.len += 1;
+        }
+    }
+
+    /// Removes `id` (finished or aborted, running or waiting) and frees its blocks. Unknown ids
+    /// are a no-op, so aborting twice is harmless.
+    pub fn finish(&mut self, id: SeqId) {
+        let Some(mut s) = self.seqs.remove(&id) else { return };
+        self.blocks.free(&mut s.table);
+        if let Some(i) = self.running.iter().position(|&r| r == id) {
+            self.running.remove(i);
+        } else if let Some(i) = self.waiting.iter().position(|&w| w == id) {
+            self.waiting.remove(i);
+        }
+    }
+
+    /// Plans one step: running sequences first (oldest first, preempting the newest when blocks
+    /// run out), then waiting ones in FCFS order. `num_computed` advances by what was granted.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        self.schedule_running(&mut out, &mut budget);
+        // Blocks are short this step: admitting now would hand the blocks just freed straight to
+        // a new sequence (possibly the one just preempted) and thrash.
+        if out.preempted.is_empty() {
+            self.admit_waiting(&mut out, &mut budget);
+        }
+        out.num_batched_tokens = self.cfg.max_num_batched_tokens - budget;
+        out
+    }
+
+    fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
+        let mut i = 0;
+        while i < self.running.len() && *budget > 0 {
+            let id = self.running[i];
+            let wanted = self.seqs.get(&id).map_or(0, |s| s.len.saturating_sub(s.num_computed));
+            if wanted == 0 {
+                // Nothing new yet (the engine has not appended a token); keep its place.
+                i += 1;
+                continue;
+            }
+            let grant = wanted.min(*budget);
+            match self.reserve(id, grant) {
+                Some(copies) => {
+                    out.copies.extend(copies);
+                    out.seqs.extend(self.commit(id, grant));
+                    *budget -= grant;
+                    i += 1;
+                }
+                None => {
+                    // Only sequences after `i` (not yet scheduled this step) can be the newest,
+                    // unless `id` is itself the newest: then it leaves and the loop ends.
+                    let Some(&victim) = self.running.last() else { break };
+                    self.preempt(victim);
+                    out.preempted.push(victim);
+                }
+            }
+        }
+    }
+
+    fn admit_waiting(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
+        let mut used = self.used_slots();
+        while *budget > 0 {
+            let Some(&id) = self.waiting.front() else { break };
+            let Some(s) = self.seqs.get(&id) else {
+                debug_assert!(false, "waiting sequence {id} has no state");
+                self.waiting.pop_front();
+                continue;
+            };
+            let slots = 1 + s.pending_forks;
+            if used + slots > self.cfg.max_num_seqs {
+                break;
+            }
+            debug_assert!(s.num_computed == 0 && s.table.is_empty(), "waiting sequence {id} holds KV");
+            let grant = s.len.saturating_sub(s.num_computed).min(*budget);
+            // Stop at the first one that does not fit, so later (smaller) requests cannot
+            // overtake it forever. Never preempt a running sequence to admit a waiting one.
+            let Some(copies) = self.reserve(id, grant) else { break };
+            debug_assert!(copies.is_empty(), "fresh blocks of {id} needed copy-on-write");
+            self.waiting.pop_front();
+            self.running.push(id);
+            used += slots;
+            *budget -= grant;
+            out.seqs.extend(self.commit(id, grant));
+        }
+    }
+
+    /// Makes `id`'s table cover and own the slots of its next `grant` tokens. `None` when the
+    /// blocks are not there (nothing changed).
+    fn reserve(&mut self, id: SeqId, grant: usize) -> Option<Vec<(BlockId, BlockId)>> {
+        let s = self.seqs.get_mut(&id)?;
+        let start = s.num_computed;
+        self.blocks.prepare_write(&mut s.table, start, start + grant).ok()
+    }
+
+    /// Advances `id` by `grant` tokens and describes that for the runner.
+    fn commit(&mut self, id: SeqId, grant: usize) -> Option<ScheduledSeq> {
+        let s = self.seqs.get_mut(&id)?;
+        let start = s.num_computed;
+        s.num_computed += grant;
+        debug_assert!(s.num_computed <= s.len);
+        debug_assert!(s.table.len() * self.blocks.block_size() >= s.num_computed);
+        Some(ScheduledSeq {
+            id,
+            start,
+            num_tokens: grant,
+            needs_logits: s.num_computed == s.len,
+            block_table: s.table.blocks().to_vec(),
+        })
+    }
+
+    /// Preempts `id` by recompute: frees its KV and puts it at the front of the waiting queue.
+    fn preempt(&mut self, id: SeqId) {
+        if let Some(i) = self.running.iter().rposition(|&r| r == id) {
+            self.running.remove(i);
+        }
+        if let Some(s) = self.seqs.get_mut(&id) {
+            self.blocks.free(&mut s.table);
+            s.num_computed = 0;
+        }
+        self.waiting.push_front(id);
+        tracing::debug!(seq = id, free_blocks = self.blocks.num_free(), "preempted by recompute");
+    }
+
+    /// Running slots in use: running sequences plus the children they will still fork.
+    fn used_slots(&self) -> usize {
+        let pending: usize = self.running.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.pending_forks).sum();
+        self.running.len() + pending
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.blocks.num_free()
+    }
+
+    pub fn num_total_blocks(&self) -> usize {
+        self.blocks.num_total()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.blocks.block_size()
+    }
+
+    /// Tokens of `id` whose K/V are in the cache; `None` for an unknown id.
+    pub fn num_computed(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.num_computed)
+    }
+
+    /// Prompt + generated tokens known for `id`; `None` for an unknown id.
+    pub fn seq_len(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.len)
+    }
+
+    pub fn is_running(&self, id: SeqId) -> bool {
+        self.running.contains(&id)
+    }
+
+    /// Whether a sequence of `total_len` tokens could ever fit the whole cache on its own (the
+    /// engine rejects requests that cannot, or they would preempt themselves forever).
+    pub fn fits(&self, total_len: usize) -> bool {
+        self.blocks.blocks_for(total_len) <= self.blocks.num_total()
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

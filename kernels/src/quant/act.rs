@@ -63,11 +63,7 @@ impl QActs {
         }
         // Rows are independent; only big batches are worth a fork (a row takes ~0.1 us per 576).
         let rows = self.blocks.par_chunks_mut(nb).zip(x.par_chunks(k));
-        rows.with_min_len(16).for_each(|(dst, xr)| {
-            for (blk, xb) in dst.iter_mut().zip(xr.chunks_exact(QK)) {
-                *blk = quantize_block(xb.try_into().expect("32 values"), isa);
-            }
-        });
+        rows.with_min_len(16).for_each(|(dst, xr)| quantize_row(xr, dst, isa));
     }
 
     /// Quantizes with the scalar reference only (for `qmatmul_reference`).
@@ -83,11 +79,15 @@ impl QActs {
     }
 }
 
-fn quantize_block(x: &[f32; QK], isa: Isa) -> ActBlock {
+fn quantize_row(x: &[f32], out: &mut [ActBlock], isa: Isa) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
-        Isa::Avx512Vnni => unsafe { super::avx512::quantize_block(x) },
-        Isa::Portable => quantize_block_ref(x),
+        Isa::Avx512Vnni => unsafe { super::avx512_act::quantize_row(x, out) },
+        Isa::Portable => {
+            for (blk, xb) in out.iter_mut().zip(x.chunks_exact(QK)) {
+                *blk = quantize_block_ref(xb.try_into().expect("32 values"));
+            }
+        }
     }
 }

@@ -1,9 +1,13 @@
-//! AVX-512 VNNI tile kernels and activation quantization (x86_64 only).
+//! AVX-512 VNNI tile kernels (x86_64 only); activation quantization is in `avx512_act.rs`.
 //!
-//! A tile kernel produces 16 output columns (one zmm of f32) for R <= 4 activation rows. Per
-//! 32-wide block it loads the tile's packed lines once and, for each activation row, runs 8
-//! `vpdpbusd` (u8 x i8 -> i32, 4 k-values for all 16 weight rows per instruction) with the
-//! activation's 4 bytes broadcast, so the weight registers are reused R times.
+//! A tile kernel produces 16 output columns (one zmm of f32) for R activation rows. Per 32-wide
+//! block it loads the tile's packed lines once and, for each activation row, runs 8 `vpdpbusd`
+//! (u8 x i8 -> i32, 4 k-values for all 16 weight rows per instruction) with the activation's
+//! 4 bytes broadcast, so the weight registers are reused R times. Two shapes:
+//! - `*_tile_few` (R <= 3, decode): two dpbusd chains per row, all 8 weight registers live.
+//! - `*_tile_wide` (R = 4..8, batches): one chain per row and 4 weight registers live at a time,
+//!   so 8 rows fit in the 32 zmm and share each weight load / nibble unpack. On Zen 4 vpdpbusd
+//!   and vmulps share two pipes; every other vector op competes with them less when amortized.
 //!
 //! - Q4_1: nibbles 0..15 are unsigned, so they feed `vpdpbusd`'s u8 side directly.
 //! - Q8_0: signed weights are stored as `w + 128` (u8). Then
@@ -18,7 +22,7 @@
 
 use std::arch::x86_64::*;
 
-use super::act::{finish_block, ActBlock};
+use super::act::ActBlock;
 use super::matrix::{Line, Tile};
 use super::{QK, TILE};
 
@@ -31,7 +35,7 @@ fn load_line(line: &Line) -> __m512i {
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn load_f32x16(x: &[f32]) -> __m512 {
+pub(super) fn load_f32x16(x: &[f32]) -> __m512 {
     assert!(x.len() >= 16);
     // SAFETY: 16 f32 readable (asserted); the load is unaligned.
     unsafe { _mm512_loadu_ps(x.as_ptr()) }
@@ -42,14 +46,6 @@ fn load_f32x16(x: &[f32]) -> __m512 {
 fn store_f32x16(dst: &mut [f32; TILE], v: __m512) {
     // SAFETY: `dst` is 16 writable f32; the store is unaligned.
     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn store_i8x16(dst: &mut [i8], v: __m128i) {
-    assert!(dst.len() >= 16);
-    // SAFETY: 16 writable bytes (asserted); the store is unaligned.
-    unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), v) }
 }
 
 /// Activation values `4g..4g+4` of a block broadcast to all 16 lanes (the i8 side of vpdpbusd).
@@ -85,7 +81,7 @@ fn check_call<const R: usize>(w: &Tile<'_>, x: &[&[ActBlock]; R], lines: usize, 
 // Block index `b` walks the tile and R activation rows in lockstep; an iterator cannot.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q4_1_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+pub(crate) fn q4_1_tile_few<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
     let nb = check_call(&w, &x, 4, 2 * TILE);
     let nib = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
@@ -120,7 +116,7 @@ pub(crate) fn q4_1_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f
 /// Q8_0 weights x Q8_0 activations: `[R rows][16 columns]` of one tile (`x`: R rows of blocks).
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q8_0_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+pub(crate) fn q8_0_tile_few<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
     let nb = check_call(&w, &x, 8, TILE);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
@@ -147,43 +143,75 @@ pub(crate) fn q8_0_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f
     unpack(acc)
 }
 
-/// `round(v)` half away from zero, as i32, exactly like C `roundf`: truncate, then step away
-/// from zero when the (exactly computed) dropped fraction is >= 0.5. A plain `trunc(v + 0.5)`
-/// would be wrong for values like 0.49999997.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn round_half_away(v: __m512) -> __m512i {
-    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-    let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
-    let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
-    let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
-    let one = _mm512_set1_ps(1.0);
-    let t = _mm512_mask_add_ps(t, up & !neg, t, one);
-    let t = _mm512_mask_sub_ps(t, up & neg, t, one);
-    _mm512_cvttps_epi32(t)
+/// Q4_1 for many rows (R = 4..8): one dpbusd chain per row, fed first by the 4 low-nibble
+/// registers, then by the 4 high-nibble ones, so only 4 weight registers are live and 8 rows
+/// share each unpack (the unpack is what competes with vpdpbusd for vector ports).
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) fn q4_1_tile_wide<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+    let nb = check_call(&w, &x, 4, 2 * TILE);
+    let nib = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let (lines, sc) = (&w.qs[4 * b..4 * b + 4], &w.scales[2 * TILE * b..2 * TILE * (b + 1)]);
+        let mut s = [_mm512_setzero_si512(); R];
+        let mut v = [_mm512_setzero_si512(); 4];
+        for c in 0..4 {
+            v[c] = _mm512_and_si512(load_line(&lines[c]), nib);
+        }
+        for r in 0..R {
+            for c in 0..4 {
+                s[r] = _mm512_dpbusd_epi32(s[r], v[c], bcast4(&x[r][b].qs, c));
+            }
+        }
+        for c in 0..4 {
+            v[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(load_line(&lines[c])), nib);
+        }
+        for r in 0..R {
+            for c in 0..4 {
+                s[r] = _mm512_dpbusd_epi32(s[r], v[c], bcast4(&x[r][b].qs, c + 4));
+            }
+        }
+        let (dw, mw) = (load_f32x16(&sc[..TILE]), load_f32x16(&sc[TILE..]));
+        for r in 0..R {
+            let xb = &x[r][b];
+            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
+            let ms = _mm512_mul_ps(mw, _mm512_set1_ps(xb.s));
+            acc[r] = _mm512_add_ps(acc[r], _mm512_add_ps(_mm512_mul_ps(dd, _mm512_cvtepi32_ps(s[r])), ms));
+        }
+    }
+    unpack(acc)
 }
 
-/// `act::quantize_block_ref` vectorized; bit-identical (max is exact, `x * id` is one IEEE
-/// multiply per element, rounding as above, the scalar tail shared).
+/// Q8_0 for many rows (R = 4..8): one chain per row over two passes of 4 weight lines.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn quantize_block(x: &[f32; QK]) -> ActBlock {
-    let (x0, x1) = (load_f32x16(&x[..16]), load_f32x16(&x[16..]));
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    if !id.is_finite() {
-        // Subnormal d (amax < ~1e-36): x * id may be inf/NaN, where the vector float->int
-        // conversion differs from Rust's saturating cast. Rare enough to take the scalar path.
-        return super::act::quantize_block_ref(x);
+pub(crate) fn q8_0_tile_wide<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+    let nb = check_call(&w, &x, 8, TILE);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let (lines, sc) = (&w.qs[8 * b..8 * b + 8], &w.scales[TILE * b..TILE * (b + 1)]);
+        let mut s = [_mm512_setzero_si512(); R];
+        for half in 0..2 {
+            let mut v = [_mm512_setzero_si512(); 4];
+            for c in 0..4 {
+                v[c] = load_line(&lines[4 * half + c]);
+            }
+            for r in 0..R {
+                for c in 0..4 {
+                    s[r] = _mm512_dpbusd_epi32(s[r], v[c], bcast4(&x[r][b].qs, 4 * half + c));
+                }
+            }
+        }
+        let dw = load_f32x16(sc);
+        for r in 0..R {
+            let xb = &x[r][b];
+            let sumi = _mm512_sub_epi32(s[r], _mm512_set1_epi32(128 * xb.sum));
+            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), dd));
+        }
     }
-    let q0 = round_half_away(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
-    let q1 = round_half_away(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
-    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    let mut qs = [0i8; QK];
-    // |q| <= 127, so vpmovdb's truncation to i8 is exact.
-    store_i8x16(&mut qs[..16], _mm512_cvtepi32_epi8(q0));
-    store_i8x16(&mut qs[16..], _mm512_cvtepi32_epi8(q1));
-    finish_block(qs, d, sum)
+    unpack(acc)
 }
 
 /// f16 bits -> f32 (exact), 16 at a time; `bits.len()` is a multiple of 16 (whole tiles).

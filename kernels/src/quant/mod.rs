@@ -11,7 +11,7 @@
 //! Batch invariance (a hard requirement of the engine): an output element depends only on its
 //! weight row and its activation row, through a fixed sequence of float operations. The fast
 //! kernels vectorize across 16 output columns (one f32 lane each) and reuse weights across up to
-//! 4 activation rows, but never split or reorder the block sum of one element, so the result
+//! 8 activation rows, but never split or reorder the block sum of one element, so the result
 //! does not depend on m, on the tiling, or on how rayon splits the work; it is the same bits as
 //! `qmatmul_reference`. Must not: reduce across blocks in a different order, use FMA, or
 //! quantize activations with batch-dependent scales.
@@ -19,6 +19,8 @@
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_act;
 mod matrix;
 mod portable;
 #[cfg(test)]
@@ -36,8 +38,9 @@ use matrix::Tile;
 const QK: usize = 32;
 /// Output columns per tile: one zmm of f32 / i32 lanes.
 const TILE: usize = 16;
-/// Activation rows per kernel call: each loaded weight tile is reused this many times.
-const ROWS: usize = 4;
+/// Activation rows per kernel call (at most): each loaded weight tile is reused this many times.
+/// 8 rows x (1 chain + 1 accumulator) + 4 weight registers fill the 32 zmm registers.
+const ROWS: usize = 8;
 
 /// Supported weight formats (ggml block layouts, as stored in GGUF files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -219,8 +222,9 @@ pub(crate) fn qmatmul_with(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]
     put_scratch(acts);
 }
 
-/// All (tile, row) outputs of one unit: per tile, the rows in groups of `ROWS` so the tile's
-/// weights come from L1 after the first group.
+/// All (tile, row) outputs of one unit: per tile, the rows in groups of up to `ROWS` so the
+/// tile's weights come from L1 after the first group. Which group a row lands in (and so which
+/// kernel shape computes it) changes no bit: every kernel does the same per-lane arithmetic.
 fn run_unit(w: &QuantMatrix, acts: &QActs, isa: Isa, tiles: Range<usize>, rows: Range<usize>, sink: &OutSink) {
     let mut scales = Vec::new();
     for t in tiles {
@@ -235,6 +239,7 @@ fn run_unit(w: &QuantMatrix, acts: &QActs, isa: Isa, tiles: Range<usize>, rows: 
                 1 => g.run::<1>(),
                 2 => g.run::<2>(),
                 3 => g.run::<3>(),
+                4..ROWS => g.run::<4>(),
                 _ => g.run::<ROWS>(),
             };
         }
@@ -269,10 +274,16 @@ impl Group<'_> {
         let res = match (self.isa, self.w.qtype()) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
-            (Isa::Avx512Vnni, QuantType::Q4_1) => unsafe { avx512::q4_1_tile::<R>(self.tile, x) },
+            (Isa::Avx512Vnni, QuantType::Q4_1) if R >= 4 => unsafe { avx512::q4_1_tile_wide::<R>(self.tile, x) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            (Isa::Avx512Vnni, QuantType::Q8_0) => unsafe { avx512::q8_0_tile::<R>(self.tile, x) },
+            (Isa::Avx512Vnni, QuantType::Q4_1) => unsafe { avx512::q4_1_tile_few::<R>(self.tile, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Isa::Avx512Vnni, QuantType::Q8_0) if R >= 4 => unsafe { avx512::q8_0_tile_wide::<R>(self.tile, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Isa::Avx512Vnni, QuantType::Q8_0) => unsafe { avx512::q8_0_tile_few::<R>(self.tile, x) },
             (Isa::Portable, QuantType::Q4_1) => portable::q4_1_tile::<R>(self.tile, x),
             (Isa::Portable, QuantType::Q8_0) => portable::q8_0_tile::<R>(self.tile, x),
         };

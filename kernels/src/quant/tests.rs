@@ -119,26 +119,37 @@ fn activation_quantization_hand_checked() {
 #[test]
 fn activation_quantization_simd_matches_scalar() {
     let mut rng = TestRng::new(2);
-    let (m, k) = (7, 1536);
-    let mut x = random_acts(&mut rng, m * k);
-    // Exact halves at d = 1 in some blocks, tiny and huge magnitudes in others.
-    for (i, v) in x[..QK].iter_mut().enumerate() {
-        *v = i as f32 - 15.5;
-    }
-    x[QK] = 127.0;
-    for (i, v) in x[QK + 1..2 * QK].iter_mut().enumerate() {
-        *v = (i as f32 - 15.0) + 0.5;
-    }
-    x[2 * QK..3 * QK].iter_mut().for_each(|v| *v *= 1e-30);
-    x[3 * QK..4 * QK].iter_mut().for_each(|v| *v *= 1e30);
-    x[4 * QK..5 * QK].iter_mut().for_each(|v| *v *= 1e-38);
-    let want = QActs::quantize_ref(&x, m, k);
-    for isa in isas() {
-        let mut got = QActs::default();
-        got.quantize(&x, m, k, isa);
-        for (g, w) in got.blocks.iter().zip(&want.blocks) {
-            assert_eq!((g.qs, g.sum), (w.qs, w.sum), "{isa:?}");
-            assert_eq!((g.d.to_bits(), g.s.to_bits()), (w.d.to_bits(), w.s.to_bits()), "{isa:?}");
+    for (m, k) in [(7, 1536), (3, 576), (2, 64)] {
+        let mut x = random_acts(&mut rng, m * k);
+        // Exact halves at d = 1 (blocks 0 to 2), tiny and huge magnitudes (blocks 3, 4) in the
+        // 16-block group path; a subnormal-scale block (its group falls back) at the end.
+        for (i, v) in x[..QK].iter_mut().enumerate() {
+            *v = i as f32 - 15.5;
+        }
+        x[QK] = 127.0;
+        for (i, v) in x[QK + 1..2 * QK].iter_mut().enumerate() {
+            *v = (i as f32 - 15.0) + 0.5;
+        }
+        if k >= 5 * QK {
+            // Block 2 at d = 1: halves and their float neighbours, n + 0.5 and n + 0.5 -+ ulp.
+            x[2 * QK] = 127.0;
+            for (i, v) in x[2 * QK + 1..3 * QK].iter_mut().enumerate() {
+                let half = (i / 3) as f32 * if i % 2 == 0 { 1.0 } else { -1.0 } + 0.5;
+                *v = f32::from_bits((half.to_bits() as i32 + (i % 3) as i32 - 1) as u32);
+            }
+            x[3 * QK..4 * QK].iter_mut().for_each(|v| *v *= 1e-30);
+            x[4 * QK..5 * QK].iter_mut().for_each(|v| *v *= 1e30);
+            x[k - QK..k].iter_mut().for_each(|v| *v *= 1e-38);
+        }
+        let want = QActs::quantize_ref(&x, m, k);
+        for isa in isas() {
+            let mut got = QActs::default();
+            got.quantize(&x, m, k, isa);
+            for (i, (g, w)) in got.blocks.iter().zip(&want.blocks).enumerate() {
+                let what = format!("{isa:?} k={k} block {i}");
+                assert_eq!((g.qs, g.sum), (w.qs, w.sum), "{what}");
+                assert_eq!((g.d.to_bits(), g.s.to_bits()), (w.d.to_bits(), w.s.to_bits()), "{what}");
+            }
         }
     }
 }

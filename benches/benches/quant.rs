@@ -5,13 +5,18 @@
 //! Run: `cargo bench -p kiln-benches --bench quant -- --measurement-time 2 --warm-up-time 1`.
 //! Criterion reports time and "elements/s" = FLOP/s (2 m n k); at the end a table prints both
 //! sides' GFLOP/s, the ratio, and for m = 1 the GB/s of weight bytes read.
+//!
+//! `kiln` is called from the bench thread, outside rayon's pool (each parallel call wakes the
+//! pool: ~10 us); `kiln_pool` makes the same calls from inside a rayon worker, as an engine
+//! running its forward pass under `rayon::scope`/`install` would. candle uses its own spinning
+//! thread pool, which the calling thread joins.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use kiln_kernels::quant::{qmatmul, QuantMatrix, QuantType};
 
 const SHAPES: [(&str, usize, usize, QuantType); 4] = [
@@ -66,6 +71,7 @@ struct Row {
     k: usize,
     weight_bytes: usize,
     kiln: f64,
+    kiln_pool: f64,
     candle: f64,
 }
 
@@ -80,15 +86,21 @@ fn bench_shape(c: &mut Criterion, (name, n, k, qtype): (&'static str, usize, usi
     let ours = QuantMatrix::from_ggml_bytes(qtype, n, k, &bytes).unwrap();
     let theirs = QMatMul::from_qtensor(qt).unwrap();
     let mut group = c.benchmark_group(format!("qmatmul/{name}_{qtype:?}_{n}x{k}"));
-    group.sample_size(10);
+    // Flat sampling: a 1 s candle iteration at m = 512 must not turn into 55 iterations.
+    group.sample_size(10).sampling_mode(SamplingMode::Flat);
     for m in MS {
         let x = random_vec(7 + m as u64, m * k);
         let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
         let mut out = vec![0f32; m * n];
-        let (mut s_ours, mut s_theirs) = (Samples::default(), Samples::default());
+        let (mut s_ours, mut s_pool, mut s_theirs) = (Samples::default(), Samples::default(), Samples::default());
         group.throughput(Throughput::Elements((2 * m * n * k) as u64));
         group.bench_function(BenchmarkId::new("kiln", m), |b| {
             b.iter_custom(|iters| timed(&mut s_ours, iters, || qmatmul(&ours, black_box(&x), m, &mut out)))
+        });
+        group.bench_function(BenchmarkId::new("kiln_pool", m), |b| {
+            b.iter_custom(|iters| {
+                rayon::scope(|_| timed(&mut s_pool, iters, || qmatmul(&ours, black_box(&x), m, &mut out)))
+            })
         });
         group.bench_function(BenchmarkId::new("candle", m), |b| {
             b.iter_custom(|iters| {
@@ -97,31 +109,33 @@ fn bench_shape(c: &mut Criterion, (name, n, k, qtype): (&'static str, usize, usi
                 })
             })
         });
-        let (kiln, candle) = (s_ours.median(), s_theirs.median());
-        rows.push(Row { name, m, n, k, weight_bytes: bytes.len(), kiln, candle });
+        let (kiln, kiln_pool, candle) = (s_ours.median(), s_pool.median(), s_theirs.median());
+        rows.push(Row { name, m, n, k, weight_bytes: bytes.len(), kiln, kiln_pool, candle });
     }
     group.finish();
 }
 
 fn print_table(rows: &[Row]) {
-    println!("\n| shape (n x k) | m | kiln us | candle us | kiln GFLOP/s | candle GFLOP/s | kiln/candle | kiln GB/s (m=1) | candle GB/s (m=1) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\n| shape (n x k) | m | kiln us | kiln_pool us | candle us | kiln GFLOP/s | kiln_pool GFLOP/s | candle GFLOP/s | candle / kiln time | weight GB/s kiln / kiln_pool / candle (m=1) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let flop = 2.0 * (r.m * r.n * r.k) as f64;
-        let gbs = |t: f64| if r.m == 1 { format!("{:.1}", r.weight_bytes as f64 / t / 1e9) } else { "".into() };
+        let gbs = |t: f64| format!("{:.1}", r.weight_bytes as f64 / t / 1e9);
+        let bw = if r.m == 1 { format!("{} / {} / {}", gbs(r.kiln), gbs(r.kiln_pool), gbs(r.candle)) } else { String::new() };
         println!(
-            "| {} {}x{} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x | {} | {} |",
+            "| {} {}x{} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x | {} |",
             r.name,
             r.n,
             r.k,
             r.m,
             r.kiln * 1e6,
+            r.kiln_pool * 1e6,
             r.candle * 1e6,
             flop / r.kiln / 1e9,
+            flop / r.kiln_pool / 1e9,
             flop / r.candle / 1e9,
             r.candle / r.kiln,
-            gbs(r.kiln),
-            gbs(r.candle)
+            bw
         );
     }
 }
@@ -134,6 +148,6 @@ fn main() {
     }
     c.final_summary();
     // Filtered-out benchmarks leave no samples (NaN); only print what ran.
-    rows.retain(|r| r.kiln.is_finite() || r.candle.is_finite());
+    rows.retain(|r| r.kiln.is_finite() || r.kiln_pool.is_finite() || r.candle.is_finite());
     print_table(&rows);
 }

@@ -1,8 +1,8 @@
 //! Quantized matrix multiply on CPU: `out[m, n] = x[m, k] * W^T` with W in ggml Q4_1 or Q8_0.
 //!
-//! Owns the weight repacking (`matrix.rs`), activation quantization (`act.rs`), the tile kernels
-//! (`avx512.rs`: AVX-512 VNNI, `portable.rs`: everything else), the parallel driver and the
-//! plain reference. Semantics are ggml's CPU path exactly: Q4_1 weights meet Q8_1 activations
+//! Owns the weight repacking (`matrix.rs`), activation quantization (`act.rs`, vectorized in
+//! `avx512_act.rs`), the tile kernels (`avx512.rs`: AVX-512 VNNI, `portable.rs`: every other
+//! CPU), the parallel driver and the plain reference. Semantics are ggml's CPU path exactly: Q4_1 weights meet Q8_1 activations
 //! and Q8_0 weights meet Q8_0 activations (ggml's `vec_dot_type`), each activation row is
 //! quantized in 32-blocks on its own, each block pair gives an exact integer `sumi`, and the
 //! output is the f32 sum over blocks in block order of `(dw * dx) * sumi + mw * sx` (Q4_1) or
@@ -14,7 +14,8 @@
 //! 8 activation rows, but never split or reorder the block sum of one element, so the result
 //! does not depend on m, on the tiling, or on how rayon splits the work; it is the same bits as
 //! `qmatmul_reference`. Must not: reduce across blocks in a different order, use FMA, or
-//! quantize activations with batch-dependent scales.
+//! quantize activations with batch-dependent scales. (Non-finite activations give garbage, as
+//! in ggml; still the same garbage for a row whatever the batch.)
 
 mod act;
 #[cfg(target_arch = "x86_64")]
@@ -98,8 +99,10 @@ impl Isa {
 }
 
 /// `out[m, n] = x[m, k] * W^T`. Quantizes each row of `x` (ggml Q8_1 for Q4_1 weights, Q8_0 for
-/// Q8_0 weights), then runs the tile kernels in parallel on rayon's global pool. Bit-identical to
-/// `qmatmul_reference` and batch invariant (see the module docs).
+/// Q8_0 weights), then runs the tile kernels in parallel on the current rayon pool (the global
+/// one unless called under `install`). Bit-identical to `qmatmul_reference` and batch invariant
+/// (see the module docs). Small decode calls are cheapest from inside a rayon worker: waking the
+/// pool from an outside thread costs ~10 us, so from outside they run on the caller alone.
 pub fn qmatmul(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     let isa = Isa::detect();
     qmatmul_with(w, x, m, out, isa, Plan::new(w, m))
@@ -186,7 +189,8 @@ impl Plan {
             return Plan { tiles_per_unit: n_tiles, rows_per_unit: m.max(1) };
         }
         // Rows per unit: enough to reuse each tile from L1 many times, few enough that the
-        // unit's quantized activations stay in L2 (64 x k bytes).
+        // unit's quantized activations stay in L2 (64 rows x 1.5 k bytes). Larger units, to
+        // stream big weights fewer times, measured no faster.
         let rows_per_unit = m.clamp(1, 64);
         let row_units = m.div_ceil(rows_per_unit);
         // Several units per thread so an unlucky thread (others share these cores) can be helped.

@@ -1,14 +1,21 @@
 //! kiln-inference: the engine. One owner thread runs scheduler -> runner -> sampler each step;
-//! callers talk to it only through [`EngineHandle`]-style handles and token streams.
+//! callers talk to it only through [`EngineHandle`] and the [`TokenStream`]s it returns.
 
 pub mod block_manager;
 pub mod detok;
+pub mod engine;
 pub mod error;
+pub mod loader;
 pub mod params;
+pub mod runner;
 pub mod sampler;
 pub mod scheduler;
+mod sequence;
 pub mod stop;
+pub mod stream;
 pub mod tokenizer;
 
+pub use engine::{EngineConfig, EngineHandle, Prompt};
 pub use error::EngineError;
 pub use params::SamplingParams;
+pub use stream::{Delta, FinishReason, TokenLogprob, TokenStream};

@@ -14,7 +14,7 @@ use anyhow::Result;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use kiln_models::{CausalLM, ForwardBatch, KvDType, LoadOptions, ModelFormat, PagedKvCache};
+use kiln_models::{ForwardBatch, KvDType, LoadOptions, ModelFormat, PagedKvCache};
 
 mod common;
 use common::{argmax, max_diff, smollm2, BS, PROMPT};

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: fetches the models the tests need (SmolLM2 + MiniLM, cached), then runs the
+# whole test suite. Set KILN_TEST_FULL=1 to also fetch the optional tier (Qwen2.5) so its tests run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sets="default embed"
+[ "${KILN_TEST_FULL:-0}" = 1 ] && sets="$sets qwen"
+scripts/fetch-models.sh $sets
+cargo test --workspace --no-fail-fast "$@"

@@ -60,7 +60,10 @@ impl Runner {
                 .ok_or_else(|| EngineError::Internal(format!("sequence {} scheduled past its tokens", s.id)))?;
             batch.push_seq(tokens, s.start, &s.block_table, self.cache.block_size(), s.needs_logits)?;
         }
-        let logits = self.model.forward(&batch, &mut self.cache)?;
+        // Inside the pool, every kernel's parallel section starts from a worker thread: waking
+        // the pool from outside costs ~10 us per call, hundreds of calls per decode step.
+        let (model, cache) = (&self.model, &mut self.cache);
+        let logits = rayon::scope(|_| model.forward(&batch, cache))?;
         Ok(logits.to_vec2::<f32>().map_err(kiln_models::ModelError::from)?)
     }
 }

@@ -19,6 +19,11 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     fn round(x: f32) -> f32 {
         Self::from_f32(x).to_f32()
     }
+    /// One (row, kv head) task of [`paged_attention`]: the group's query heads over `ctx`
+    /// cached positions. f32 caches use exact f32 math (`attend_group`); f16 caches follow
+    /// llama.cpp's flash-attention arithmetic (see `attention_f16`).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(q: &[f32], table: &[u32], ctx: usize, kv: usize, shape: &AttnShape, caches: (&[Self], &[Self]), out: &mut [f32]);
 }
 
 impl KvElem for f32 {
@@ -30,6 +35,9 @@ impl KvElem for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
+    fn attend(q: &[f32], table: &[u32], ctx: usize, kv: usize, shape: &AttnShape, caches: (&[Self], &[Self]), out: &mut [f32]) {
+        attend_group(q, table, ctx, kv, shape, caches, out)
+    }
 }
 
 impl KvElem for f16 {
@@ -40,6 +48,9 @@ impl KvElem for f16 {
     #[inline]
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
+    }
+    fn attend(q: &[f32], table: &[u32], ctx: usize, kv: usize, shape: &AttnShape, caches: (&[Self], &[Self]), out: &mut [f32]) {
+        crate::attention_f16::attend_group(q, table, ctx, kv, shape, caches, out)
     }
 }
 
@@ -109,29 +120,28 @@ pub fn paged_attention<T: KvElem>(
         let ctx = rows[r];
         let table = tables[ctx.table as usize];
         let q = &q[r * q_stride + kv * g * d..r * q_stride + (kv + 1) * g * d];
-        attend_group(q, table, ctx.ctx_len as usize, kv, shape, (k_cache, v_cache), out);
+        T::attend(q, table, ctx.ctx_len as usize, kv, shape, (k_cache, v_cache), out);
     });
 }
 
 /// One (row, kv head) task: scores for the `g` query heads against all `ctx` keys, softmax,
 /// then the weighted sum of values. Scores are kept (`g * ctx` floats) rather than using an
 /// online softmax: contexts here are short enough and it keeps each pass a simple stream.
-fn attend_group<T: KvElem>(
+fn attend_group(
     q: &[f32],
     table: &[u32],
     ctx: usize,
     kv: usize,
     shape: &AttnShape,
-    (k_cache, v_cache): (&[T], &[T]),
+    (k_cache, v_cache): (&[f32], &[f32]),
     out: &mut [f32],
 ) {
     let (g, d, bs, row) = (shape.group(), shape.head_dim, shape.block_size, shape.kv_row());
-    let q: Vec<f32> = q.iter().map(|&x| T::round(x)).collect();
     let mut scores = vec![0f32; g * ctx];
     let mut k = vec![0f32; d];
     for j in 0..ctx {
         let slot = table[j / bs] as usize * bs + j % bs;
-        widen(&k_cache[slot * row + kv * d..][..d], &mut k);
+        k.copy_from_slice(&k_cache[slot * row + kv * d..][..d]);
         for h in 0..g {
             scores[h * ctx + j] = dot(&q[h * d..(h + 1) * d], &k) * shape.scale;
         }
@@ -143,16 +153,11 @@ fn attend_group<T: KvElem>(
     let mut v = vec![0f32; d];
     for j in 0..ctx {
         let slot = table[j / bs] as usize * bs + j % bs;
-        widen(&v_cache[slot * row + kv * d..][..d], &mut v);
+        v.copy_from_slice(&v_cache[slot * row + kv * d..][..d]);
         for h in 0..g {
             axpy(scores[h * ctx + j], &v, &mut out[h * d..(h + 1) * d]);
         }
     }
-}
-
-#[inline]
-fn widen<T: KvElem>(src: &[T], dst: &mut [f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
 }
 
 /// Dot product with 16 independent accumulators so the compiler emits wide FMAs without
@@ -231,7 +236,7 @@ mod tests {
 
     /// Builds a cache with shuffled block tables for `lens` sequences, then checks the fast
     /// kernel against the reference for query rows at assorted positions of each sequence.
-    fn check<T: KvElem>(shape: AttnShape, lens: &[usize], seed: u64) {
+    fn check<T: KvElem>(shape: AttnShape, lens: &[usize], seed: u64, tol: f32) {
         let mut rng = TestRng::new(seed);
         let bs = shape.block_size;
         let blocks_needed: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
@@ -260,7 +265,7 @@ mod tests {
         paged_attention(&q, stride, &rows, &refs, &shape, (&k, &v), &mut fast);
         paged_attention_reference(&q, stride, &rows, &refs, &shape, (&k, &v), &mut slow);
         let diff = max_abs_diff(&fast, &slow);
-        assert!(diff < 1e-5, "{shape:?} lens {lens:?}: max diff {diff}");
+        assert!(diff < tol, "{shape:?} lens {lens:?}: max diff {diff}");
     }
 
     #[test]
@@ -268,8 +273,9 @@ mod tests {
         let shapes = [(9, 3, 64, 16), (14, 2, 64, 16), (4, 4, 32, 8), (8, 1, 128, 32), (2, 1, 20, 4)];
         for (i, &(h, kvh, d, bs)) in shapes.iter().enumerate() {
             let shape = AttnShape { num_heads: h, num_kv_heads: kvh, head_dim: d, block_size: bs, scale: 1.0 / (d as f32).sqrt() };
-            check::<f32>(shape, &[1, 5, bs, bs + 1, 3 * bs + 2, 100], i as u64);
-            check::<f16>(shape, &[1, 5, bs, bs + 1, 3 * bs + 2, 100], i as u64);
+            check::<f32>(shape, &[1, 5, bs, bs + 1, 3 * bs + 2, 100], i as u64, 1e-5);
+            // f16 accumulation (llama.cpp's numerics): ~2^-11 relative per step.
+            check::<f16>(shape, &[1, 5, bs, bs + 1, 3 * bs + 2, 100], i as u64, 2e-3);
         }
     }
 

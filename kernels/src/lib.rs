@@ -3,6 +3,7 @@
 //! inputs for many shapes. Kernels know nothing of models, requests or tensors libraries.
 
 pub mod attention;
+mod attention_f16;
 pub mod quant;
 pub mod rope;
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::path::Path;
 use weights::WeightStore;
 
 /// A decoder that turns a flattened batch into logits, reading and writing the paged cache.
-pub trait CausalLM: Send {
+pub trait CausalLM: Send + Sync {
     fn config(&self) -> &ModelConfig;
     /// Returns `[batch.logits_rows.len(), vocab]` f32 logits.
     fn forward(&self, batch: &ForwardBatch, cache: &mut PagedKvCache) -> Result<Tensor>;

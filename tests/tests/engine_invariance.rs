@@ -106,7 +106,7 @@ fn blocks_free_after_finish_stop_and_abort() -> Result<()> {
     wait_all_blocks_free(h)?;
 
     // Aborted by dropping the stream mid-generation.
-    let mut s = h.generate(Prompt::Text(PROMPTS[4].into()), SamplingParams { ignore_eos: true, ..greedy(4000) })?;
+    let mut s = h.generate(Prompt::Text(PROMPTS[4].into()), SamplingParams { ignore_eos: true, ..greedy(2000) })?;
     s.blocking_next().expect("first delta")?;
     drop(s);
     wait_all_blocks_free(h)?;

@@ -1,10 +1,11 @@
-//! Activation quantization: f32 rows -> 32-wide int8 blocks, exactly ggml's
-//! `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` (which agree on `d` and `qs`).
+//! Activation quantization: f32 rows -> 32-wide int8 blocks, exactly as ggml's x86 build
+//! quantizes them (`quantize_row_q8_0` / `quantize_row_q8_1` in `arch/x86/quants.c`; the
+//! generic `_ref` versions differ in two bits-changing details, and llama.cpp on x86 runs these).
 //!
-//! Per block: `amax = max |x|`, `d = amax / 127`, `id = 1 / d` (0 if d == 0), `q = round(x * id)`
-//! rounding half away from zero (C `roundf`, Rust `f32::round`). Note ggml multiplies by the
-//! reciprocal rather than dividing by d, and it quantizes with the f32 `d` while storing
-//! `f16(d)`; both details change bits, so we copy them. Q8_1's `s = f16(d * sum(q))`, again with
+//! Per block: `amax = max |x|`, `d = amax / 127`, `id = 127 / amax` (0 if amax == 0),
+//! `q = round(x * id)` to nearest with ties to even (`_mm256_round_ps`). It quantizes with the
+//! f32 `id` while storing `f16(d)`; such details move activations across rounding boundaries,
+//! and the model amplifies that into visible logit differences, so we copy them. Q8_1's `s = f16(d * sum(q))`, again with
 //! the f32 `d`. We also keep the exact integer `sum(q)`, which the Q8_0 VNNI kernel needs.
 //!
 //! Each row is quantized on its own, so a row's blocks never depend on the batch it came in.
@@ -40,8 +41,8 @@ pub(crate) struct QActs {
 pub(crate) fn quantize_block_ref(x: &[f32; QK]) -> ActBlock {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let qs = x.map(|v| (v * id).round() as i8);
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let qs = x.map(|v| (v * id).round_ties_even() as i8);
     let sum = qs.iter().map(|&q| q as i32).sum::<i32>();
     finish_block(qs, d, sum)
 }

@@ -83,19 +83,12 @@ fn round_f16(v: __m512) -> __m512 {
     _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v))
 }
 
-/// `round(v)` half away from zero, as i32, exactly like C `roundf`: `trunc(v + copysign(h, v))`
-/// with h = 0.49999997 (the float just below 0.5), the classic exact formulation. With h = 0.5
-/// it would be wrong: 0.49999997 + 0.5 rounds up to 1.0. With h just below 0.5, a sum rounds
-/// up to the next integer exactly when v is at or above the half (ties at 0.5 + 0.49999997
-/// resolve to the even 1.0). The tests check it against `f32::round` around many halves.
+/// `round(v)` to nearest, ties to even, as i32: what ggml's x86 build does
+/// (`_mm256_round_ps(v, _MM_ROUND_NEAREST)` then `_mm256_cvtps_epi32`).
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn round_half_away(v: __m512) -> __m512i {
-    let h = _mm512_set1_epi32(0x3EFF_FFFF); // 0.49999997
-    let sign = _mm512_set1_epi32(i32::MIN);
-    // (v & sign) | h: ternary-logic truth table A & B | C = 0xEA.
-    let c = _mm512_ternarylogic_epi32::<0xEA>(_mm512_castps_si512(v), sign, h);
-    _mm512_cvttps_epi32(_mm512_add_ps(v, _mm512_castsi512_ps(c)))
+fn round_even(v: __m512) -> __m512i {
+    _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
 }
 
 #[inline]
@@ -139,9 +132,10 @@ fn quantize_group(x: &[f32], out: &mut [ActBlock]) -> bool {
         let (lo, hi) = (load_f32x16(&x[b * QK..]), load_f32x16(&x[b * QK + 16..]));
         amax[b] = _mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi));
     }
-    let d = _mm512_div_ps(reduce16_max(amax), _mm512_set1_ps(127.0));
-    let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(d, _mm512_setzero_ps());
-    let id = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0), d);
+    let amax = reduce16_max(amax);
+    let d = _mm512_div_ps(amax, _mm512_set1_ps(127.0));
+    let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(amax, _mm512_setzero_ps());
+    let id = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(127.0), amax);
     // inf - inf is NaN: a lane is finite iff id - id == 0.
     if _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(id, id), _mm512_setzero_ps()) != 0xFFFF {
         return false;
@@ -150,8 +144,8 @@ fn quantize_group(x: &[f32], out: &mut [ActBlock]) -> bool {
     let mut sums = [_mm512_setzero_si512(); GROUP];
     for b in 0..GROUP {
         let idb = _mm512_set1_ps(ids[b]);
-        let q0 = round_half_away(_mm512_mul_ps(load_f32x16(&x[b * QK..]), idb));
-        let q1 = round_half_away(_mm512_mul_ps(load_f32x16(&x[b * QK + 16..]), idb));
+        let q0 = round_even(_mm512_mul_ps(load_f32x16(&x[b * QK..]), idb));
+        let q1 = round_even(_mm512_mul_ps(load_f32x16(&x[b * QK + 16..]), idb));
         // |q| <= 127, so vpmovdb's truncation to i8 is exact.
         store_i8x16(&mut out[b].qs[..16], _mm512_cvtepi32_epi8(q0));
         store_i8x16(&mut out[b].qs[16..], _mm512_cvtepi32_epi8(q1));
@@ -176,12 +170,12 @@ fn quantize_block(x: &[f32]) -> ActBlock {
     let (x0, x1) = (load_f32x16(&x[..16]), load_f32x16(&x[16..32]));
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     if !id.is_finite() {
         return quantize_block_ref(x.try_into().expect("32 values"));
     }
-    let q0 = round_half_away(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
-    let q1 = round_half_away(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
+    let q0 = round_even(_mm512_mul_ps(x0, _mm512_set1_ps(id)));
+    let q1 = round_even(_mm512_mul_ps(x1, _mm512_set1_ps(id)));
     let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     let mut qs = [0i8; QK];
     store_i8x16(&mut qs[..16], _mm512_cvtepi32_epi8(q0));

@@ -82,24 +82,24 @@ fn construction_rejects_bad_shapes() {
 
 #[test]
 fn activation_quantization_hand_checked() {
-    // amax = 127 -> d = 1, id = 1: q = round(x) with halves rounded away from zero.
+    // amax = 127 -> d = 1, id = 1: q = round(x) with halves rounded to even (ggml x86).
     let mut x = [0.25f32; QK];
     x[..10].copy_from_slice(&[127.0, 2.5, -2.5, 0.5, -0.5, 1.49, -126.5, 3.5, 0.49999997, -0.0]);
     let b = quantize_block_ref(&x);
     let mut want = [0i8; QK];
-    want[..10].copy_from_slice(&[127, 3, -3, 1, -1, 1, -127, 4, 0, 0]);
+    want[..10].copy_from_slice(&[127, 2, -2, 0, 0, 1, -126, 4, 0, 0]);
     assert_eq!(b.qs, want);
-    assert_eq!((b.d, b.sum), (1.0, 127 + 3 - 3 + 1 - 1 + 1 - 127 + 4));
-    assert_eq!(b.s, 5.0);
+    assert_eq!((b.d, b.sum), (1.0, 127 + 2 - 2 + 1 - 126 + 4));
+    assert_eq!(b.s, 6.0);
 
-    // amax = 63.5 -> d = 0.5, id = 2: 0.25 -> 0.5 -> 1, -0.75 -> -1.5 -> -2.
+    // amax = 63.5 -> d = 0.5, id = 127 / 63.5 = 2: 0.25 -> 0.5 -> 0, -0.75 -> -1.5 -> -2.
     let mut x = [0.25f32; QK];
     x[0] = -63.5;
     x[1] = -0.75;
     let b = quantize_block_ref(&x);
-    assert_eq!(&b.qs[..3], &[-127, -2, 1]);
-    assert_eq!((b.d, b.sum), (0.5, -127 - 2 + 30));
-    assert_eq!(b.s, -49.5);
+    assert_eq!(&b.qs[..3], &[-127, -2, 0]);
+    assert_eq!((b.d, b.sum), (0.5, -127 - 2));
+    assert_eq!(b.s, -64.5);
 
     // d = 1/127 is not an f16: stored rounded to nearest even; q uses the f32 d (id = 127).
     let mut x = [0.1f32; QK];

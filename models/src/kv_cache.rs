@@ -34,6 +34,14 @@ pub enum LayerKv<'a> {
     F16(&'a mut [f16], &'a mut [f16]),
 }
 
+/// `n` zero halves from zeroed pages (`vec![0u16; n]` is a calloc): the OS maps memory only as
+/// blocks are first written, so a large budget costs neither startup time nor resident memory
+/// until it is used. (`vec![f16::ZERO; n]` would write every element.)
+fn zeroed_f16(n: usize) -> Vec<f16> {
+    use half::vec::HalfBitsVecExt;
+    vec![0u16; n].reinterpret_into()
+}
+
 pub struct PagedKvCache {
     store: Store,
     num_blocks: usize,
@@ -48,7 +56,7 @@ impl PagedKvCache {
         let n = num_blocks * block_size * row;
         let store = match dtype {
             KvDType::F32 => Store::F32((0..cfg.num_layers).map(|_| (vec![0.0; n], vec![0.0; n])).collect()),
-            KvDType::F16 => Store::F16((0..cfg.num_layers).map(|_| (vec![f16::ZERO; n], vec![f16::ZERO; n])).collect()),
+            KvDType::F16 => Store::F16((0..cfg.num_layers).map(|_| (zeroed_f16(n), zeroed_f16(n))).collect()),
         };
         Self { store, num_blocks, block_size, row }
     }

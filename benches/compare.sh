@@ -67,7 +67,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 kiln = next(r for r in rows if r["engine"] == "kiln")
 lb = {(r["n_prompt"], r["n_gen"]): r["avg_ts"] for r in next(r for r in rows if r["engine"] == "llama-bench")["runs"]}
 pp, tg = lb.get((512, 0)), next((v for (p, g), v in lb.items() if p == 0 and g > 0), None)
-print(f"{"metric":<40}{'kiln':>10}{'llama.cpp':>11}{'ratio':>8}")
+print(f"{'metric':<40}{'kiln':>10}{'llama.cpp':>11}{'ratio':>8}")
 def row(name, k, l):
     print(f"{name:<40}{k:>10.1f}{l:>11.1f}{k / l:>8.2f}" if l else f"{name:<40}{k:>10.1f}{'-':>11}")
 row("prefill 512 tok/s (llama-bench pp512)", kiln["prefill_tok_s"], pp)

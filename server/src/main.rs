@@ -1,11 +1,9 @@
-//! The `kiln` binary: `kiln generate` streams a completion to stdout, `kiln bench` measures the
-//! engine. Logs and progress go to stderr so stdout carries only generated text.
+//! The `kiln` binary: `kiln serve` runs the OpenAI-compatible server, `kiln generate` streams a
+//! completion to stdout, `kiln bench` measures the engine. Logs and progress go to stderr so
+//! stdout carries only generated text.
 
-mod bench;
-mod engine_args;
-mod generate;
-
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use kiln_server::{bench, config, generate, serve};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "High-performance LLM inference server")]
@@ -19,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Generate text from a prompt (or one chat message) and stream it to stdout.
     Generate(generate::GenerateArgs),
     /// Measure prefill, decode and batched decode throughput of the engine.
@@ -26,12 +26,27 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(path) = config::config_path(&args) {
+        config::apply_file(std::path::Path::new(&path), &serve_envs())?;
+    }
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     match cli.command {
+        Command::Serve(a) => serve::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
     }
+}
+
+/// The `KILN_*` variables `kiln serve` reads (the keys a config file may set).
+fn serve_envs() -> Vec<String> {
+    let cmd = Cli::command();
+    let mut envs: Vec<String> = cmd.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
+    if let Some(serve) = cmd.find_subcommand("serve") {
+        envs.extend(serve.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()));
+    }
+    envs
 }
 
 fn init_logging(format: &str) {

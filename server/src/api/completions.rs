@@ -1,0 +1,109 @@
+//! `POST /v1/completions`: raw prompts (a string, strings, token ids or lists of token ids), no
+//! chat template. Several prompts run as separate engine requests whose choices are numbered
+//! `prompt_index * n + choice`, as OpenAI does. `echo` prepends the prompt text; `suffix`
+//! (insertion) is refused: no model we serve was trained for it.
+
+use super::error::{ApiError, ApiResult};
+use super::generation::{collect, submit, unix_now, usage, Tracked};
+use super::request::{body_bytes, parse_body, CompletionRequest, PromptInput};
+use super::sse::{self, Kind, Part, StreamCtx};
+use super::{logprobs, Shared};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kiln_inference::engine::{EngineHandle, Prompt};
+use serde_json::{json, Value};
+
+/// OpenAI's cap on prompts in one request.
+const MAX_PROMPTS: usize = 2048;
+
+pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let req: CompletionRequest = parse_body(&body_bytes(body)?)?;
+    state.check_model(&req.model)?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "suffix is not supported: the served model has no fill-in-the-middle training"));
+    }
+    let params = req.params()?;
+    if req.best_of.is_some_and(|b| b != params.n as i64) {
+        return Err(ApiError::invalid("best_of", "best_of is only supported equal to n"));
+    }
+    let echo = req.echo.unwrap_or(false);
+    if echo && params.logprobs {
+        return Err(ApiError::invalid("echo", "echo with logprobs (prompt logprobs) is not supported"));
+    }
+    let include_usage = req.sampling.include_usage()?;
+    let engine = state.engine()?.clone();
+    let prompts = prompts(&req.prompt)?;
+    let mut parts = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.into_iter().enumerate() {
+        let echo_text = if echo { Some(prompt_text(&engine, &p)?) } else { None };
+        let tracked = submit(&state, &engine, p, params.clone()).await.map_err(|e| ApiError::from_engine(e, "prompt"))?;
+        parts.push(Part { tracked, offset: i * params.n, echo: echo_text });
+    }
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    if req.sampling.stream() {
+        let ctx = StreamCtx {
+            id,
+            created: unix_now(),
+            model: state.served_model_name.clone(),
+            fingerprint: state.system_fingerprint.clone(),
+            kind: Kind::Completion,
+            include_usage,
+            tokenizer: engine.tokenizer().clone(),
+        };
+        return Ok(sse::response(ctx, parts));
+    }
+    let (mut choices, mut prompt_tokens, mut completion_tokens, mut cached) = (Vec::new(), 0, 0, 0);
+    for mut part in parts {
+        choices.extend(collect_part(&mut part.tracked, part.offset, part.echo.as_deref(), params.logprobs).await?);
+        prompt_tokens += part.tracked.prompt_tokens();
+        cached += part.tracked.cached_tokens();
+        completion_tokens += part.tracked.generated;
+    }
+    let body = json!({
+        "id": id, "object": "text_completion", "created": unix_now(), "model": state.served_model_name,
+        "system_fingerprint": state.system_fingerprint, "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens, cached),
+    });
+    Ok(Json(body).into_response())
+}
+
+async fn collect_part(t: &mut Tracked, offset: usize, echo: Option<&str>, want_logprobs: bool) -> ApiResult<Vec<Value>> {
+    let outs = collect(t).await.map_err(|e| ApiError::from_engine(e, "prompt"))?;
+    Ok(outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let prefix = echo.unwrap_or_default();
+            let lp = if want_logprobs { logprobs::completion(&o.logprobs, prefix.len()) } else { Value::Null };
+            json!({
+                "index": offset + i,
+                "text": format!("{prefix}{}", o.text),
+                "logprobs": lp,
+                "finish_reason": o.finish.map(|r| r.as_str()),
+            })
+        })
+        .collect())
+}
+
+fn prompts(input: &PromptInput) -> ApiResult<Vec<Prompt>> {
+    let v: Vec<Prompt> = match input {
+        PromptInput::Text(s) => vec![Prompt::Text(s.clone())],
+        PromptInput::Texts(v) => v.iter().cloned().map(Prompt::Text).collect(),
+        PromptInput::Tokens(ids) => vec![Prompt::Tokens(ids.clone())],
+        PromptInput::TokenLists(v) => v.iter().cloned().map(Prompt::Tokens).collect(),
+    };
+    if v.is_empty() || v.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid("prompt", format!("prompt must hold between 1 and {MAX_PROMPTS} prompts, got {}", v.len())));
+    }
+    Ok(v)
+}
+
+fn prompt_text(engine: &EngineHandle, p: &Prompt) -> ApiResult<String> {
+    match p {
+        Prompt::Text(s) => Ok(s.clone()),
+        Prompt::Tokens(ids) => engine.tokenizer().decode(ids, false).map_err(|e| ApiError::from_engine(e, "prompt")),
+    }
+}

@@ -1,0 +1,98 @@
+//! The one place that turns failures into HTTP: every error leaves as OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}` with the status a client can act on.
+//! Client mistakes are 4xx, never 5xx; 5xx means a bug or a dead engine.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kiln_inference::EngineError;
+use serde_json::json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI error type: `invalid_request_error`, `authentication_error`, ...
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, code: None }
+    }
+
+    /// 400 for a bad field value.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self { param: Some(param.to_string()), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model '{model}' does not exist"))
+        }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self { code: Some("invalid_api_key"), ..Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message) }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable_error", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_server_error", message)
+    }
+
+    /// The JSON body, also sent as an SSE event when a stream fails after it started.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+
+    /// Maps an engine error; `prompt_param` names the request field holding the prompt
+    /// (`messages` for chat, `prompt` for completions).
+    pub fn from_engine(e: EngineError, prompt_param: &str) -> Self {
+        match e {
+            EngineError::InvalidParam { param, message } => {
+                let param = if param == "prompt" { prompt_param } else { param };
+                Self::invalid(param, message)
+            }
+            EngineError::ContextLengthExceeded { .. } => Self::invalid(prompt_param, e.to_string()).with_code("context_length_exceeded"),
+            EngineError::Overloaded => Self {
+                code: Some("rate_limit_exceeded"),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", e.to_string())
+            },
+            EngineError::Shutdown => Self::unavailable(e.to_string()),
+            EngineError::Template(m) => Self::invalid(prompt_param, format!("cannot render the chat template: {m}")),
+            EngineError::Tokenizer(m) => Self::invalid(prompt_param, format!("cannot tokenize the input: {m}")),
+            other => Self::internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, message = %self.message, "request failed");
+        }
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

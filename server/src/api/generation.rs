@@ -1,0 +1,111 @@
+//! One engine request as the HTTP layer sees it: a `TokenStream` plus the timing that feeds the
+//! latency metrics, and the non-streaming collection of its choices. Dropping a `Tracked`
+//! drops the stream, which aborts the sequences in the engine (client gone).
+
+use super::Shared;
+use kiln_inference::engine::{EngineHandle, Prompt};
+use kiln_inference::{Delta, EngineError, FinishReason, SamplingParams, TokenLogprob, TokenStream};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+pub struct Tracked {
+    stream: TokenStream,
+    state: Shared,
+    start: Instant,
+    last: Option<Instant>,
+    pub generated: usize,
+}
+
+/// Submits on a blocking thread: tokenization of a long prompt must not stall the runtime.
+pub async fn submit(state: &Shared, engine: &EngineHandle, prompt: Prompt, params: SamplingParams) -> Result<Tracked, EngineError> {
+    let h = engine.clone();
+    let stream = tokio::task::spawn_blocking(move || h.generate(prompt, params))
+        .await
+        .map_err(|e| EngineError::Internal(format!("tokenizer task failed: {e}")))??;
+    state.metrics.prompt_tokens.fetch_add(stream.prompt_tokens() as u64, Ordering::Relaxed);
+    Ok(Tracked { stream, state: state.clone(), start: Instant::now(), last: None, generated: 0 })
+}
+
+impl Tracked {
+    pub fn prompt_tokens(&self) -> usize {
+        self.stream.prompt_tokens()
+    }
+
+    pub fn cached_tokens(&self) -> usize {
+        self.stream.cached_tokens()
+    }
+
+    pub fn num_choices(&self) -> usize {
+        self.stream.num_choices()
+    }
+
+    pub async fn next(&mut self) -> Option<Result<Delta, EngineError>> {
+        let d = self.stream.next().await;
+        if let Some(Ok(delta)) = &d {
+            self.on_delta(delta);
+        }
+        d
+    }
+
+    fn on_delta(&mut self, d: &Delta) {
+        let m = &self.state.metrics;
+        if !d.tokens.is_empty() {
+            let now = Instant::now();
+            match self.last {
+                None => m.ttft.observe((now - self.start).as_secs_f64()),
+                Some(prev) => m.inter_token.observe((now - prev).as_secs_f64() / d.tokens.len() as f64),
+            }
+            self.last = Some(now);
+            self.generated += d.tokens.len();
+            m.generation_tokens.fetch_add(d.tokens.len() as u64, Ordering::Relaxed);
+        }
+        if let Some(r) = d.finish_reason {
+            m.count_finished(r.as_str());
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.state.metrics.e2e.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// One finished choice.
+#[derive(Debug, Default)]
+pub struct ChoiceOut {
+    pub text: String,
+    pub tokens: usize,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish: Option<FinishReason>,
+}
+
+/// Drains every choice of a request.
+pub async fn collect(t: &mut Tracked) -> Result<Vec<ChoiceOut>, EngineError> {
+    let mut outs: Vec<ChoiceOut> = (0..t.num_choices()).map(|_| ChoiceOut::default()).collect();
+    while let Some(d) = t.next().await {
+        let d = d?;
+        let o = &mut outs[d.index];
+        o.text.push_str(&d.text);
+        o.tokens += d.tokens.len();
+        o.logprobs.extend(d.logprobs);
+        if d.finish_reason.is_some() {
+            o.finish = d.finish_reason;
+        }
+    }
+    Ok(outs)
+}
+
+/// OpenAI `usage`.
+pub fn usage(prompt: usize, completion: usize, cached: usize) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

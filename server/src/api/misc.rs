@@ -1,0 +1,96 @@
+//! The small routes: `/health`, `/metrics`, `/v1/models`, and vLLM-style `/tokenize` and
+//! `/detokenize`.
+
+use super::error::{ApiError, ApiResult};
+use super::request::{body_bytes, parse_body};
+use super::Shared;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// 200 once the model is loaded and warmed, 503 before and while shutting down.
+pub async fn health(State(state): State<Shared>) -> Response {
+    match state.engine() {
+        Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn metrics(State(state): State<Shared>) -> Response {
+    let text = state.metrics.render(state.engine_if_loaded());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+fn model_card(state: &Shared) -> Value {
+    let max_len = state.engine_if_loaded().map(|e| e.info().max_model_len);
+    json!({"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "kiln", "max_model_len": max_len})
+}
+
+pub async fn list_models(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_card(&state)]}))
+}
+
+pub async fn get_model(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    state.check_model(&id)?;
+    Ok(Json(model_card(&state)))
+}
+
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<Value>>,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+    #[serde(default = "yes")]
+    add_generation_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub async fn tokenize(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+    let req: TokenizeRequest = parse_body(&body_bytes(body)?)?;
+    if let Some(m) = &req.model {
+        state.check_model(m)?;
+    }
+    let engine = state.engine()?;
+    let tok = engine.tokenizer();
+    let ids = match (&req.prompt, &req.messages) {
+        (Some(p), None) if req.add_special_tokens => tok.encode_prompt(p, true),
+        (Some(p), None) => tok.encode(p, true),
+        (None, Some(msgs)) => {
+            let t = tok.chat_template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
+            t.render(msgs, None, req.add_generation_prompt).and_then(|text| tok.encode_prompt(&text, true))
+        }
+        _ => return Err(ApiError::invalid("prompt", "give exactly one of 'prompt' or 'messages'")),
+    }
+    .map_err(|e| ApiError::from_engine(e, "prompt"))?;
+    Ok(Json(json!({"count": ids.len(), "max_model_len": engine.info().max_model_len, "tokens": ids})))
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+pub async fn detokenize(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+    let req: DetokenizeRequest = parse_body(&body_bytes(body)?)?;
+    if let Some(m) = &req.model {
+        state.check_model(m)?;
+    }
+    let engine = state.engine()?;
+    let vocab = engine.info().vocab_size;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid("tokens", format!("token id {bad} is outside the vocabulary (size {vocab})")));
+    }
+    let text = engine.tokenizer().decode(&req.tokens, false).map_err(|e| ApiError::from_engine(e, "tokens"))?;
+    Ok(Json(json!({"prompt": text})))
+}

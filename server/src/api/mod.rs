@@ -1,0 +1,177 @@
+//! The HTTP API: OpenAI-compatible routes plus health, metrics and tokenization, on axum.
+//! Owns request ids, authentication, body limits, panic isolation and the OpenAI error shape
+//! for every failure (including unknown routes and malformed bodies). Talks to the engine only
+//! through its `EngineHandle`.
+
+pub mod chat;
+pub mod completions;
+pub mod error;
+mod generation;
+mod logprobs;
+mod misc;
+pub mod request;
+mod sse;
+
+use crate::metrics::Metrics;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::{ApiError, ApiResult};
+use kiln_inference::engine::EngineHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Everything the handlers share. The engine appears once the model is loaded and warmed.
+pub struct AppState {
+    engine: OnceLock<EngineHandle>,
+    pub served_model_name: String,
+    pub api_keys: Vec<String>,
+    /// Stable per build + model + engine config.
+    pub system_fingerprint: String,
+    /// Unix seconds when the server started (the model's `created`).
+    pub created: u64,
+    pub metrics: Metrics,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(served_model_name: String, api_keys: Vec<String>, system_fingerprint: String) -> Self {
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self {
+            engine: OnceLock::new(),
+            metrics: Metrics::new(&served_model_name),
+            served_model_name,
+            api_keys,
+            system_fingerprint,
+            created,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Publishes the loaded, warmed engine: from now on `/health` is 200.
+    pub fn set_engine(&self, h: EngineHandle) {
+        let _ = self.engine.set(h);
+    }
+
+    pub fn engine_if_loaded(&self) -> Option<&EngineHandle> {
+        self.engine.get()
+    }
+
+    /// New requests get 503 from now on; in-flight ones continue.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// The engine, or 503 while loading / shutting down.
+    pub fn engine(&self) -> ApiResult<&EngineHandle> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        self.engine.get().ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly"))
+    }
+
+    /// 404 unless `model` names the served model.
+    pub fn check_model(&self, model: &str) -> ApiResult<()> {
+        if model == self.served_model_name {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(model))
+        }
+    }
+}
+
+pub type Shared = Arc<AppState>;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+pub fn router(state: Shared) -> Router {
+    let api = Router::new()
+        .route("/v1/models", get(misc::list_models))
+        .route("/v1/models/{id}", get(misc::get_model))
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/completions", post(completions::handle))
+        .route("/tokenize", post(misc::tokenize))
+        .route("/detokenize", post(misc::detokenize))
+        .route("/metrics", get(misc::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(misc::health))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(state.clone(), request_id_and_count))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", format!("method {} is not allowed on {}", req.method(), req.uri().path()))
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::internal("the request handler panicked; the server is still running").into_response()
+}
+
+/// Bearer-token check for every route but `/health` when keys are configured.
+async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    if state.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(k) if state.api_keys.iter().any(|key| key == k) => next.run(req).await,
+        Some(_) => ApiError::unauthorized("Incorrect API key provided").into_response(),
+        None => ApiError::unauthorized("Missing API key: send 'Authorization: Bearer <key>'").into_response(),
+    }
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Echoes (or generates) `x-request-id` on every response, opens the request's tracing span
+/// and counts the response status per route.
+async fn request_id_and_count(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let route = route_label(req.uri().path());
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), route);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    state.metrics.count_request(route, resp.status().as_u16());
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
+    resp
+}
+
+/// A bounded set of labels (raw paths would let clients grow the metric without limit).
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/models" => "/v1/models",
+        p if p.starts_with("/v1/models/") => "/v1/models/{id}",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        _ => "other",
+    }
+}

@@ -1,0 +1,11 @@
+//! kiln-server: everything behind the `kiln` binary. The HTTP API (`api`), its metrics, the
+//! config file, and the subcommands; `main.rs` only parses the command line and dispatches.
+//! The only crate that knows HTTP and OpenAI JSON.
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod engine_args;
+pub mod generate;
+pub mod metrics;
+pub mod serve;

@@ -1,0 +1,118 @@
+//! Prometheus metrics in the text exposition format, named like vLLM's with a `kiln:` prefix so
+//! existing dashboards map over. Counters and histograms are atomics (the hot path never takes a
+//! lock except for the per-status request counter map); engine gauges are read from the
+//! engine's published stats at scrape time.
+
+use kiln_inference::engine::EngineHandle;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A fixed-bucket histogram of seconds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Non-cumulative counts per bucket, plus one for +Inf.
+    counts: Vec<AtomicU64>,
+    /// Sum in microseconds (atomics hold integers).
+    sum_us: AtomicU64,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_us: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, secs: f64) {
+        let i = self.bounds.iter().position(|&b| secs <= b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            cum += c.load(Ordering::Relaxed);
+            let le = self.bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cum}");
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{}}} {sum}\n{name}_count{{{}}} {cum}", labels.trim_end_matches(','), labels.trim_end_matches(','));
+    }
+}
+
+pub struct Metrics {
+    model: String,
+    /// (route, status) -> count.
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// finish reason -> finished choices.
+    finished: Mutex<BTreeMap<&'static str, u64>>,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    pub e2e: Histogram,
+}
+
+impl Metrics {
+    pub fn new(model: &str) -> Self {
+        Self {
+            model: model.replace('"', "'"),
+            requests: Mutex::new(BTreeMap::new()),
+            finished: Mutex::new(BTreeMap::new()),
+            prompt_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            ttft: Histogram::new(LATENCY_BUCKETS),
+            inter_token: Histogram::new(LATENCY_BUCKETS),
+            e2e: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
+
+    pub fn count_request(&self, route: &str, status: u16) {
+        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((route.to_string(), status)).or_default() += 1;
+    }
+
+    pub fn count_finished(&self, reason: &'static str) {
+        let mut m = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(reason).or_default() += 1;
+    }
+
+    /// The whole exposition; `engine` is `None` while the model loads.
+    pub fn render(&self, engine: Option<&EngineHandle>) -> String {
+        let mut out = String::new();
+        let l = format!("model_name=\"{}\",", self.model);
+        let lb = format!("{{{}}}", l.trim_end_matches(','));
+        let mut gauge = |name: &str, help: &str, kind: &str, v: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{lb} {v}");
+        };
+        if let Some(h) = engine {
+            let s = h.stats();
+            let total = h.info().num_blocks as f64;
+            let free = s.free_blocks.load(Ordering::Relaxed) as f64;
+            gauge("kiln:num_requests_running", "Sequences in the running batch.", "gauge", s.running.load(Ordering::Relaxed) as f64);
+            gauge("kiln:num_requests_waiting", "Sequences waiting to be scheduled.", "gauge", s.waiting.load(Ordering::Relaxed) as f64);
+            gauge("kiln:kv_blocks_total", "KV cache blocks in the pool.", "gauge", total);
+            gauge("kiln:kv_blocks_used", "KV cache blocks held by sequences.", "gauge", total - free);
+            gauge("kiln:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "gauge", if total > 0.0 { (total - free) / total } else { 0.0 });
+            gauge("kiln:num_preemptions_total", "Sequences preempted by recompute.", "counter", s.preemptions.load(Ordering::Relaxed) as f64);
+        }
+        gauge("kiln:prompt_tokens_total", "Prompt tokens processed.", "counter", self.prompt_tokens.load(Ordering::Relaxed) as f64);
+        gauge("kiln:generation_tokens_total", "Tokens generated.", "counter", self.generation_tokens.load(Ordering::Relaxed) as f64);
+        let _ = writeln!(out, "# HELP kiln:http_requests_total HTTP requests by route and status.\n# TYPE kiln:http_requests_total counter");
+        for ((route, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "kiln:http_requests_total{{{l}route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP kiln:request_success_total Finished choices by finish reason.\n# TYPE kiln:request_success_total counter");
+        for (reason, n) in self.finished.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "kiln:request_success_total{{{l}finished_reason=\"{reason}\"}} {n}");
+        }
+        self.ttft.render(&mut out, "kiln:time_to_first_token_seconds", &l, "Time to first token.");
+        self.inter_token.render(&mut out, "kiln:inter_token_latency_seconds", &l, "Time between consecutive output tokens.");
+        self.e2e.render(&mut out, "kiln:e2e_request_latency_seconds", &l, "End-to-end request latency.");
+        out
+    }
+}

@@ -1,0 +1,125 @@
+//! `kiln serve`: binds first (so `/health` answers 503 while the model loads), loads and warms
+//! the engine on a blocking thread, then serves until SIGINT/SIGTERM. Shutdown: stop accepting,
+//! let in-flight requests finish within `--shutdown-timeout`, then cancel what is left and exit 0.
+
+use crate::api::{router, AppState};
+use crate::engine_args::EngineArgs;
+use anyhow::{Context, Result};
+use clap::Args;
+use kiln_inference::engine::{EngineHandle, Prompt};
+use kiln_inference::SamplingParams;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Name clients use in `model` (default: the model file or directory name).
+    #[arg(long, env = "KILN_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    #[arg(long, default_value = "127.0.0.1", env = "KILN_HOST")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080, env = "KILN_PORT")]
+    pub port: u16,
+    /// Accepted bearer keys (repeatable, or comma-separated in KILN_API_KEY). None: no auth.
+    #[arg(long = "api-key", env = "KILN_API_KEY", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30, env = "KILN_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: u64,
+    /// A TOML file with any of these settings (see `config.rs`); read before parsing.
+    #[arg(long, env = "KILN_CONFIG")]
+    pub config: Option<String>,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve(a))
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let name = a.served_model_name.clone().unwrap_or_else(|| default_name(&a.engine.model));
+    let state = Arc::new(AppState::new(name.clone(), a.api_keys.clone(), fingerprint(&a)?));
+    let addr = format!("{}:{}", a.host, a.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+    let base = format!("http://{}/v1", listener.local_addr()?);
+    tracing::info!(%base, model = %name, "listening; loading the model");
+    let app = router(state.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        let mut rx = stop_rx;
+        axum::serve(listener, app).with_graceful_shutdown(async move { while rx.changed().await.is_ok() && !*rx.borrow() {} }).await
+    });
+    let engine_args = a.engine.clone();
+    let loading = tokio::task::spawn_blocking(move || -> Result<EngineHandle> {
+        let engine = engine_args.start()?;
+        warm_up(&engine.handle)?;
+        Ok(engine.handle)
+    });
+    let handle = tokio::select! {
+        r = loading => r.context("model loading task")??,
+        _ = shutdown_signal() => { let _ = stop_tx.send(true); return Ok(()); }
+    };
+    state.set_engine(handle.clone());
+    println!("kiln: serving {base} (model \"{name}\"); OpenAI SDK: base_url=\"{base}\"");
+    tracing::info!(%base, "ready");
+    shutdown_signal().await;
+    tracing::info!(timeout_secs = a.shutdown_timeout, "shutting down: no new requests, finishing in-flight ones");
+    state.begin_shutdown();
+    let _ = stop_tx.send(true);
+    let mut server = server;
+    if tokio::time::timeout(Duration::from_secs(a.shutdown_timeout), &mut server).await.is_err() {
+        tracing::warn!("shutdown deadline passed: cancelling in-flight requests");
+        handle.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
+    handle.shutdown();
+    Ok(())
+}
+
+/// One short greedy generation: first touches of weights, caches and kernels happen before
+/// `/health` says ready.
+fn warm_up(h: &EngineHandle) -> Result<()> {
+    let params = SamplingParams { temperature: 0.0, max_tokens: Some(2), ..SamplingParams::default() };
+    let mut s = h.generate(Prompt::Text("Hello".into()), params)?;
+    while let Some(d) = s.blocking_next() {
+        d?;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// `smollm2-135m-instruct-q4_1.gguf` -> `smollm2-135m-instruct-q4_1`; a directory -> its name.
+pub fn default_name(model: &str) -> String {
+    let p = std::path::Path::new(model.trim_end_matches('/'));
+    let stem = if p.extension().is_some_and(|e| e == "gguf") { p.file_stem() } else { p.file_name() };
+    stem.and_then(|s| s.to_str()).map_or_else(|| model.to_string(), str::to_string)
+}
+
+/// Stable for one build, model and engine configuration (OpenAI's `system_fingerprint`).
+fn fingerprint(a: &ServeArgs) -> Result<String> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    env!("CARGO_PKG_VERSION").hash(&mut h);
+    a.engine.model.hash(&mut h);
+    format!("{:?}", a.engine.config()?).hash(&mut h);
+    Ok(format!("fp_{:012x}", h.finish() & 0xffff_ffff_ffff))
+}

@@ -3,7 +3,7 @@
 
 use super::error::{ApiError, ApiResult};
 use super::generation::{collect, submit, unix_now, usage};
-use super::request::{body_bytes, parse_body, ChatRequest};
+use super::request::{body_bytes, parse_with_sampling, ChatRequest};
 use super::sse::{self, Kind, Part, StreamCtx};
 use super::{logprobs, Shared};
 use axum::body::Bytes;
@@ -15,7 +15,7 @@ use kiln_inference::engine::Prompt;
 use serde_json::{json, Value};
 
 pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
-    let req: ChatRequest = parse_body(&body_bytes(body)?)?;
+    let req: ChatRequest = parse_with_sampling(&body_bytes(body)?)?;
     state.check_model(&req.model)?;
     req.reject_unsupported()?;
     let params = req.params()?;

@@ -5,7 +5,7 @@
 
 use super::error::{ApiError, ApiResult};
 use super::generation::{collect, submit, unix_now, usage, Tracked};
-use super::request::{body_bytes, parse_body, CompletionRequest, PromptInput};
+use super::request::{body_bytes, parse_with_sampling, CompletionRequest, PromptInput};
 use super::sse::{self, Kind, Part, StreamCtx};
 use super::{logprobs, Shared};
 use axum::body::Bytes;
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 const MAX_PROMPTS: usize = 2048;
 
 pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
-    let req: CompletionRequest = parse_body(&body_bytes(body)?)?;
+    let req: CompletionRequest = parse_with_sampling(&body_bytes(body)?)?;
     state.check_model(&req.model)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported: the served model has no fill-in-the-middle training"));

@@ -17,15 +17,39 @@ pub fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let msg = if inner.is_syntax() || inner.is_eof() {
-            format!("the request body is not valid JSON: {inner}")
-        } else if path == "." {
-            format!("invalid request body: {inner}")
-        } else {
-            format!("invalid value for '{path}': {inner}")
-        };
-        ApiError::invalid(if path == "." { "body" } else { &path }, msg)
+        if inner.is_syntax() || inner.is_eof() {
+            let mut err = ApiError::invalid("", format!("the request body is not valid JSON: {inner}"));
+            err.param = None;
+            return err;
+        }
+        match path.as_str() {
+            "." | "?" => ApiError::invalid("body", format!("invalid request body: {inner}")),
+            p => ApiError::invalid(p, format!("invalid value for '{p}': {inner}")),
+        }
     })
+}
+
+/// A request with shared sampling fields: both structs parse the same body.
+pub trait WithSampling: DeserializeOwned {
+    fn set_sampling(&mut self, s: Sampling);
+}
+
+impl WithSampling for ChatRequest {
+    fn set_sampling(&mut self, s: Sampling) {
+        self.sampling = s;
+    }
+}
+
+impl WithSampling for CompletionRequest {
+    fn set_sampling(&mut self, s: Sampling) {
+        self.sampling = s;
+    }
+}
+
+pub fn parse_with_sampling<T: WithSampling>(body: &Bytes) -> ApiResult<T> {
+    let mut req: T = parse_body(body)?;
+    req.set_sampling(parse_body(body)?);
+    Ok(req)
 }
 
 /// `stop`: a string or an array of up to 4 (we allow more) strings.
@@ -66,7 +90,9 @@ pub struct StreamOptions {
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<Value>,
-    #[serde(flatten)]
+    /// Parsed from the same body by [`parse_with_sampling`] (not `flatten`: that would hide
+    /// which field a type error is in).
+    #[serde(skip)]
     pub sampling: Sampling,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
@@ -94,7 +120,7 @@ pub enum PromptInput {
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptInput,
-    #[serde(flatten)]
+    #[serde(skip)]
     pub sampling: Sampling,
     pub max_tokens: Option<i64>,
     /// Legacy logprobs: the number of alternatives per position.

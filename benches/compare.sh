@@ -56,7 +56,7 @@ serve_load llama-server $!
 
 if $KILN --help | grep -q '^  serve'; then
   echo "== kiln serve" >&2
-  RAYON_NUM_THREADS=$THREADS $KILN serve --model "$MODEL" --port "$PORT" >/dev/null 2>&1 &
+  RAYON_NUM_THREADS=$THREADS $KILN serve --model "$MODEL" --served-model-name default --port "$PORT" >/dev/null 2>&1 &
   serve_load kiln-serve $!
 fi
 

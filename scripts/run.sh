@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The run command: fetches the default model (cached), builds kiln in release mode and runs it.
-# With no arguments it chats once with the default model; otherwise the arguments go to `kiln`
-# with `--model` defaulting to SmolLM2-135M-Instruct, e.g.:
+# With no arguments it serves the OpenAI API on http://127.0.0.1:8080/v1 (printing the base URL
+# when ready); otherwise the arguments go to `kiln` with `--model` defaulting to
+# SmolLM2-135M-Instruct, e.g.:
 #   scripts/run.sh generate --prompt "The capital of France is" --max-tokens 32
+#   scripts/run.sh serve --port 9000 --api-key secret
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh default
 MODEL=${KILN_MODEL:-${KILN_MODELS_DIR:-$HOME/.cache/kiln/models}/smollm2-135m-instruct-q4_1.gguf}
 cargo build --release --quiet --bin kiln
-[ $# -gt 0 ] || set -- generate --chat "Write a haiku about a kiln."
+[ $# -gt 0 ] || set -- serve
 export KILN_MODEL="$MODEL"
 exec target/release/kiln "$@"

@@ -35,6 +35,25 @@ pub(crate) fn attend_group(
     ctx: usize,
     kv: usize,
     shape: &AttnShape,
+    caches: (&[f16], &[f16]),
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if shape.head_dim == STEP && shape.num_heads / shape.num_kv_heads <= avx512::MAX_GROUP && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above); slices are bounds-checked inside.
+        unsafe { avx512::attend_group_d64(q, table, ctx, kv, shape, caches, out) };
+        return;
+    }
+    attend_group_scalar(q, table, ctx, kv, shape, caches, out)
+}
+
+/// The portable version: plain loops over f32 buffers, f16 rounding through `half`.
+fn attend_group_scalar(
+    q: &[f32],
+    table: &[u32],
+    ctx: usize,
+    kv: usize,
+    shape: &AttnShape,
     (k_cache, v_cache): (&[f16], &[f16]),
     out: &mut [f32],
 ) {
@@ -130,9 +149,136 @@ fn reduce_add_16(x: &[f32; LANES]) -> f32 {
     (u[0] + u[2]) + (u[1] + u[3])
 }
 
+/// The same arithmetic with the head (64 values) in four zmm registers: f16 rounding by the
+/// hardware converters, the lane reduction spelled out. Bit-identical to the scalar version.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{AttnShape, STEP};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Query heads per KV head this path keeps in registers/stack state.
+    pub(super) const MAX_GROUP: usize = 16;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn round16(x: __m512) -> __m512 {
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x))
+    }
+
+    /// 64 halves -> four f32 vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn load64(src: &[f16]) -> [__m512; 4] {
+        assert!(src.len() >= STEP);
+        let p = src.as_ptr() as *const __m256i;
+        // SAFETY: 64 halves = 4 x 32 readable bytes (asserted); unaligned loads.
+        unsafe { [0, 1, 2, 3].map(|i| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(i)))) }
+    }
+
+    /// `_mm512_reduce_add_ps` in GCC's order: 16 -> 8 -> 4, then (0+2) + (1+3).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn reduce(x: __m512) -> f32 {
+        let lo = _mm512_castps512_ps256(x);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+        let t = _mm256_add_ps(lo, hi);
+        let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+        let w = _mm_add_ps(u, _mm_shuffle_ps::<0b01_00_11_10>(u, u));
+        _mm_cvtss_f32(w) + _mm_cvtss_f32(_mm_shuffle_ps::<0b01>(w, w))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn attend_group_d64(
+        q: &[f32],
+        table: &[u32],
+        ctx: usize,
+        kv: usize,
+        shape: &AttnShape,
+        (k_cache, v_cache): (&[f16], &[f16]),
+        out: &mut [f32],
+    ) {
+        let (bs, row) = (shape.block_size, shape.num_kv_heads * STEP);
+        let g = shape.num_heads / shape.num_kv_heads;
+        let zero = _mm512_setzero_ps();
+        let mut qh = [[zero; 4]; MAX_GROUP];
+        let mut acc = [[zero; 4]; MAX_GROUP];
+        let (mut max, mut sum) = ([f32::NEG_INFINITY; MAX_GROUP], [0f32; MAX_GROUP]);
+        for h in 0..g {
+            for i in 0..4 {
+                let src = &q[h * STEP + i * 16..h * STEP + i * 16 + 16];
+                // SAFETY: 16 readable floats (sliced above); unaligned load.
+                qh[h][i] = round16(unsafe { _mm512_loadu_ps(src.as_ptr()) });
+            }
+        }
+        for j in 0..ctx {
+            let at = (table[j / bs] as usize * bs + j % bs) * row + kv * STEP;
+            let k = load64(&k_cache[at..at + STEP]);
+            let v = load64(&v_cache[at..at + STEP]);
+            for h in 0..g {
+                let q = &qh[h];
+                let lanes = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_mul_ps(q[0], k[0]), _mm512_mul_ps(q[2], k[2])),
+                    _mm512_add_ps(_mm512_mul_ps(q[1], k[1]), _mm512_mul_ps(q[3], k[3])),
+                );
+                let s = reduce(lanes) * shape.scale;
+                let (mut ms, mut vs) = (1f32, 1f32);
+                if s > max[h] {
+                    ms = (max[h] - s).exp();
+                    max[h] = s;
+                    let m = _mm512_set1_ps(ms);
+                    acc[h] = acc[h].map(|a| round16(_mm512_mul_ps(a, m)));
+                } else {
+                    vs = (s - max[h]).exp();
+                }
+                let w = _mm512_set1_ps(vs);
+                for i in 0..4 {
+                    acc[h][i] = round16(_mm512_fmadd_ps(v[i], w, acc[h][i]));
+                }
+                sum[h] = sum[h].mul_add(ms, vs);
+            }
+        }
+        for h in 0..g {
+            let inv = _mm512_set1_ps(if sum[h] == 0.0 { 0.0 } else { 1.0 / sum[h] });
+            for i in 0..4 {
+                let dst = &mut out[h * STEP + i * 16..h * STEP + i * 16 + 16];
+                // SAFETY: 16 writable floats (sliced above); unaligned store.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), _mm512_mul_ps(acc[h][i], inv)) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simd_path_is_bit_identical_to_scalar() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIP: no AVX-512F");
+            return;
+        }
+        let mut rng = crate::testutil::TestRng::new(5);
+        for (heads, kv_heads, ctx) in [(9usize, 3usize, 1usize), (9, 3, 37), (14, 2, 130), (4, 4, 300)] {
+            let shape = AttnShape { num_heads: heads, num_kv_heads: kv_heads, head_dim: 64, block_size: 16, scale: 0.125 };
+            let blocks = ctx.div_ceil(16);
+            let table: Vec<u32> = (0..blocks as u32).rev().collect();
+            let n = blocks * 16 * kv_heads * 64;
+            let scale_by = |v: Vec<f32>, s: f32| v.into_iter().map(|x| f16::from_f32(x * s)).collect::<Vec<_>>();
+            let (k, v) = (scale_by(rng.vec(n), 3.0), scale_by(rng.vec(n), 2.0));
+            let g = heads / kv_heads;
+            for kvh in 0..kv_heads {
+                let q: Vec<f32> = rng.vec(g * 64).iter().map(|x| x * 4.0).collect();
+                let (mut a, mut b) = (vec![0f32; g * 64], vec![0f32; g * 64]);
+                attend_group_scalar(&q, &table, ctx, kvh, &shape, (&k, &v), &mut a);
+                // SAFETY: AVX-512F checked above.
+                unsafe { avx512::attend_group_d64(&q, &table, ctx, kvh, &shape, (&k, &v), &mut b) };
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "heads {heads}/{kv_heads} ctx {ctx} kv head {kvh}");
+            }
+        }
+    }
 
     #[test]
     fn round_f16_matches_scalar_conversion() {

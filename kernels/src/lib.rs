@@ -2,10 +2,14 @@
 //! implementation with the same signature in the same module, and tests compare the two on random
 //! inputs for many shapes. Kernels know nothing of models, requests or tensors libraries.
 
+pub mod activation;
 pub mod attention;
 mod attention_f16;
+pub mod dense;
+pub mod encoder_attention;
 pub mod quant;
 pub mod rope;
+mod sink;
 #[cfg(test)]
 pub(crate) mod testutil;
 

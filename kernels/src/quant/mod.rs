@@ -31,6 +31,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::sink::OutSink;
+
 use act::{ActBlock, QActs};
 pub use matrix::QuantMatrix;
 use matrix::Tile;
@@ -297,34 +299,6 @@ impl Group<'_> {
             unsafe { self.sink.write(self.row0 + i, self.cols.start, &vals[..self.cols.len()]) };
         }
         R
-    }
-}
-
-/// `out: [m, n]` shared by the parallel units, each of which writes a disjoint rectangle.
-/// (Row-major rows cannot be split into column rectangles with safe slices.)
-struct OutSink {
-    ptr: *mut f32,
-    len: usize,
-    n: usize,
-}
-
-// SAFETY: the pointer comes from a `&mut [f32]` that outlives the parallel section, and `write`'s
-// contract (disjoint rectangles) rules out data races between threads.
-unsafe impl Sync for OutSink {}
-
-impl OutSink {
-    fn new(out: &mut [f32], n: usize) -> Self {
-        OutSink { ptr: out.as_mut_ptr(), len: out.len(), n }
-    }
-
-    /// Writes `vals` to `out[row, col0..col0 + vals.len()]`.
-    /// # Safety
-    /// No other thread may read or write these elements during the parallel section.
-    unsafe fn write(&self, row: usize, col0: usize, vals: &[f32]) {
-        let at = row * self.n + col0;
-        assert!(col0 + vals.len() <= self.n && at + vals.len() <= self.len);
-        // SAFETY: in bounds (asserted); exclusive per the caller's contract.
-        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.ptr.add(at), vals.len()) };
     }
 }
 

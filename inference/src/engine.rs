@@ -218,9 +218,16 @@ impl Core {
                 self.publish(); // idle: make freed blocks visible before blocking on commands
                 continue;
             }
-            if let Err(e) = self.step() {
-                tracing::error!(error = %e, "engine step failed; failing its sequences");
-                let msg = e.to_string();
+            // A bug in one step (an error or a panic) fails the sequences in flight, frees their
+            // blocks and keeps the engine serving; it must not take the whole server down.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(panic) => Some(panic_message(&panic)),
+            };
+            if let Some(msg) = failure {
+                tracing::error!(error = %msg, "engine step failed; failing its sequences");
                 self.fail_all(|| EngineError::Internal(msg.clone()));
             }
         }
@@ -351,3 +358,8 @@ impl Core {
     }
 }
 
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    let text = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+    format!("engine step panicked: {}", text.unwrap_or_else(|| "unknown cause".into()))
+}

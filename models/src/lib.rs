@@ -2,6 +2,7 @@
 //! cache) -> logits. Knows weights and math; knows nothing of requests, scheduling or HTTP.
 
 pub mod batch;
+pub mod bert;
 pub mod config;
 pub mod error;
 pub mod kv_cache;

@@ -3,6 +3,7 @@
 
 pub mod block_manager;
 pub mod detok;
+pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod loader;

@@ -55,7 +55,8 @@ fn hub_download(repo: &str, file: Option<&str>) -> Result<PathBuf, EngineError> 
         return repo_api.get(f).map_err(|e| err(&e));
     }
     let config = repo_api.get("config.json").map_err(|e| err(&e))?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    // Optional files; the sentence-transformers ones say how an embedding model pools.
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
         let _ = repo_api.get(f); // optional files
     }
     let info = repo_api.info().map_err(|e| err(&e))?;

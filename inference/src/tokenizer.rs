@@ -239,7 +239,19 @@ impl Tokenizer {
     /// result including the added tokens has at most `max_len` ids (the caller's limit, never the
     /// file's).
     pub fn encode_with_special_tokens(&self, text: &str, max_len: Option<usize>) -> Result<Vec<u32>, EngineError> {
-        let mut enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        self.truncate_and_add_specials(enc, max_len)
+    }
+
+    /// [`Tokenizer::encode_with_special_tokens`] for input that is already token ids (of text
+    /// without special tokens): cut to fit `max_len` with the added tokens, then the template's
+    /// special tokens added, as text input would get them.
+    pub fn add_special_tokens(&self, ids: &[u32], max_len: Option<usize>) -> Result<Vec<u32>, EngineError> {
+        let tokens = ids.iter().map(|&id| tokenizers::Token::new(id, String::new(), (0, 0))).collect();
+        self.truncate_and_add_specials(tokenizers::Encoding::from_tokens(tokens, 0), max_len)
+    }
+
+    fn truncate_and_add_specials(&self, mut enc: tokenizers::Encoding, max_len: Option<usize>) -> Result<Vec<u32>, EngineError> {
         if let Some(max) = max_len {
             let added =
                 self.inner.get_post_processor().map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));

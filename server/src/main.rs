@@ -2,6 +2,8 @@
 //! completion to stdout, `kiln bench` measures the engine. Logs and progress go to stderr so
 //! stdout carries only generated text.
 
+mod embed_cli;
+
 use clap::{CommandFactory, Parser, Subcommand};
 use kiln_server::{bench, config, generate, serve};
 
@@ -23,6 +25,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill, decode and batched decode throughput of the engine.
     Bench(bench::BenchArgs),
+    /// Embed texts with an embedding model and print the vectors.
+    Embed(embed_cli::EmbedArgs),
+    /// Measure sentences/s of the embedding engine on batches of texts.
+    EmbedBench(embed_cli::EmbedBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +42,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Embed(a) => embed_cli::run(a),
+        Command::EmbedBench(a) => embed_cli::bench(a),
     }
 }
 

@@ -39,7 +39,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let mut parts = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.into_iter().enumerate() {
         let echo_text = if echo { Some(prompt_text(&engine, &p)?) } else { None };
-        let tracked = submit(&state, &engine, p, params.clone()).await.map_err(|e| ApiError::from_engine(e, "prompt"))?;
+        let tracked = submit(&state, &engine, p, params.clone()).await.map_err(engine_error)?;
         parts.push(Part { tracked, offset: i * params.n, echo: echo_text });
     }
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
@@ -86,6 +86,15 @@ async fn collect_part(t: &mut Tracked, offset: usize, echo: Option<&str>, want_l
             })
         })
         .collect())
+}
+
+/// Engine errors in this route's terms: the engine's `top_logprobs` is the legacy `logprobs` field.
+fn engine_error(e: kiln_inference::EngineError) -> ApiError {
+    let mut err = ApiError::from_engine(e, "prompt");
+    if err.param.as_deref() == Some("top_logprobs") {
+        err.param = Some("logprobs".into());
+    }
+    err
 }
 
 fn prompts(input: &PromptInput) -> ApiResult<Vec<Prompt>> {

@@ -102,6 +102,8 @@ pub fn router(state: Shared) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(misc::health))
+        // `method_not_allowed_fallback` covers only routes registered before it: set it here too.
+        .method_not_allowed_fallback(method_not_allowed)
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))

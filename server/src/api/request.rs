@@ -13,20 +13,30 @@ use std::collections::HashMap;
 
 /// Parses a JSON body; a wrong type or a missing field becomes a 400 naming the field.
 pub fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
-            let mut err = ApiError::invalid("", format!("the request body is not valid JSON: {inner}"));
-            err.param = None;
-            return err;
+            return not_json(&inner);
         }
-        match path.as_str() {
-            "." | "?" => ApiError::invalid("body", format!("invalid request body: {inner}")),
-            p => ApiError::invalid(p, format!("invalid value for '{p}': {inner}")),
+        // serde reports a missing field at the enclosing object; name the field itself.
+        let missing = inner.to_string().strip_prefix("missing field `").and_then(|m| m.split('`').next()).map(str::to_string);
+        match (path.as_str(), missing) {
+            ("." | "?", Some(field)) => ApiError::invalid(&field, format!("'{field}' is required")),
+            ("." | "?", None) => ApiError::invalid("body", format!("invalid request body: {inner}")),
+            (p, _) => ApiError::invalid(p, format!("invalid value for '{p}': {inner}")),
         }
-    })
+    })?;
+    // Trailing characters after the JSON value make the body invalid JSON too.
+    de.end().map_err(|e| not_json(&e))?;
+    Ok(v)
+}
+
+fn not_json(e: &serde_json::Error) -> ApiError {
+    let mut err = ApiError::invalid("", format!("the request body is not valid JSON: {e}"));
+    err.param = None;
+    err
 }
 
 /// A request with shared sampling fields: both structs parse the same body.

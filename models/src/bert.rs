@@ -21,6 +21,7 @@ use kiln_kernels::encoder_attention::{encoder_attention, EncoderAttnShape};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// The `config.json` fields a BERT encoder needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -233,6 +234,7 @@ pub struct Bert {
     token_type: Vec<f32>,
     emb_norm: LayerNorm,
     layers: Vec<Layer>,
+    scratch: Mutex<Scratch>,
 }
 
 /// Tensors of a safetensors directory by name, as f32 vectors.
@@ -314,7 +316,7 @@ impl Bert {
             });
         }
         let token_type = types[..h].to_vec();
-        Ok(Self { cfg, sentence, word, position, token_type, emb_norm, layers })
+        Ok(Self { cfg, sentence, word, position, token_type, emb_norm, layers, scratch: Mutex::default() })
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -350,9 +352,27 @@ impl Bert {
 
     /// `[tokens, hidden]` last-layer token states of every sequence in `batch`.
     pub fn token_states(&self, batch: &EncoderBatch) -> Result<Vec<f32>> {
+        self.encode(batch, |states| states.to_vec())
+    }
+
+    /// One vector per sequence: token states pooled, then L2-normalized when the model's
+    /// sentence-transformers config says so.
+    pub fn embed(&self, batch: &EncoderBatch) -> Result<Vec<Vec<f32>>> {
+        let mut out = self.encode(batch, |states| pool(states, self.cfg.hidden_size, &batch.offsets, self.sentence.pooling))?;
+        if self.sentence.normalize {
+            out.iter_mut().for_each(|v| l2_normalize(v));
+        }
+        Ok(out)
+    }
+
+    /// Runs the encoder on `batch` in the scratch buffers and hands `f` the final states.
+    fn encode<R>(&self, batch: &EncoderBatch, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
         self.check(batch)?;
         let (h, t) = (self.cfg.hidden_size, batch.num_tokens());
-        let mut x = vec![0f32; t * h];
+        // A poisoned lock only means an earlier call panicked mid-layer: the buffers are
+        // overwritten before being read, so they are still fine to use.
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let x = take(&mut scratch.x, t * h);
         for w in batch.offsets.windows(2) {
             for (pos, row) in (w[0]..w[1]).enumerate() {
                 let id = batch.token_ids[row] as usize;
@@ -362,47 +382,54 @@ impl Bert {
                 }
             }
         }
-        layer_norm_inplace(&mut x, &[], &self.emb_norm.gamma, &self.emb_norm.beta, self.cfg.layer_norm_eps as f32);
+        layer_norm_inplace(x, &[], &self.emb_norm.gamma, &self.emb_norm.beta, self.cfg.layer_norm_eps as f32);
         for layer in &self.layers {
-            x = self.layer(layer, x, &batch.offsets);
+            self.layer(layer, &mut scratch, &batch.offsets);
         }
-        Ok(x)
+        Ok(f(take(&mut scratch.x, t * h)))
     }
 
-    /// One encoder layer: post-norm attention block, then post-norm GELU MLP.
-    fn layer(&self, l: &Layer, x: Vec<f32>, offsets: &[usize]) -> Vec<f32> {
+    /// One encoder layer on `s.x` in place: post-norm attention block, then post-norm GELU MLP.
+    fn layer(&self, l: &Layer, s: &mut Scratch, offsets: &[usize]) {
         let (h, t, eps) = (self.cfg.hidden_size, offsets.last().copied().unwrap_or(0), self.cfg.layer_norm_eps as f32);
         let shape = EncoderAttnShape {
             heads: self.cfg.num_attention_heads,
             head_dim: self.cfg.head_dim(),
             scale: 1.0 / (self.cfg.head_dim() as f32).sqrt(),
         };
-        let mut qkv = vec![0f32; t * 3 * h]; // [t, 3h]
-        dense(&x, t, &l.qkv, &mut qkv);
-        let mut ctx = vec![0f32; t * h]; // [t, h]
-        encoder_attention(&qkv, offsets, &shape, &mut ctx);
-        let mut a = vec![0f32; t * h];
-        dense(&ctx, t, &l.attn_out, &mut a);
-        layer_norm_inplace(&mut a, &x, &l.attn_norm.gamma, &l.attn_norm.beta, eps);
-        let mut u = vec![0f32; t * self.cfg.intermediate_size]; // [t, intermediate]
-        dense(&a, t, &l.up, &mut u);
-        gelu_inplace(&mut u);
-        let mut out = vec![0f32; t * h];
-        dense(&u, t, &l.down, &mut out);
-        layer_norm_inplace(&mut out, &a, &l.out_norm.gamma, &l.out_norm.beta, eps);
-        out
+        let Scratch { x, a, qkv, ctx, up } = s;
+        let (x, a) = (take(x, t * h), take(a, t * h)); // [t, h]
+        let (qkv, ctx) = (take(qkv, t * 3 * h), take(ctx, t * h)); // [t, 3h], [t, h]
+        let up = take(up, t * self.cfg.intermediate_size); // [t, intermediate]
+        dense(x, t, &l.qkv, qkv);
+        encoder_attention(qkv, offsets, &shape, ctx);
+        dense(ctx, t, &l.attn_out, a);
+        layer_norm_inplace(a, x, &l.attn_norm.gamma, &l.attn_norm.beta, eps);
+        dense(a, t, &l.up, up);
+        gelu_inplace(up);
+        dense(up, t, &l.down, x);
+        layer_norm_inplace(x, a, &l.out_norm.gamma, &l.out_norm.beta, eps);
     }
+}
 
-    /// One vector per sequence: token states pooled, then L2-normalized when the model's
-    /// sentence-transformers config says so.
-    pub fn embed(&self, batch: &EncoderBatch) -> Result<Vec<Vec<f32>>> {
-        let states = self.token_states(batch)?;
-        let mut out = pool(&states, self.cfg.hidden_size, &batch.offsets, self.sentence.pooling);
-        if self.sentence.normalize {
-            out.iter_mut().for_each(|v| l2_normalize(v));
-        }
-        Ok(out)
+/// Activation buffers kept across layers and calls: the embedding worker runs batch after
+/// batch, and fresh multi-megabyte vectors would be page-faulted in and zeroed every time.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    a: Vec<f32>,
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    up: Vec<f32>,
+}
+
+/// The first `n` elements of `v`, growing it when needed (contents are stale: callers
+/// overwrite before reading).
+fn take(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
     }
+    &mut v[..n]
 }
 
 /// Pools `states` (`[tokens, hidden]`) per sequence of `offsets`. Sequences must be non-empty.

@@ -1,4 +1,4 @@
-//! AVX-512 tile kernels of `dense`: 8 activation rows x one 32-column panel per call, the 16
+//! AVX-512 tile kernels of `dense`: `MR` activation rows x one `NR`-column panel per call, the
 //! accumulators in registers for the whole k loop (a panel of <= 1536 x 32 stays in L2, so no
 //! k blocking is needed, and none could change a bit anyway: partial sums would be stored exact).
 //!
@@ -9,45 +9,44 @@ use std::arch::x86_64::*;
 
 use super::{TileOut, MR, NR};
 
+/// Vectors of 16 columns per panel.
+const NV: usize = NR / 16;
+
 /// `acc + bias` into the tile's live rows, masked to its columns.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn store(acc: [[__m512; 2]; MR], out: TileOut) {
-    let mask = |from: usize| -> __mmask16 {
-        let n = out.cols.saturating_sub(from).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    };
-    let (m0, m1) = (mask(0), mask(16));
-    // SAFETY: the bias slice holds NR f32.
-    let (b0, b1) = unsafe { (_mm512_loadu_ps(out.bias.as_ptr()), _mm512_loadu_ps(out.bias.as_ptr().add(16))) };
-    for r in 0..out.live {
-        // SAFETY: each live `dst` row has `cols` writable elements exclusive to this tile (the
-        // caller's contract); masked stores touch only those.
-        unsafe {
-            _mm512_mask_storeu_ps(out.dst[r], m0, _mm512_add_ps(acc[r][0], b0));
-            _mm512_mask_storeu_ps(out.dst[r].add(16), m1, _mm512_add_ps(acc[r][1], b1));
+unsafe fn store(acc: [[__m512; NV]; MR], out: TileOut) {
+    for v in 0..NV {
+        let n = out.cols.saturating_sub(16 * v).min(16);
+        let mask = ((1u32 << n) - 1) as __mmask16;
+        // SAFETY: the bias slice holds NR f32.
+        let b = unsafe { _mm512_loadu_ps(out.bias.as_ptr().add(16 * v)) };
+        for r in 0..out.live {
+            // SAFETY: each live `dst` row has `cols` writable elements exclusive to this tile (the
+            // caller's contract); the masked store touches only those.
+            unsafe { _mm512_mask_storeu_ps(out.dst[r].add(16 * v), mask, _mm512_add_ps(acc[r][v], b)) };
         }
     }
 }
 
-/// f32 panel `[k][32]` x 8 rows of `k` f32.
+/// f32 panel `[k][NR]` x `MR` rows of `k` f32.
 /// # Safety
 /// `out` must be exclusive to this call.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn tile_f32(panel: &[f32], x: [&[f32]; MR], out: TileOut) {
     let k = panel.len() / NR;
     assert!(panel.len() == k * NR && x.iter().all(|r| r.len() == k));
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     let (wp, xp) = (panel.as_ptr(), x.map(|r| r.as_ptr()));
     for kk in 0..k {
-        // SAFETY: kk < k; the panel holds k x 32 f32 and each row k f32 (asserted above).
+        // SAFETY: kk < k; the panel holds k x NR f32 and each row k f32 (asserted above).
         unsafe {
-            let w0 = _mm512_loadu_ps(wp.add(kk * NR));
-            let w1 = _mm512_loadu_ps(wp.add(kk * NR + 16));
+            let w: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(wp.add(kk * NR + 16 * v)));
             for r in 0..MR {
                 let xb = _mm512_set1_ps(*xp[r].add(kk));
-                acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+                for v in 0..NV {
+                    acc[r][v] = _mm512_fmadd_ps(xb, w[v], acc[r][v]);
+                }
             }
         }
     }
@@ -55,25 +54,26 @@ pub(super) unsafe fn tile_f32(panel: &[f32], x: [&[f32]; MR], out: TileOut) {
     unsafe { store(acc, out) }
 }
 
-/// bf16 panel `[k / 2][32]` of pairs x 8 rows of `k / 2` pairs.
+/// bf16 panel `[k / 2][NR]` of pairs x `MR` rows of `k / 2` pairs.
 /// # Safety
 /// `out` must be exclusive to this call.
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(super) unsafe fn tile_bf16(panel: &[u32], x: [&[u32]; MR], out: TileOut) {
     let kp = panel.len() / NR;
     assert!(panel.len() == kp * NR && x.iter().all(|r| r.len() == kp));
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     let (wp, xp) = (panel.as_ptr(), x.map(|r| r.as_ptr()));
     for i in 0..kp {
-        // SAFETY: i < kp; the panel holds kp x 32 pairs and each row kp pairs (asserted above).
+        // SAFETY: i < kp; the panel holds kp x NR pairs and each row kp pairs (asserted above).
         // The transmutes reinterpret 64 bytes of bf16 pairs as the bf16 vector type.
         unsafe {
-            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(i * NR).cast()));
-            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wp.add(i * NR + 16).cast()));
+            let w: [__m512bh; NV] =
+                std::array::from_fn(|v| std::mem::transmute(_mm512_loadu_si512(wp.add(i * NR + 16 * v).cast())));
             for r in 0..MR {
                 let xb: __m512bh = std::mem::transmute(_mm512_set1_epi32(*xp[r].add(i) as i32));
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
-                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+                for v in 0..NV {
+                    acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xb, w[v]);
+                }
             }
         }
     }

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The OpenAI-SDK conformance suite: builds `kiln`, starts two real `kiln serve` processes on the
+# default model (one open, one with --api-key), waits for /health, runs pytest against them with
+# the official `openai` package, and always stops the servers. Exit code = pytest's.
+#
+# Env: KILN_TEST_VENV (default ~/.cache/kiln-test-venv), PYTHON (default python3),
+#      KILN_BIN (skip the build, use this binary), KILN_MODELS_DIR. Arguments go to pytest
+#      (e.g. `tests/python/run.sh -k stream -x`).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+cd "$ROOT"
+log() { echo "tests/python: $*" >&2; }
+
+# 1. The venv: created once, reinstalled only when requirements.txt or the Python changes.
+PY=${PYTHON:-python3}
+VENV=${KILN_TEST_VENV:-$HOME/.cache/kiln-test-venv}
+stamp="$(sha256sum "$HERE/requirements.txt" | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version.split()[0])')"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.kiln-stamp" 2>/dev/null)" != "$stamp" ]; then
+  log "creating the venv in $VENV"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$HERE/requirements.txt" >&2
+  echo "$stamp" > "$VENV/.kiln-stamp"
+fi
+VPY="$VENV/bin/python"
+
+# 2. The binary and the model.
+if [ -z "${KILN_BIN:-}" ]; then
+  log "building kiln (release)"
+  "${CARGO:-cargo}" build --release --quiet -p kiln-server >&2
+  KILN_BIN="$ROOT/target/release/kiln"
+fi
+MODELS=${KILN_MODELS_DIR:-$HOME/.cache/kiln/models}
+MODEL_FILE="$MODELS/smollm2-135m-instruct-q4_1.gguf"
+[ -f "$MODEL_FILE" ] || scripts/fetch-models.sh default
+
+# 3. Two servers on free ports. Their environment is cleared of KILN_* settings that would change
+# them (an API key or config file from the caller's shell).
+LOGS="$ROOT/target/kiln-python-tests"
+mkdir -p "$LOGS"
+API_KEY="kiln-test-key-$$"
+free_port() { "$VPY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+clean_env=()
+while IFS='=' read -r name _; do
+  case "$name" in KILN_LOG | KILN_MODELS_DIR) ;; KILN_*) clean_env+=(-u "$name") ;; esac
+done < <(env)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start_server() { # name port [args...]
+  local name=$1 port=$2; shift 2
+  env "${clean_env[@]}" "$KILN_BIN" serve --model "$MODEL_FILE" --host 127.0.0.1 --port "$port" \
+    --kv-cache-memory 512M "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.log" &
+  pids+=($!)
+}
+wait_healthy() { # name port pid
+  "$VPY" - "$1" "$2" "$3" <<'PYEOF'
+import os, sys, time, httpx
+name, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit(f"server {name} exited before it was healthy")
+    try:
+        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.2)
+sys.exit(f"server {name} not healthy after 300 s")
+PYEOF
+}
+
+PORT=$(free_port)
+start_server open "$PORT"
+open_pid=${pids[-1]}
+AUTH_PORT=$(free_port)
+start_server auth "$AUTH_PORT" --api-key "other-key" --api-key "$API_KEY"
+auth_pid=${pids[-1]}
+if ! wait_healthy open "$PORT" "$open_pid" || ! wait_healthy auth "$AUTH_PORT" "$auth_pid"; then
+  tail -n 30 "$LOGS"/*.log >&2
+  exit 1
+fi
+log "servers up on ports $PORT (open) and $AUTH_PORT (--api-key); logs in $LOGS"
+
+# 4. The suite.
+status=0
+KILN_BASE_URL="http://127.0.0.1:$PORT/v1" KILN_AUTH_BASE_URL="http://127.0.0.1:$AUTH_PORT/v1" KILN_API_KEY="$API_KEY" \
+  KILN_MODEL="smollm2-135m-instruct-q4_1" PYTHONDONTWRITEBYTECODE=1 \
+  "$VPY" -m pytest -p no:cacheprovider -q -rf --durations=5 "$HERE" "$@" || status=$?
+for p in "${pids[@]}"; do
+  kill -0 "$p" 2>/dev/null || { log "a server died during the suite"; status=1; }
+done
+if [ "$status" != 0 ]; then
+  log "server log tails:"
+  tail -n 40 "$LOGS"/*.log >&2
+fi
+exit "$status"

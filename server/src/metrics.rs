@@ -55,7 +55,14 @@ pub struct Metrics {
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub e2e: Histogram,
+    pub embedding_requests: AtomicU64,
+    pub embedding_tokens: AtomicU64,
+    /// Inputs per embedding request.
+    pub embedding_inputs: Histogram,
+    pub embedding_latency: Histogram,
 }
+
+const INPUT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
 
 impl Metrics {
     pub fn new(model: &str) -> Self {
@@ -68,7 +75,18 @@ impl Metrics {
             ttft: Histogram::new(LATENCY_BUCKETS),
             inter_token: Histogram::new(LATENCY_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
+            embedding_requests: AtomicU64::new(0),
+            embedding_tokens: AtomicU64::new(0),
+            embedding_inputs: Histogram::new(INPUT_BUCKETS),
+            embedding_latency: Histogram::new(LATENCY_BUCKETS),
         }
+    }
+
+    pub fn observe_embeddings(&self, inputs: usize, tokens: usize, secs: f64) {
+        self.embedding_requests.fetch_add(1, Ordering::Relaxed);
+        self.embedding_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.embedding_inputs.observe(inputs as f64);
+        self.embedding_latency.observe(secs);
     }
 
     pub fn count_request(&self, route: &str, status: u16) {
@@ -113,6 +131,13 @@ impl Metrics {
         self.ttft.render(&mut out, "kiln:time_to_first_token_seconds", &l, "Time to first token.");
         self.inter_token.render(&mut out, "kiln:inter_token_latency_seconds", &l, "Time between consecutive output tokens.");
         self.e2e.render(&mut out, "kiln:e2e_request_latency_seconds", &l, "End-to-end request latency.");
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter("kiln:embedding_requests_total", "Embedding requests answered.", self.embedding_requests.load(Ordering::Relaxed));
+        counter("kiln:embedding_tokens_total", "Tokens embedded.", self.embedding_tokens.load(Ordering::Relaxed));
+        self.embedding_inputs.render(&mut out, "kiln:embedding_inputs_per_request", "", "Inputs per embedding request.");
+        self.embedding_latency.render(&mut out, "kiln:embedding_request_latency_seconds", "", "Embedding request latency.");
         out
     }
 }

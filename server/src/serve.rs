@@ -29,6 +29,13 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30, env = "KILN_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: u64,
+    /// An embedding model (sentence-transformers directory or Hugging Face id) served beside the
+    /// chat model on /v1/embeddings.
+    #[arg(long, env = "KILN_EMBEDDING_MODEL")]
+    pub embedding_model: Option<String>,
+    /// Name clients use for the embedding model (default: its directory name).
+    #[arg(long, env = "KILN_SERVED_EMBEDDING_MODEL_NAME")]
+    pub served_embedding_model_name: Option<String>,
     /// A TOML file with any of these settings (see `config.rs`); read before parsing.
     #[arg(long, env = "KILN_CONFIG")]
     pub config: Option<String>,
@@ -53,7 +60,15 @@ async fn serve(a: ServeArgs) -> Result<()> {
         axum::serve(listener, app).with_graceful_shutdown(async move { while rx.changed().await.is_ok() && !*rx.borrow() {} }).await
     });
     let engine_args = a.engine.clone();
+    let (embed_model, embed_name) = (a.embedding_model.clone(), a.served_embedding_model_name.clone());
+    let embed_state = state.clone();
     let loading = tokio::task::spawn_blocking(move || -> Result<EngineHandle> {
+        if let Some(path) = embed_model {
+            let h = kiln_inference::embed::start_embedder(&path, &kiln_inference::embed::EmbedConfig::default())
+                .with_context(|| format!("loading embedding model '{path}'"))?;
+            h.embed(vec![kiln_inference::embed::EmbedInput::Text("warm-up".into())], &Default::default())?;
+            embed_state.set_embedder(embed_name.unwrap_or_else(|| default_name(&path)), h);
+        }
         let engine = engine_args.start()?;
         warm_up(&engine.handle)?;
         Ok(engine.handle)

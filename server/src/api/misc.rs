@@ -31,13 +31,26 @@ fn model_card(state: &Shared) -> Value {
     json!({"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "kiln", "max_model_len": max_len})
 }
 
+fn embedding_card(state: &Shared) -> Option<Value> {
+    state.embedder_if_loaded().map(|(name, h)| {
+        json!({"id": name, "object": "model", "created": state.created, "owned_by": "kiln",
+               "max_model_len": h.info().sentence.max_seq_length, "dimensions": h.info().dim})
+    })
+}
+
 pub async fn list_models(State(state): State<Shared>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_card(&state)]}))
+    let data: Vec<Value> = std::iter::once(model_card(&state)).chain(embedding_card(&state)).collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub async fn get_model(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    state.check_model(&id)?;
-    Ok(Json(model_card(&state)))
+    if id == state.served_model_name {
+        return Ok(Json(model_card(&state)));
+    }
+    match embedding_card(&state) {
+        Some(card) if card["id"] == id.as_str() => Ok(Json(card)),
+        _ => Err(ApiError::model_not_found(&id)),
+    }
 }
 
 #[derive(Deserialize)]

@@ -5,6 +5,7 @@
 
 pub mod chat;
 pub mod completions;
+mod embeddings;
 pub mod error;
 mod generation;
 mod logprobs;
@@ -20,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use error::{ApiError, ApiResult};
+use kiln_inference::embed::EmbedHandle;
 use kiln_inference::engine::EngineHandle;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -27,6 +29,8 @@ use std::sync::{Arc, OnceLock};
 /// Everything the handlers share. The engine appears once the model is loaded and warmed.
 pub struct AppState {
     engine: OnceLock<EngineHandle>,
+    /// The embedding model served beside the chat model, if configured, and its name.
+    embedder: OnceLock<(String, EmbedHandle)>,
     pub served_model_name: String,
     pub api_keys: Vec<String>,
     /// Stable per build + model + engine config.
@@ -42,6 +46,7 @@ impl AppState {
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Self {
             engine: OnceLock::new(),
+            embedder: OnceLock::new(),
             metrics: Metrics::new(&served_model_name),
             served_model_name,
             api_keys,
@@ -54,6 +59,27 @@ impl AppState {
     /// Publishes the loaded, warmed engine: from now on `/health` is 200.
     pub fn set_engine(&self, h: EngineHandle) {
         let _ = self.engine.set(h);
+    }
+
+    /// Publishes the embedding model under `name` (before `set_engine`, so `/health` covers it).
+    pub fn set_embedder(&self, name: String, h: EmbedHandle) {
+        let _ = self.embedder.set((name, h));
+    }
+
+    pub fn embedder_if_loaded(&self) -> Option<&(String, EmbedHandle)> {
+        self.embedder.get()
+    }
+
+    /// The embedding model called `model`: 404 for an unknown name, 400 for the chat model.
+    pub fn embedder(&self, model: &str) -> ApiResult<&EmbedHandle> {
+        self.engine()?;
+        match self.embedder.get() {
+            Some((name, h)) if name == model => Ok(h),
+            _ if model == self.served_model_name => {
+                Err(ApiError::invalid("model", format!("'{model}' is a chat model; it does not serve embeddings")))
+            }
+            _ => Err(ApiError::model_not_found(model)),
+        }
     }
 
     pub fn engine_if_loaded(&self) -> Option<&EngineHandle> {
@@ -73,10 +99,12 @@ impl AppState {
         self.engine.get().ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly"))
     }
 
-    /// 404 unless `model` names the served model.
+    /// 404 unless `model` names the served chat model (400 for the embedding model).
     pub fn check_model(&self, model: &str) -> ApiResult<()> {
         if model == self.served_model_name {
             Ok(())
+        } else if self.embedder.get().is_some_and(|(name, _)| name == model) {
+            Err(ApiError::invalid("model", format!("'{model}' is an embedding model; use /v1/embeddings")))
         } else {
             Err(ApiError::model_not_found(model))
         }
@@ -94,6 +122,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/models/{id}", get(misc::get_model))
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
+        .route("/v1/embeddings", post(embeddings::handle))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/metrics", get(misc::metrics))
@@ -168,6 +197,7 @@ fn route_label(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/completions" => "/v1/completions",
+        "/v1/embeddings" => "/v1/embeddings",
         "/v1/models" => "/v1/models",
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         "/tokenize" => "/tokenize",

@@ -236,3 +236,21 @@ def test_stream_helper(client):
     assert len(final.choices[0].logprobs.content) >= 1
     plain = client.chat.completions.create(**kw)
     assert text == plain.choices[0].message.content
+
+
+def test_logit_bias(client, http):
+    banana = http.post("/tokenize", json={"prompt": " banana", "add_special_tokens": False}).json()["tokens"]
+    assert len(banana) == 1
+    r = chat(client, "Hi", max_tokens=4, logit_bias={str(banana[0]): 100})
+    assert r.choices[0].message.content == " banana" * 4
+    # -100 bans the greedy first token.
+    base = chat(client, "Hi", max_tokens=4, logprobs=True)
+    first = base.choices[0].logprobs.content[0].token
+    ids = http.post("/tokenize", json={"prompt": first, "add_special_tokens": False}).json()["tokens"]
+    banned = chat(client, "Hi", max_tokens=4, logprobs=True, logit_bias={str(ids[0]): -100})
+    assert banned.choices[0].logprobs.content[0].token != first
+
+
+def test_top_k_1_is_greedy(client):
+    greedy = chat(client, PROMPT, max_tokens=12).choices[0].message.content
+    assert chat(client, PROMPT, max_tokens=12, temperature=1.0, seed=3, extra_body={"top_k": 1}).choices[0].message.content == greedy

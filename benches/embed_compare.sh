@@ -7,6 +7,7 @@
 #
 #   texts: batches of 32 sentences of ~12 words and of ~128 words (benches/embed_peers.py corpus)
 #   each engine: tokenization -> vectors (mean-pooled, L2-normalized), batch after batch
+#   kiln runs twice: default precision (bf16 matmuls where the CPU has AVX-512 BF16) and f32
 #
 # Usage: benches/embed_compare.sh [MODEL_DIR]   (default: all-MiniLM-L6-v2, fetched)
 # Env: THREADS (2), BATCH (32), SECONDS_EACH (5), ROUNDS (2), OUT (target/embed-compare.json),
@@ -38,6 +39,7 @@ for round in $(seq "$ROUNDS"); do
   for set in short long; do
     echo "== round $round, $set" >&2
     $KILN embed-bench --model "$MODEL" --input "$TEXTS/$set.json" --batch "$BATCH" --seconds "$SECONDS_EACH" --label "$set" 2>/dev/null >>"$results"
+    $KILN embed-bench --model "$MODEL" --input "$TEXTS/$set.json" --batch "$BATCH" --seconds "$SECONDS_EACH" --label "$set" --precision f32 2>/dev/null >>"$results"
     "$PY" "$PEERS" ort "$MODEL" "$TEXTS/$set.json" "$BATCH" "$SECONDS_EACH" 2>/dev/null >>"$results"
     "$PY" "$PEERS" st "$MODEL" "$TEXTS/$set.json" "$BATCH" "$SECONDS_EACH" 2>/dev/null >>"$results"
   done
@@ -52,14 +54,14 @@ for r in rows:
     k = (r["engine"], r["label"])
     if k not in best or r["sentences_per_s"] > best[k]["sentences_per_s"]:
         best[k] = r
-engines = ["kiln", "onnxruntime", "sentence-transformers"]
-print(f"sentences/s, batches of {sys.argv[3]}, {sys.argv[2]} threads (best of {len(rows) // 6} rounds)")
-print(f"{'texts':<16}" + "".join(f"{e:>24}" for e in engines) + f"{'kiln/ort':>10}")
+engines = ["kiln", "kiln-f32", "onnxruntime", "sentence-transformers"]
+print(f"sentences/s, batches of {sys.argv[3]}, {sys.argv[2]} threads (best of {len(rows) // 8} rounds)")
+print(f"{'texts':<12}" + "".join(f"{e:>23}" for e in engines) + f"{'kiln/ort':>10}")
 for label, name in (("short", "~12 words"), ("long", "~128 words")):
     v = [best.get((e, label), {}).get("sentences_per_s") for e in engines]
-    cells = "".join(f"{x:>24.1f}" if x else f"{'-':>24}" for x in v)
-    ratio = f"{v[0] / v[1]:>10.2f}" if v[0] and v[1] else ""
-    print(f"{name:<16}{cells}{ratio}")
+    cells = "".join(f"{x:>23.1f}" if x else f"{'-':>23}" for x in v)
+    ratio = f"{v[0] / v[2]:>10.2f}" if v[0] and v[2] else ""
+    print(f"{name:<12}{cells}{ratio}")
 k = {r["label"]: r for r in rows if r["engine"] == "kiln"}
 for label, r in sorted(k.items()):
     print(f"kiln {label}: {r['mean_tokens']:.1f} tokens/sentence, {r['tokens_per_s']:.0f} tokens/s, "

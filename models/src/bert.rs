@@ -13,6 +13,7 @@
 //! f32). Must not: tokenize, truncate or batch (the embedding queue in `kiln-inference` does).
 
 use crate::error::{ModelError, Result};
+use crate::weights::read_safetensors_dir;
 use candle_core::{DType, Device, Tensor};
 use kiln_kernels::activation::{gelu_inplace, layer_norm_inplace};
 use kiln_kernels::dense::{dense, DenseMatrix};
@@ -242,20 +243,7 @@ struct Weights(HashMap<String, Tensor>);
 
 impl Weights {
     fn open(dir: &Path) -> Result<Self> {
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(ModelError::NotFound(format!("no *.safetensors in {}", dir.display())));
-        }
-        let mut all = HashMap::new();
-        for f in files {
-            all.extend(candle_core::safetensors::load(&f, &Device::Cpu)?);
-        }
-        Ok(Self(all))
+        Ok(Self(read_safetensors_dir(dir, &Device::Cpu)?))
     }
 
     /// `name` as saved by `BertModel`, or with the `bert.` prefix of task-head checkpoints.

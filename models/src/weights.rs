@@ -56,19 +56,7 @@ impl WeightStore {
         let text = std::fs::read_to_string(&config_path)
             .map_err(|source| ModelError::Io { path: config_path.display().to_string(), source })?;
         let cfg = ModelConfig::from_hf_json(&text)?;
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(ModelError::NotFound(format!("no *.safetensors in {}", dir.display())));
-        }
-        let mut tensors = HashMap::new();
-        for f in files {
-            tensors.extend(candle_core::safetensors::load(&f, device)?);
-        }
+        let tensors = read_safetensors_dir(dir, device)?;
         Ok((Self { source: Source::Safetensors { tensors }, device: device.clone(), dequantize: false }, cfg))
     }
 
@@ -108,6 +96,24 @@ impl WeightStore {
     pub fn get(&mut self, name: &str) -> Result<Weight> {
         self.try_get(name)?.ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     }
+}
+
+/// Every tensor of the `*.safetensors` files in `dir` (read in file-name order), by name.
+pub fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::NotFound(format!("no *.safetensors in {}", dir.display())));
+    }
+    let mut tensors = HashMap::new();
+    for f in files {
+        tensors.extend(candle_core::safetensors::load(&f, device)?);
+    }
+    Ok(tensors)
 }
 
 /// Maps a GGUF tensor name to its Hugging Face (llama/qwen2 family) name.

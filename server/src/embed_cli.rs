@@ -140,7 +140,8 @@ pub fn bench(a: EmbedBenchArgs) -> Result<()> {
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
     let doc = serde_json::json!({
-        "engine": "kiln",
+        // An explicit precision is a variant of its own in benches/embed_compare.sh's table.
+        "engine": a.precision.as_deref().map_or("kiln".to_string(), |p| format!("kiln-{p}")),
         "label": a.label,
         "batch": a.batch,
         "precision": format!("{:?}", h.info().precision).to_lowercase(),

@@ -4,7 +4,7 @@
 //! queue answers `Overloaded` at once.
 
 use anyhow::{ensure, Context, Result};
-use kiln_inference::embed::{load_embedder, EmbedConfig, EmbedHandle, EmbedInput, EmbedOptions};
+use kiln_inference::embed::{load_embedder, DensePrecision, EmbedConfig, EmbedHandle, EmbedInput, EmbedOptions};
 use kiln_inference::EngineError;
 use kiln_tests::{ids, models_dir, reference};
 
@@ -58,7 +58,17 @@ fn one(h: &EmbedHandle, input: EmbedInput, opts: &EmbedOptions) -> Result<Vec<f3
 
 #[test]
 fn reference_items_match_sentence_transformers() -> Result<()> {
-    let h = start(&EmbedConfig::default())?;
+    check_reference(&EmbedConfig::default())
+}
+
+/// The f32 path (what CPUs without AVX-512 BF16 run) meets the same bars.
+#[test]
+fn reference_items_match_with_f32_matmuls() -> Result<()> {
+    check_reference(&EmbedConfig { precision: Some(DensePrecision::F32), ..EmbedConfig::default() })
+}
+
+fn check_reference(cfg: &EmbedConfig) -> Result<()> {
+    let h = start(cfg)?;
     let items = items()?;
     let opts = EmbedOptions::default();
     let mut worst = (1.0f64, String::new());
@@ -88,22 +98,29 @@ fn reference_items_match_sentence_transformers() -> Result<()> {
 fn batching_does_not_change_results() -> Result<()> {
     let items = items()?;
     let texts: Vec<EmbedInput> = items.iter().map(|i| text(&i.text)).collect();
+    for precision in [None, Some(DensePrecision::F32)] {
+        check_batching(&texts, &items, precision)?;
+    }
+    Ok(())
+}
+
+fn check_batching(texts: &[EmbedInput], items: &[Item], precision: Option<DensePrecision>) -> Result<()> {
     let opts = EmbedOptions::default();
-    let h = start(&EmbedConfig::default())?;
+    let h = start(&EmbedConfig { precision, ..EmbedConfig::default() })?;
     let alone: Vec<Vec<f32>> = texts.iter().map(|t| one(&h, t.clone(), &opts)).collect::<Result<_>>()?;
     let check = |got: Vec<Vec<f32>>, what: &str| -> Result<()> {
-        for ((g, a), item) in got.iter().zip(&alone).zip(&items) {
+        for ((g, a), item) in got.iter().zip(&alone).zip(items) {
             let d = max_abs_diff(g, a);
             ensure!(d < 1e-5, "{what}: {:?} differs by {d}", item.text);
         }
         Ok(())
     };
-    check(h.embed(texts.clone(), &opts)?.into_iter().map(|e| e.vector).collect(), "one batch")?;
+    check(h.embed(texts.to_vec(), &opts)?.into_iter().map(|e| e.vector).collect(), "one batch")?;
     // A small token budget splits the request over several batches.
-    let small = start(&EmbedConfig { max_batch_tokens: 40, max_batch_seqs: 3, ..EmbedConfig::default() })?;
-    check(small.embed(texts.clone(), &opts)?.into_iter().map(|e| e.vector).collect(), "split request")?;
+    let small = start(&EmbedConfig { max_batch_tokens: 40, max_batch_seqs: 3, precision, ..EmbedConfig::default() })?;
+    check(small.embed(texts.to_vec(), &opts)?.into_iter().map(|e| e.vector).collect(), "split request")?;
     // Concurrent requests are packed into shared batches.
-    let pending: Vec<_> = (0..4).map(|_| h.submit(texts.clone(), &opts)).collect::<Result<_, _>>()?;
+    let pending: Vec<_> = (0..4).map(|_| h.submit(texts.to_vec(), &opts)).collect::<Result<_, _>>()?;
     for p in pending {
         check(p.wait()?.into_iter().map(|e| e.vector).collect(), "concurrent requests")?;
     }

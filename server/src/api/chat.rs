@@ -103,7 +103,7 @@ fn text_parts(param: &str, parts: &[Value]) -> ApiResult<String> {
             (t, _) => {
                 return Err(ApiError::invalid(
                     &format!("{param}.content[{j}]"),
-                    format!("content part type {t:?} is not supported (this model reads text only)"),
+                    format!("content part type '{}' is not supported (this model reads text only)", t.unwrap_or("(missing)")),
                 ))
             }
         }

@@ -77,7 +77,9 @@ async fn collect_part(t: &mut Tracked, offset: usize, echo: Option<&str>, want_l
         .enumerate()
         .map(|(i, o)| {
             let prefix = echo.unwrap_or_default();
-            let lp = if want_logprobs { logprobs::completion(&o.logprobs, prefix.len()) } else { Value::Null };
+            let base = prefix.chars().count();
+            let offsets: Vec<usize> = o.offsets.iter().map(|x| x + base).collect();
+            let lp = if want_logprobs { logprobs::completion(&o.logprobs, &offsets) } else { Value::Null };
             json!({
                 "index": offset + i,
                 "text": format!("{prefix}{}", o.text),

@@ -84,7 +84,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        // 503 is expected while loading or shutting down; other 5xx are bugs worth an alert.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::debug!(message = %self.message, "unavailable");
+        } else if self.status.is_server_error() {
             tracing::error!(status = %self.status, message = %self.message, "request failed");
         }
         let mut resp = (self.status, axum::Json(self.body())).into_response();

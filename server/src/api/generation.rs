@@ -77,6 +77,8 @@ pub struct ChoiceOut {
     pub text: String,
     pub tokens: usize,
     pub logprobs: Vec<TokenLogprob>,
+    /// Per logprob entry: characters of `text` before its token's text (`text_offset`).
+    pub offsets: Vec<usize>,
     pub finish: Option<FinishReason>,
 }
 
@@ -86,6 +88,8 @@ pub async fn collect(t: &mut Tracked) -> Result<Vec<ChoiceOut>, EngineError> {
     while let Some(d) = t.next().await {
         let d = d?;
         let o = &mut outs[d.index];
+        let at = o.text.chars().count();
+        o.offsets.extend(std::iter::repeat_n(at, d.logprobs.len()));
         o.text.push_str(&d.text);
         o.tokens += d.tokens.len();
         o.logprobs.extend(d.logprobs);

@@ -21,15 +21,10 @@ pub fn chat(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
     json!({ "content": content })
 }
 
-/// Completions: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`; offsets count
-/// from `base` (the length of text already sent for this choice).
-pub fn completion(lps: &[TokenLogprob], base: usize) -> Value {
-    let mut offset = base;
-    let mut offsets = Vec::with_capacity(lps.len());
-    for lp in lps {
-        offsets.push(offset);
-        offset += lp.text.len();
-    }
+/// Completions: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. `offsets[i]` is
+/// the position, in characters of the choice's returned text, where token i's text starts (as
+/// OpenAI and vLLM count); streamed and non-streamed responses compute it from the same deltas.
+pub fn completion(lps: &[TokenLogprob], offsets: &[usize]) -> Value {
     let top: Vec<Value> = lps
         .iter()
         .map(|lp| Value::Object(lp.top.iter().map(|(_, t, l)| (t.clone(), json!(l))).collect::<Map<_, _>>()))

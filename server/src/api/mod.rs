@@ -161,7 +161,8 @@ async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The auth scheme is case-insensitive (RFC 9110).
+        .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, k)| k))
         .map(str::trim);
     match given {
         Some(k) if state.api_keys.iter().any(|key| key == k) => next.run(req).await,

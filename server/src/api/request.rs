@@ -13,6 +13,11 @@ use std::collections::HashMap;
 
 /// Parses a JSON body; a wrong type or a missing field becomes a 400 naming the field.
 pub fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b != b'{') {
+        let mut e = ApiError::invalid("", "the request body must be a JSON object");
+        e.param = None;
+        return Err(e);
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let v = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -234,8 +239,13 @@ impl ChatRequest {
 
     /// Constrained decoding is not built yet: refuse what would need it rather than ignore it.
     pub fn reject_unsupported(&self) -> ApiResult<()> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::invalid("tools", "tools are not supported by this server yet"));
+        match &self.tools {
+            Some(t) if t.is_empty() => return Err(ApiError::invalid("tools", "tools must not be empty when given")),
+            Some(_) => return Err(ApiError::invalid("tools", "tools are not supported by this server yet")),
+            None if self.tool_choice.as_ref().is_some_and(|c| !c.is_null()) => {
+                return Err(ApiError::invalid("tool_choice", "tool_choice is only allowed when tools are given"))
+            }
+            None => {}
         }
         if let Some(rf) = &self.response_format {
             match rf.get("type").and_then(Value::as_str) {

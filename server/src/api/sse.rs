@@ -81,7 +81,7 @@ struct PartState {
     totals: Arc<Totals>,
     queue: VecDeque<Event>,
     started: Vec<bool>,
-    /// Text bytes already sent per choice (completions' `text_offset`).
+    /// Characters already sent per choice (completions' `text_offset`).
     sent: Vec<usize>,
     done: bool,
 }
@@ -125,7 +125,7 @@ impl PartState {
                 Kind::Chat => self.push(json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})),
                 Kind::Completion => {
                     if let Some(echo) = self.part.echo.clone() {
-                        self.sent[i] += echo.len();
+                        self.sent[i] += echo.chars().count();
                         self.push(json!({"index": index, "text": echo, "logprobs": null, "finish_reason": null}));
                     }
                 }
@@ -138,11 +138,11 @@ impl PartState {
                     json!({"index": index, "delta": {"content": d.text}, "logprobs": lp, "finish_reason": null})
                 }
                 Kind::Completion => {
-                    let lp = if d.logprobs.is_empty() { Value::Null } else { logprobs::completion(&d.logprobs, self.sent[i]) };
+                    let lp = if d.logprobs.is_empty() { Value::Null } else { logprobs::completion(&d.logprobs, &vec![self.sent[i]; d.logprobs.len()]) };
                     json!({"index": index, "text": d.text, "logprobs": lp, "finish_reason": null})
                 }
             };
-            self.sent[i] += d.text.len();
+            self.sent[i] += d.text.chars().count();
             self.push(choice);
         }
         if let Some(r) = d.finish_reason {

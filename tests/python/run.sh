@@ -33,7 +33,8 @@ if [ -z "${KILN_BIN:-}" ]; then
 fi
 MODELS=${KILN_MODELS_DIR:-$HOME/.cache/kiln/models}
 MODEL_FILE="$MODELS/smollm2-135m-instruct-q4_1.gguf"
-[ -f "$MODEL_FILE" ] || scripts/fetch-models.sh default
+EMBED_DIR="$MODELS/all-minilm-l6-v2"
+[ -f "$MODEL_FILE" ] && [ -f "$EMBED_DIR/model.safetensors" ] || scripts/fetch-models.sh default embed
 
 # 3. Two servers on free ports. Their environment is cleared of KILN_* settings that would change
 # them (an API key or config file from the caller's shell).
@@ -83,7 +84,7 @@ PYEOF
 }
 
 PORT=$(free_port)
-start_server open "$PORT"
+start_server open "$PORT" --embedding-model "$EMBED_DIR"
 open_pid=${pids[-1]}
 AUTH_PORT=$(free_port)
 start_server auth "$AUTH_PORT" --api-key "other-key" --api-key "$API_KEY"

@@ -268,15 +268,14 @@ pub(crate) fn dense_with(x: &[f32], m: usize, w: &DenseMatrix, out: &mut [f32], 
     let unit = |u: usize| {
         let (pu, ru) = (u / row_units, u % row_units);
         let rows = ru * rpu..((ru + 1) * rpu).min(m);
-        for p in pu * ppu..((pu + 1) * ppu).min(panels) {
-            let mut r = rows.start;
-            while r < rows.end {
-                let live = (rows.end - r).min(MR);
-                // SAFETY: units partition [rows] x [panels], so this tile's outputs are written
-                // by this call only.
-                unsafe { run_tile(w, &acts, isa, Tile { panel: p, row0: r, live }, &sink) };
-                r += live;
-            }
+        let mut r = rows.start;
+        while r < rows.end {
+            let live = (rows.end - r).min(MR);
+            let group = Group { row0: r, live, panels: pu * ppu..((pu + 1) * ppu).min(panels) };
+            // SAFETY: units partition [rows] x [panels], so this group's outputs are written by
+            // this call only.
+            unsafe { run_group(w, &acts, isa, group, &sink) };
+            r += live;
         }
     };
     if panel_units * row_units == 1 {
@@ -286,13 +285,12 @@ pub(crate) fn dense_with(x: &[f32], m: usize, w: &DenseMatrix, out: &mut [f32], 
     }
 }
 
-/// One kernel call: `MR` rows from `row0` (rows past `live` repeat the last live row and are
-/// not stored) x one panel.
-#[derive(Clone, Copy)]
-struct Tile {
-    panel: usize,
+/// `MR` rows from `row0` (rows past `live` repeat the last live row and are not stored) x a
+/// range of panels: one kernel call per panel, row pointers set up once.
+struct Group {
     row0: usize,
     live: usize,
+    panels: std::ops::Range<usize>,
 }
 
 /// Where a tile's outputs go: `live` rows of `cols` columns, with the panel's bias.
@@ -304,37 +302,50 @@ pub(crate) struct TileOut<'a> {
 }
 
 /// # Safety
-/// No other thread may touch the tile's outputs during the call.
-unsafe fn run_tile(w: &DenseMatrix, acts: &Acts, isa: Isa, t: Tile, sink: &OutSink) {
-    let (k, p) = (w.k, t.panel);
-    let rows: [usize; MR] = std::array::from_fn(|i| t.row0 + i.min(t.live - 1));
-    let cols = NR.min(w.n - p * NR);
-    // SAFETY: exclusive per the caller's contract; `row_ptr` checks bounds. (Repeated rows past
-    // `live` get pointers too but are never stored to.)
-    let dst = rows.map(|r| unsafe { sink.row_ptr(r, p * NR, cols) });
-    let bias = w.bias.as_deref().map_or(&[0f32; NR][..], |b| &b[p * NR..(p + 1) * NR]);
-    let out = TileOut { dst, live: t.live, cols, bias };
+/// No other thread may touch the group's outputs during the call.
+unsafe fn run_group(w: &DenseMatrix, acts: &Acts, isa: Isa, g: Group, sink: &OutSink) {
+    let k = w.k;
+    let rows: [usize; MR] = std::array::from_fn(|i| g.row0 + i.min(g.live - 1));
+    // SAFETY: exclusive per the caller's contract; `row_ptr` checks that whole rows are in
+    // bounds, so offsets below n stay inside. (Repeated rows are never stored to.)
+    let row_starts = rows.map(|r| unsafe { sink.row_ptr(r, 0, w.n) });
+    let zeros = [0f32; NR];
+    let out = |p: usize| TileOut {
+        // SAFETY: p * NR < n (p is a panel of this matrix), inside the row.
+        dst: row_starts.map(|d| unsafe { d.add(p * NR) }),
+        live: g.live,
+        cols: NR.min(w.n - p * NR),
+        bias: w.bias.as_deref().map_or(&zeros[..], |b| &b[p * NR..(p + 1) * NR]),
+    };
     match (&w.packed, acts) {
         (Packed::F32(pw), Acts::F32(x)) => {
-            let panel = &pw[p * k * NR..(p + 1) * k * NR];
             let xr: [&[f32]; MR] = rows.map(|r| &x[r * k..(r + 1) * k]);
-            #[cfg(target_arch = "x86_64")]
-            if isa != Isa::Portable {
-                // SAFETY: avx512f was detected (any non-portable Isa); `out` is exclusive.
-                return unsafe { avx512::tile_f32(panel, xr, out) };
+            for p in g.panels {
+                let panel = &pw[p * k * NR..(p + 1) * k * NR];
+                #[cfg(target_arch = "x86_64")]
+                if isa != Isa::Portable {
+                    // SAFETY: avx512f was detected (any non-portable Isa); the tile is exclusive.
+                    unsafe { avx512::tile_f32(panel, xr, out(p)) };
+                    continue;
+                }
+                // SAFETY: the tile is exclusive.
+                unsafe { out(p).store(tile_f32_portable(panel, xr)) };
             }
-            out.store(tile_f32_portable(panel, xr))
         }
         (Packed::Bf16(pw), Acts::Bf16(x)) => {
             let kp = k.div_ceil(2);
-            let panel = &pw[p * kp * NR..(p + 1) * kp * NR];
             let xr: [&[u32]; MR] = rows.map(|r| &x[r * kp..(r + 1) * kp]);
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512Bf16 {
-                // SAFETY: avx512f + avx512bf16 were detected; `out` is exclusive.
-                return unsafe { avx512::tile_bf16(panel, xr, out) };
+            for p in g.panels {
+                let panel = &pw[p * kp * NR..(p + 1) * kp * NR];
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512Bf16 {
+                    // SAFETY: avx512f + avx512bf16 were detected; the tile is exclusive.
+                    unsafe { avx512::tile_bf16(panel, xr, out(p)) };
+                    continue;
+                }
+                // SAFETY: the tile is exclusive.
+                unsafe { out(p).store(tile_bf16_portable(panel, xr)) };
             }
-            out.store(tile_bf16_portable(panel, xr))
         }
         _ => unreachable!("activations are prepared for the matrix's precision"),
     }
@@ -342,6 +353,8 @@ unsafe fn run_tile(w: &DenseMatrix, acts: &Acts, isa: Isa, t: Tile, sink: &OutSi
 
 impl TileOut<'_> {
     /// Portable epilogue: `acc + bias` into the live rows.
+    /// # Safety
+    /// The tile's outputs must be exclusive to the caller.
     unsafe fn store(&self, acc: [[f32; NR]; MR]) {
         for (a, &d) in acc.iter().zip(&self.dst).take(self.live) {
             for c in 0..self.cols {

@@ -38,7 +38,7 @@ fn avx512() -> bool {
 
 /// e^x for one value (the lane operation of `exp_inplace`).
 pub fn exp_scalar(x: f32) -> f32 {
-    let x = x.max(EXP_LO).min(EXP_HI);
+    let x = x.clamp(EXP_LO, EXP_HI);
     let n = (x * LOG2E).round_ties_even();
     let r = n.mul_add(-LN2_HI, x);
     let r = n.mul_add(-LN2_LO, r);
@@ -116,7 +116,7 @@ fn erf_f64(x: f64) -> f64 {
 /// biased variance, `eps` inside the square root). `residual` may be empty (no add).
 pub fn layer_norm_inplace(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let h = gamma.len();
-    assert!(h > 0 && x.len() % h == 0 && beta.len() == h);
+    assert!(h > 0 && x.len().is_multiple_of(h) && beta.len() == h);
     assert!(residual.is_empty() || residual.len() == x.len());
     for (i, row) in x.chunks_exact_mut(h).enumerate() {
         if !residual.is_empty() {

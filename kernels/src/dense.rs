@@ -163,7 +163,7 @@ pub fn dense(x: &[f32], m: usize, w: &DenseMatrix, out: &mut [f32]) {
 /// (`F32`: fma chain; `Bf16`: per k pair, `acc += x[2i+1] w[2i+1]` then `acc += x[2i] w[2i]`, the
 /// order Intel documents for `vdpbf16ps`). `w` is `[n, k]` row-major, unpacked.
 pub fn dense_reference(x: &[f32], m: usize, w: &[f32], n: usize, bias: Option<&[f32]>, precision: DensePrecision, out: &mut [f32]) {
-    let k = if m == 0 { w.len() / n.max(1) } else { x.len() / m };
+    let k = x.len().checked_div(m).unwrap_or_else(|| w.len() / n.max(1));
     check(x, m, n, k, bias, out);
     let round = |v: f32| match precision {
         DensePrecision::F32 => v,
@@ -237,7 +237,7 @@ impl Acts<'_> {
         let kp = k.div_ceil(2);
         let mut out = vec![0u32; m * kp];
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512Bf16 && k % 2 == 0 {
+        if isa == Isa::Avx512Bf16 && k.is_multiple_of(2) {
             // SAFETY: avx512f + avx512bf16 were detected (that is what `Avx512Bf16` means).
             unsafe { avx512::to_bf16_pairs(x, &mut out) };
             return out;
@@ -357,9 +357,9 @@ impl TileOut<'_> {
     /// The tile's outputs must be exclusive to the caller.
     unsafe fn store(&self, acc: [[f32; NR]; MR]) {
         for (a, &d) in acc.iter().zip(&self.dst).take(self.live) {
-            for c in 0..self.cols {
+            for (c, (v, b)) in a.iter().zip(self.bias).take(self.cols).enumerate() {
                 // SAFETY: `dst` rows have `cols` writable elements, exclusive to this tile.
-                unsafe { *d.add(c) = a[c] + self.bias[c] };
+                unsafe { *d.add(c) = v + b };
             }
         }
     }

@@ -94,6 +94,7 @@ pub fn encoder_attention_reference(qkv: &[f32], offsets: &[usize], shape: &Encod
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // index loops over register arrays
 mod simd {
     use std::arch::x86_64::*;
     use std::ops::Range;

@@ -71,7 +71,7 @@ impl BertConfig {
         if cfg.position_embedding_type != "absolute" {
             return Err(ModelError::Invalid(format!("position_embedding_type '{}'", cfg.position_embedding_type)));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(ModelError::Invalid("hidden_size must be a multiple of num_attention_heads".into()));
         }
         Ok(cfg)

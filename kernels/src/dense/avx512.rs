@@ -5,6 +5,9 @@
 //! Per k (f32) or k pair (bf16): two panel loads, then per row one broadcast and two FMAs /
 //! `vdpbf16ps`. Every lane runs the reference's operation sequence for its own column.
 
+// Index loops over register arrays read clearer than iterator chains in these kernels.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 use super::{TileOut, MR, NR};

@@ -16,6 +16,7 @@ use kiln_models::bert::{Bert, BertOptions, EncoderBatch};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -91,6 +92,22 @@ pub struct EmbedInfo {
     pub precision: DensePrecision,
 }
 
+/// Counters the worker publishes for metrics; read without locks.
+#[derive(Debug, Default)]
+pub struct EmbedStats {
+    /// Forward passes run.
+    pub batches: AtomicU64,
+    /// Sequences embedded (sum of batch sizes).
+    pub sequences: AtomicU64,
+    /// Tokens embedded (sum of batch token counts).
+    pub tokens: AtomicU64,
+    /// Size of the latest batch, in sequences and tokens.
+    pub last_batch_seqs: AtomicU64,
+    pub last_batch_tokens: AtomicU64,
+    /// Time spent in forward passes, microseconds.
+    pub busy_us: AtomicU64,
+}
+
 type Reply = Result<Vec<Vec<f32>>, EngineError>;
 
 /// A validated, tokenized request on its way to the worker.
@@ -108,7 +125,9 @@ pub struct EmbedHandle {
     tokenizer: Arc<Tokenizer>,
     info: Arc<EmbedInfo>,
     permits: Arc<Semaphore>,
+    max_queued: usize,
     max_inputs: usize,
+    stats: Arc<EmbedStats>,
 }
 
 /// A request in the queue; await it or block on it.
@@ -156,6 +175,15 @@ impl EmbedHandle {
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
+    }
+
+    pub fn stats(&self) -> &EmbedStats {
+        &self.stats
+    }
+
+    /// Requests accepted and not yet answered.
+    pub fn queued_requests(&self) -> usize {
+        self.max_queued - self.permits.available_permits()
     }
 
     /// Embeds `inputs` (blocking until the answer). See [`EmbedHandle::submit`].
@@ -249,7 +277,8 @@ pub fn load_embedder(path: &str, cfg: &EmbedConfig) -> Result<LoadedEmbedder, En
         precision,
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let worker = Worker { model, cfg: cfg.clone(), queue: VecDeque::new() };
+    let stats = Arc::new(EmbedStats::default());
+    let worker = Worker { model, cfg: cfg.clone(), queue: VecDeque::new(), stats: stats.clone() };
     let thread = std::thread::Builder::new()
         .name("kiln-embed".into())
         .spawn(move || worker.run(rx))
@@ -261,7 +290,9 @@ pub fn load_embedder(path: &str, cfg: &EmbedConfig) -> Result<LoadedEmbedder, En
         tokenizer: Arc::new(tokenizer),
         info: Arc::new(info),
         permits: Arc::new(Semaphore::new(cfg.max_queued_requests.max(1))),
+        max_queued: cfg.max_queued_requests.max(1),
         max_inputs: cfg.max_inputs,
+        stats,
     };
     Ok(LoadedEmbedder { handle, thread })
 }
@@ -279,6 +310,7 @@ struct Worker {
     model: Bert,
     cfg: EmbedConfig,
     queue: VecDeque<Queued>,
+    stats: Arc<EmbedStats>,
 }
 
 impl Worker {
@@ -313,7 +345,15 @@ impl Worker {
         let t = Instant::now();
         let model = &self.model;
         let out = rayon::scope(|_| model.embed(&batch));
-        tracing::debug!(seqs = batch.num_seqs(), tokens = batch.num_tokens(), ms = t.elapsed().as_secs_f64() * 1e3, "embed batch");
+        let (seqs, tokens) = (batch.num_seqs() as u64, batch.num_tokens() as u64);
+        tracing::debug!(seqs, tokens, ms = t.elapsed().as_secs_f64() * 1e3, "embed batch");
+        let s = &self.stats;
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.sequences.fetch_add(seqs, Ordering::Relaxed);
+        s.tokens.fetch_add(tokens, Ordering::Relaxed);
+        s.last_batch_seqs.store(seqs, Ordering::Relaxed);
+        s.last_batch_tokens.store(tokens, Ordering::Relaxed);
+        s.busy_us.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         match out {
             Ok(vectors) => {
                 let mut it = vectors.into_iter();

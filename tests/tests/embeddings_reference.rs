@@ -196,7 +196,10 @@ fn full_queue_is_overloaded_at_once() -> Result<()> {
         Ok(_) => anyhow::bail!("expected Overloaded, the request was accepted"),
     }
     ensure!(t.elapsed().as_millis() < 100, "Overloaded took {:?}", t.elapsed());
+    ensure!(h.queued_requests() == 1);
     ensure!(first.wait()?.len() == 64);
+    let st = h.stats();
+    ensure!(st.sequences.load(std::sync::atomic::Ordering::Relaxed) == 64 && st.batches.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     // A request whose caller is gone frees its place and is skipped (a batch of it may already be
     // running: wait up to 10 s for that one).
     drop(h.submit(long, &EmbedOptions::default())?);

@@ -35,11 +35,20 @@ TEXTS=target/embed-bench
 export THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS
 "$PY" "$PEERS" check "$MODEL" "$TEXTS/short.json" 2>&1 | grep -i cosine >&2 # exports the ONNX graph once
 results=$(mktemp)
+PORT=${PORT:-18091}
+CHAT_MODEL=$HOME/.cache/kiln/models/smollm2-135m-instruct-q4_1.gguf
+scripts/fetch-models.sh default >&2
+$KILN serve --model "$CHAT_MODEL" --embedding-model "$MODEL" --served-embedding-model-name all-minilm-l6-v2 \
+  --port "$PORT" --kv-cache-memory 64M >/dev/null 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
 for round in $(seq "$ROUNDS"); do
   for set in short long; do
     echo "== round $round, $set" >&2
     $KILN embed-bench --model "$MODEL" --input "$TEXTS/$set.json" --batch "$BATCH" --seconds "$SECONDS_EACH" --label "$set" 2>/dev/null >>"$results"
     $KILN embed-bench --model "$MODEL" --input "$TEXTS/$set.json" --batch "$BATCH" --seconds "$SECONDS_EACH" --label "$set" --precision f32 2>/dev/null >>"$results"
+    "$PY" "$PEERS" http "http://127.0.0.1:$PORT/v1" "$TEXTS/$set.json" "$BATCH" "$SECONDS_EACH" 2>/dev/null >>"$results"
     "$PY" "$PEERS" ort "$MODEL" "$TEXTS/$set.json" "$BATCH" "$SECONDS_EACH" 2>/dev/null >>"$results"
     "$PY" "$PEERS" st "$MODEL" "$TEXTS/$set.json" "$BATCH" "$SECONDS_EACH" 2>/dev/null >>"$results"
   done
@@ -54,13 +63,14 @@ for r in rows:
     k = (r["engine"], r["label"])
     if k not in best or r["sentences_per_s"] > best[k]["sentences_per_s"]:
         best[k] = r
-engines = ["kiln", "kiln-f32", "onnxruntime", "sentence-transformers"]
-print(f"sentences/s, batches of {sys.argv[3]}, {sys.argv[2]} threads (best of {len(rows) // 8} rounds)")
-print(f"{'texts':<12}" + "".join(f"{e:>23}" for e in engines) + f"{'kiln/ort':>10}")
+engines = ["kiln", "kiln-f32", "kiln-http", "onnxruntime", "sentence-transformers"]
+print(f"sentences/s, batches of {sys.argv[3]}, {sys.argv[2]} threads (best of {len(rows) // 10} rounds)")
+print(f"{'texts':<12}" + "".join(f"{e:>23}" for e in engines) + f"{'kiln/ort':>10}{'http/in-proc':>14}")
 for label, name in (("short", "~12 words"), ("long", "~128 words")):
     v = [best.get((e, label), {}).get("sentences_per_s") for e in engines]
     cells = "".join(f"{x:>23.1f}" if x else f"{'-':>23}" for x in v)
-    ratio = f"{v[0] / v[2]:>10.2f}" if v[0] and v[2] else ""
+    ratio = f"{v[0] / v[3]:>10.2f}" if v[0] and v[3] else ""
+    ratio += f"{v[2] / v[0]:>14.2f}" if v[0] and v[2] else ""
     print(f"{name:<12}{cells}{ratio}")
 k = {r["label"]: r for r in rows if r["engine"] == "kiln"}
 for label, r in sorted(k.items()):

@@ -155,6 +155,24 @@ def main():
         embed, tok, max_len = load_ort(model_dir)
         batch, secs = int(sys.argv[4]), float(sys.argv[5])
         timed(label, "onnxruntime", texts, batch, secs, embed, token_counter(tok, max_len))
+    elif cmd == "http":
+        # model_dir is the server's base URL here; requests as the OpenAI SDK sends them (base64).
+        import base64
+        import urllib.request
+
+        import numpy as np
+
+        base_url, batch, secs = model_dir, int(sys.argv[4]), float(sys.argv[5])
+        used = {}
+
+        def embed(b):
+            body = json.dumps({"model": "all-minilm-l6-v2", "input": b, "encoding_format": "base64"}).encode()
+            req = urllib.request.Request(f"{base_url}/embeddings", body, {"Content-Type": "application/json"})
+            r = json.load(urllib.request.urlopen(req))
+            used["tokens"] = r["usage"]["total_tokens"]
+            return [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r["data"]]
+
+        timed(label, "kiln-http", texts, batch, secs, embed, lambda b: used.get("tokens", 0))
     elif cmd == "check":
         import numpy as np
 

@@ -3,6 +3,7 @@
 //! lock except for the per-status request counter map); engine gauges are read from the
 //! engine's published stats at scrape time.
 
+use kiln_inference::embed::EmbedHandle;
 use kiln_inference::engine::EngineHandle;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -100,7 +101,7 @@ impl Metrics {
     }
 
     /// The whole exposition; `engine` is `None` while the model loads.
-    pub fn render(&self, engine: Option<&EngineHandle>) -> String {
+    pub fn render(&self, engine: Option<&EngineHandle>, embedder: Option<&EmbedHandle>) -> String {
         let mut out = String::new();
         let l = format!("model_name=\"{}\",", self.model);
         let lb = format!("{{{}}}", l.trim_end_matches(','));
@@ -138,6 +139,18 @@ impl Metrics {
         counter("kiln:embedding_tokens_total", "Tokens embedded.", self.embedding_tokens.load(Ordering::Relaxed));
         self.embedding_inputs.render(&mut out, "kiln:embedding_inputs_per_request", "", "Inputs per embedding request.");
         self.embedding_latency.render(&mut out, "kiln:embedding_request_latency_seconds", "", "Embedding request latency.");
+        if let Some(e) = embedder {
+            // Batch sizes as the worker formed them (mean = sequences / batches).
+            let st = e.stats();
+            let mut line = |name: &str, help: &str, kind: &str, v: u64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            };
+            line("kiln:embedding_batches_total", "Encoder forward passes.", "counter", st.batches.load(Ordering::Relaxed));
+            line("kiln:embedding_batch_sequences_total", "Sequences summed over encoder batches.", "counter", st.sequences.load(Ordering::Relaxed));
+            line("kiln:embedding_last_batch_sequences", "Sequences in the latest encoder batch.", "gauge", st.last_batch_seqs.load(Ordering::Relaxed));
+            line("kiln:embedding_last_batch_tokens", "Tokens in the latest encoder batch.", "gauge", st.last_batch_tokens.load(Ordering::Relaxed));
+            line("kiln:embedding_queued_requests", "Embedding requests waiting for the worker.", "gauge", e.queued_requests() as u64);
+        }
         out
     }
 }

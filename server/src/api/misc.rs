@@ -22,7 +22,7 @@ pub async fn health(State(state): State<Shared>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Shared>) -> Response {
-    let text = state.metrics.render(state.engine_if_loaded());
+    let text = state.metrics.render(state.engine_if_loaded(), state.embedder_if_loaded().map(|(_, h)| h));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

@@ -1,6 +1,11 @@
-//! The quantized path on the real SmolLM2 GGUF: identical to candle's `quantized_llama` where no
+//! The quantized path on the real SmolLM2 GGUF: close to candle's `quantized_llama` where no
 //! attention sum is involved (a first token), and bit-identical logits for a sequence whatever
 //! the batching: whole vs chunked prefill, alone vs beside other sequences, any block placement.
+//!
+//! Not bit-identical to candle any more: our activation quantization follows ggml's x86 build
+//! (`id = 127 / amax`, ties to even), candle's follows ggml's generic reference (`1 / d`, half
+//! away from zero). The two move single activations by one quantization step, which moves a
+//! top log-probability by up to a few tenths; a real bug moves them by whole units or changes the argmax.
 
 use anyhow::Result;
 use candle_core::quantized::gguf_file;
@@ -33,7 +38,7 @@ impl Ours {
 }
 
 #[test]
-fn first_token_matches_candle_quantized_llama_exactly() -> Result<()> {
+fn first_token_matches_candle_quantized_llama() -> Result<()> {
     let path = smollm2()?;
     let mut file = std::fs::File::open(&path)?;
     let content = gguf_file::Content::read(&mut file)?;
@@ -43,7 +48,16 @@ fn first_token_matches_candle_quantized_llama_exactly() -> Result<()> {
     for &t in &[504u32, 3575, 0, 49151] {
         let want = oracle.forward(&Tensor::new(&[t], &Device::Cpu)?.unsqueeze(0)?, 0)?;
         let got = ours.run(&[(&[t], 0, &[1])])?;
-        assert_eq!(max_diff(&want.flatten_all()?, &got.flatten_all()?)?, 0.0, "token {t}");
+        let (want, got) = (want.flatten_all()?, got.flatten_all()?);
+        // Compare log-probabilities of candle's 20 most likely tokens (a uniform logit shift is
+        // no difference at all).
+        let (lw, lg) = (candle_nn::ops::log_softmax(&want, 0)?.to_vec1::<f32>()?, candle_nn::ops::log_softmax(&got, 0)?.to_vec1::<f32>()?);
+        let mut order: Vec<usize> = (0..lw.len()).collect();
+        order.sort_by(|&a, &b| lw[b].total_cmp(&lw[a]));
+        let diff = order[..20].iter().map(|&i| (lw[i] - lg[i]).abs()).fold(0f32, f32::max);
+        eprintln!("token {t}: max |dlogprob| over the top 20: {diff}");
+        assert!(diff < 0.3, "token {t}: max |dlogprob| over the top 20: {diff}");
+        assert_eq!(want.argmax(0)?.to_scalar::<u32>()?, got.argmax(0)?.to_scalar::<u32>()?, "token {t}: argmax differs");
     }
     Ok(())
 }

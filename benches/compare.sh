@@ -47,6 +47,8 @@ serve_load() { # name pid
       --max-tokens "$GEN" --prompt-tokens 100 --ignore-eos)
     echo "{\"engine\":\"$name\",\"concurrency\":$c,\"peak_rss_bytes\":$(rss_of "$pid"),\"load\":$line}" >>"$results"
   done
+  # Every KV block must be free again once the load is over (kiln only: llama-server has no such gauge).
+  curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^kiln:kv_blocks_used' >&2 || true
   kill -INT "$pid"; wait "$pid" 2>/dev/null || true
 }
 

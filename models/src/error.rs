@@ -16,12 +16,24 @@ pub enum ModelError {
     MissingTensor(String),
     #[error("invalid model: {0}")]
     Invalid(String),
+    /// A `ForwardBatch` whose indices do not fit the model or the cache; names the row and value.
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
     #[error("I/O error reading {path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+/// Drops the backtrace candle attaches to its errors when `RUST_BACKTRACE` is set: its `Display`
+/// prints the whole trace, and these messages reach users (the server's error bodies), not logs.
+impl From<candle_core::Error> for ModelError {
+    fn from(mut e: candle_core::Error) -> Self {
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Self::Candle(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

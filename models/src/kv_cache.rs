@@ -79,6 +79,18 @@ impl PagedKvCache {
         self.block_size
     }
 
+    pub fn num_layers(&self) -> usize {
+        match &self.store {
+            Store::F32(l) => l.len(),
+            Store::F16(l) => l.len(),
+        }
+    }
+
+    /// Values per token per layer for K (same for V): kv_heads * head_dim.
+    pub fn kv_row(&self) -> usize {
+        self.row
+    }
+
     pub fn layer_mut(&mut self, layer: usize) -> LayerKv<'_> {
         match &mut self.store {
             Store::F32(l) => {

@@ -4,7 +4,7 @@
 
 use crate::batch::ForwardBatch;
 use crate::config::ModelConfig;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
 use crate::layers::{Attention, Embedding, Linear, Mlp, RmsNorm};
 use crate::weights::{Weight, WeightStore};
@@ -32,45 +32,34 @@ pub struct Llama {
 impl Llama {
     pub fn load(cfg: ModelConfig, store: &mut WeightStore) -> Result<Self> {
         let device = store.device().clone();
-        let embed_w = store.get("token_embd.weight")?;
-        let lm_head = match store.try_get("output.weight")? {
+        let embed_w = store.get_shaped("token_embd.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let lm_head = match store.try_get_shaped("output.weight", &[cfg.vocab_size, cfg.hidden_size])? {
             Some(w) => Linear::new(w, None)?,
             None => Linear::new(embed_w.clone(), None)?, // tied output
         };
         let blocks = (0..cfg.num_layers).map(|i| load_block(&cfg, store, i)).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(store.get("output_norm.weight")?.to_f32(&device)?, cfg.rms_norm_eps);
+        let norm = RmsNorm::new(store.get_shaped("output_norm.weight", &[cfg.hidden_size])?.to_f32(&device)?, cfg.rms_norm_eps);
         let rope = RopeTable::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta);
         Ok(Self { embed: Embedding::new(embed_w), blocks, norm, lm_head, rope, device, cfg })
-    }
-
-    fn check_batch(&self, batch: &ForwardBatch, cache: &PagedKvCache) -> Result<()> {
-        let slots = cache.num_blocks() * cache.block_size();
-        let bad = batch.positions.iter().any(|&p| p as usize >= self.cfg.max_position_embeddings)
-            || batch.slots.iter().any(|&s| s as usize >= slots)
-            || batch.token_ids.iter().any(|&t| t as usize >= self.cfg.vocab_size)
-            || batch.logits_rows.iter().any(|&r| r as usize >= batch.num_rows())
-            || batch.block_tables.iter().flatten().any(|&b| b as usize >= cache.num_blocks());
-        if batch.is_empty() || bad {
-            return Err(ModelError::InvalidBatch("empty batch, or a position, slot, block or token id out of range".into()));
-        }
-        Ok(())
     }
 }
 
 fn load_block(cfg: &ModelConfig, store: &mut WeightStore, i: usize) -> Result<Block> {
     let device = store.device().clone();
-    let mut w = |name: &str| store.get(&format!("blk.{i}.{name}"));
+    let (hidden, q_n, kv_n, ffn) =
+        (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    let mut w = |name: &str, shape: &[usize]| store.get_shaped(&format!("blk.{i}.{name}"), shape);
     let norm = |w: Weight| -> Result<RmsNorm> { Ok(RmsNorm::new(w.to_f32(&device)?, cfg.rms_norm_eps)) };
-    let attn_norm = norm(w("attn_norm.weight")?)?;
-    let ffn_norm = norm(w("ffn_norm.weight")?)?;
-    let qkv_w = vec![w("attn_q.weight")?, w("attn_k.weight")?, w("attn_v.weight")?];
+    let attn_norm = norm(w("attn_norm.weight", &[hidden])?)?;
+    let ffn_norm = norm(w("ffn_norm.weight", &[hidden])?)?;
+    let qkv_w = vec![w("attn_q.weight", &[q_n, hidden])?, w("attn_k.weight", &[kv_n, hidden])?, w("attn_v.weight", &[kv_n, hidden])?];
     let qkv_b = if cfg.attention_bias {
-        let b = [w("attn_q.bias")?, w("attn_k.bias")?, w("attn_v.bias")?];
+        let b = [w("attn_q.bias", &[q_n])?, w("attn_k.bias", &[kv_n])?, w("attn_v.bias", &[kv_n])?];
         Some(b.iter().map(|b| b.to_f32(&device)).collect::<Result<Vec<_>>>()?)
     } else {
         None
     };
-    let o = Linear::new(w("attn_output.weight")?, None)?;
+    let o = Linear::new(w("attn_output.weight", &[hidden, q_n])?, None)?;
     let shape = AttnShape {
         num_heads: cfg.num_heads,
         num_kv_heads: cfg.num_kv_heads,
@@ -79,8 +68,8 @@ fn load_block(cfg: &ModelConfig, store: &mut WeightStore, i: usize) -> Result<Bl
         scale: 1.0 / (cfg.head_dim as f32).sqrt(),
     };
     let attn = Attention::new(Linear::fused(qkv_w, qkv_b)?, o, shape, cfg.rope_style);
-    let gate_up = Linear::fused(vec![w("ffn_gate.weight")?, w("ffn_up.weight")?], None)?;
-    let mlp = Mlp::new(gate_up, Linear::new(w("ffn_down.weight")?, None)?, cfg.intermediate_size);
+    let gate_up = Linear::fused(vec![w("ffn_gate.weight", &[ffn, hidden])?, w("ffn_up.weight", &[ffn, hidden])?], None)?;
+    let mlp = Mlp::new(gate_up, Linear::new(w("ffn_down.weight", &[hidden, ffn])?, None)?, cfg.intermediate_size);
     Ok(Block { attn_norm, attn, ffn_norm, mlp })
 }
 
@@ -90,7 +79,7 @@ impl CausalLM for Llama {
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
-        self.check_batch(batch, cache)?;
+        batch.validate(&self.cfg, cache)?;
         let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
         let mut x = self.embed.forward(&ids)?; // [rows, hidden]
         let block_size = cache.block_size();

@@ -22,6 +22,17 @@ pub fn smollm2() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// Qwen2.5-Coder 0.5B (optional tier): `None`, with a printed notice, when it is not fetched.
+pub fn qwen25() -> Option<PathBuf> {
+    let p = models_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("SKIP: {} not fetched (scripts/fetch-models.sh qwen)", p.display());
+        None
+    }
+}
+
 /// A fresh directory under the system temp dir, removed on drop (also when a test fails).
 pub struct TempDir(pub PathBuf);
 

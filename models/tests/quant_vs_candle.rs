@@ -3,9 +3,10 @@
 //! Where the two differ, the difference is pinned down instead of hidden behind a tolerance:
 //! - Q4_1 (candle: scalar `vec_dot_unopt` on Q8_1 activations): candle computes Q8_1's
 //!   `s = f16(f16(sum) * f16(d))` in f16 arithmetic where ggml computes `s = f16(sum * d)`, and
-//!   evaluates `(sumi * dw) * dx + mw * s` where ggml evaluates `(dw * dx) * sumi + mw * s`. A
-//!   scalar emulation with candle's formulas must match candle bit for bit, and the same
-//!   emulation with ggml's formulas must match us bit for bit.
+//!   sums `(sumi * dw) * dx + mw * s` block by block where ggml's x86 build keeps 8 partial sums
+//!   (one per 4-byte group) updated by `fma(dw * dx, group_sum, acc)`, adds them in
+//!   `hsum_float_8` order and adds `summs = fma(mw, s, summs)`. A scalar emulation with candle's
+//!   formulas must match candle bit for bit, and one with ggml's must match us bit for bit.
 //! - Q8_0 with k % 256 != 0 (candle: AVX2 `vec_dot_q8_0_q8_0` on Q8_0 activations): identical
 //!   activations and integer sums; only the f32 accumulation order differs (candle sums 8 lanes
 //!   with FMA and reduces at the end), so the gap is a few ulps of the sum of |block terms|.
@@ -60,22 +61,38 @@ fn quantize_block(x: &[f32]) -> (Vec<i32>, f32, f32, i32) {
     (q, f16::from_f32(d).to_f32(), d, sum)
 }
 
-/// Scalar Q4_1 x Q8_1 row dot, with either ggml's or candle's formulas for `s` and the block term.
+/// Scalar Q4_1 x Q8_1 row dot, with either ggml's (x86 build) or candle's formulas.
 fn emulate_q4_1(wrow: &[u8], x: &[f32], candle: bool) -> f32 {
-    let mut acc = 0f32;
+    let (mut acc, mut lanes, mut summs) = (0f32, [0f32; 8], 0f32);
     for (blk, xb) in wrow.chunks_exact(20).zip(x.chunks_exact(32)) {
-        let (q, dx, d32, sum) = quantize_block(xb);
         let (dw, mw) = (f16::from_le_bytes([blk[0], blk[1]]).to_f32(), f16::from_le_bytes([blk[2], blk[3]]).to_f32());
-        let sumi: i32 = (0..16).map(|j| (blk[4 + j] & 0xF) as i32 * q[j] + (blk[4 + j] >> 4) as i32 * q[j + 16]).sum();
+        let nib = |j: usize| if j < 16 { (blk[4 + j] & 0xF) as i32 } else { (blk[4 + j - 16] >> 4) as i32 };
         if candle {
+            let (q, dx, _, sum) = quantize_block(xb);
+            let sumi: i32 = (0..32).map(|j| nib(j) * q[j]).sum();
             let s = (f16::from_f32(sum as f32) * f16::from_f32(dx)).to_f32();
             acc += sumi as f32 * dw * dx + mw * s;
         } else {
-            let s = f16::from_f32(sum as f32 * d32).to_f32();
-            acc += dw * dx * sumi as f32 + mw * s;
+            // ggml x86 quantize_row_q8_1: id = 127 / amax, ties to even.
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let (d32, id) = (amax / 127.0, if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let q: Vec<i32> = xb.iter().map(|v| (v * id).round_ties_even() as i32).collect();
+            let dx = f16::from_f32(d32).to_f32();
+            let s = f16::from_f32(q.iter().sum::<i32>() as f32 * d32).to_f32();
+            summs = mw.mul_add(s, summs);
+            for (g, lane) in lanes.iter_mut().enumerate() {
+                // Group g < 4: low nibbles k = 4g..4g+4; group 4 + g: high nibbles k = 16 + 4g...
+                let k0 = if g < 4 { 4 * g } else { 16 + 4 * (g - 4) };
+                let sumi: i32 = (k0..k0 + 4).map(|j| nib(j) * q[j]).sum();
+                *lane = (dw * dx).mul_add(sumi as f32, *lane);
+            }
         }
     }
-    acc
+    if candle {
+        return acc;
+    }
+    let l = lanes;
+    ((l[4] + l[0]) + (l[6] + l[2])) + ((l[5] + l[1]) + (l[7] + l[3])) + summs
 }
 
 fn emulate_all(bytes: &[u8], n: usize, k: usize, x: &[f32], m: usize, candle: bool) -> Vec<f32> {

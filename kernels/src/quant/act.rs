@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::{Isa, QK};
 
 /// One quantized activation block, with everything a kernel needs for it side by side (one
-/// pointer per activation row in the kernels; 48 bytes).
+/// pointer per activation row in the kernels; 80 bytes).
 #[repr(C, align(16))]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub(crate) struct ActBlock {
@@ -28,6 +28,9 @@ pub(crate) struct ActBlock {
     pub s: f32,
     /// `sum(qs)`, exact.
     pub sum: i32,
+    /// `-128 * sum(qs[4g..4g + 4])` per 4-byte group g: where the Q8_0 VNNI kernel starts each
+    /// group's integer sum to cancel its `+128` weight offset.
+    pub corr: [i32; 8],
 }
 
 /// Quantized activations of a batch: `[m, k / 32]` blocks.
@@ -50,7 +53,12 @@ pub(crate) fn quantize_block_ref(x: &[f32; QK]) -> ActBlock {
 /// Stores the scales as ggml does: f16 round-to-nearest-even of the f32 values.
 pub(crate) fn finish_block(qs: [i8; QK], d: f32, sum: i32) -> ActBlock {
     let s = sum as f32 * d;
-    ActBlock { qs, d: f16::from_f32(d).to_f32(), s: f16::from_f32(s).to_f32(), sum }
+    ActBlock { qs, d: f16::from_f32(d).to_f32(), s: f16::from_f32(s).to_f32(), sum, corr: group_corr(&qs) }
+}
+
+/// `ActBlock::corr` of these quants.
+pub(crate) fn group_corr(qs: &[i8; QK]) -> [i32; 8] {
+    std::array::from_fn(|g| -128 * qs[4 * g..4 * g + 4].iter().map(|&q| q as i32).sum::<i32>())
 }
 
 impl QActs {

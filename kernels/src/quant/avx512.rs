@@ -1,30 +1,35 @@
 //! AVX-512 VNNI tile kernels (x86_64 only); activation quantization is in `avx512_act.rs`.
 //!
-//! A tile kernel produces 16 output columns (one zmm of f32) for R activation rows. Per 32-wide
-//! block it loads the tile's packed lines once and, for each activation row, runs 8 `vpdpbusd`
-//! (u8 x i8 -> i32, 4 k-values for all 16 weight rows per instruction) with the activation's
-//! 4 bytes broadcast, so the weight registers are reused R times. Two shapes:
-//! - `*_tile_few` (R <= 3, decode): two dpbusd chains per row, all 8 weight registers live.
-//! - `*_tile_wide` (R = 4..8, batches): one chain per row and 4 weight registers live at a time,
-//!   so 8 rows fit in the 32 zmm and share each weight load / nibble unpack. On Zen 4 vpdpbusd
-//!   and vmulps share two pipes; every other vector op competes with them less when amortized.
+//! A tile kernel produces 16 output columns (one zmm of f32 lanes) for R <= 2 activation rows.
+//! ggml's x86 dot product keeps, per output, 8 float partial sums — one per 4-byte group of the
+//! 32-wide block, the int32 lanes of its ymm `vpdpbusd` — fused-multiply-adds `d_w * d_x` times
+//! each group's integer sum into them block after block, and only at the end adds the 8 lanes
+//! (`hsum_float_8`). To give the same bits we keep those 8 partial sums too, each as a zmm
+//! across our 16 columns: per block and row, 8 `vpdpbusd` from zero (one per group, 4 k-values
+//! for all 16 weight rows), 8 `vcvtdq2ps`, 8 `vfmadd`. 8 float accumulators per row (plus Q4_1's
+//! `summs`) is what limits R to 2: 18 accumulators + the weight registers fill the 32 zmm.
 //!
-//! - Q4_1: nibbles 0..15 are unsigned, so they feed `vpdpbusd`'s u8 side directly.
-//! - Q8_0: signed weights are stored as `w + 128` (u8). Then
-//!   `sum((w + 128) * x) = sum(w * x) + 128 * sum(x)`, and we subtract the exact integer
-//!   `128 * sum(x)` of the activation block (offset + correction, one `vpsubd` per row-block;
-//!   cheaper than the sign trick and exact, including w = -128). No i32 overflow:
-//!   |sum| <= 32 * 255 * 127.
+//! - Q4_1: nibbles 0..15 are unsigned, so they feed `vpdpbusd`'s u8 side directly; ggml's group
+//!   g < 4 is the low nibbles of bytes 4g..4g+4 (k = 4g..), group 4 + g their high nibbles
+//!   (k = 16 + 4g..), which is exactly packed line g masked or shifted.
+//! - Q8_0: signed weights are stored as `w + 128` (u8), so a group's dot product is
+//!   `sum((w + 128) * x) - 128 * sum(x)`; the activation block carries `-128 * sum(x)` per group
+//!   (`ActBlock::corr`) and the `vpdpbusd` starts from it, which makes every group sum exact
+//!   (no i32 overflow: |sum| <= 4 * 255 * 127 + 4 * 128 * 127).
 //!
-//! Floats: every lane does exactly the scalar reference's operations in the same order
-//! (`(dw * dx) * sumi + mw * sx`, then `acc + that`), with separate multiplies and adds (no FMA),
-//! so results equal `qmatmul_reference` bit for bit. Nothing is reduced across lanes.
+//! Floats: every lane does exactly `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0` as GCC
+//! compiled them for x86 (see `super::ref_dot_q4_1`): the same fmas, the same `hsum`
+//! tree, `summs` by fma. Nothing is reduced across lanes, so results equal `qmatmul_reference`
+//! bit for bit.
 
 use std::arch::x86_64::*;
 
 use super::act::ActBlock;
 use super::matrix::{Line, Tile};
 use super::{QK, TILE};
+
+/// ggml's lanes per output: the 8 int32 groups of one 32-wide block.
+const GROUPS: usize = 8;
 
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -56,19 +61,26 @@ fn bcast4(xq: &[i8; QK], g: usize) -> __m512i {
     _mm512_set1_epi32(i32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]))
 }
 
+/// `acc + dd * float(isum)`, one fused rounding: ggml's `_mm256_fmadd_ps(d, q, acc)`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn unpack<const R: usize>(acc: [__m512; R]) -> [[f32; TILE]; R] {
-    let mut out = [[0f32; TILE]; R];
-    for r in 0..R {
-        store_f32x16(&mut out[r], acc[r]);
-    }
-    out
+fn fma_group(acc: __m512, dd: __m512, isum: __m512i) -> __m512 {
+    _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(isum), acc)
+}
+
+/// ggml's `hsum_float_8` on each column: `((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsum8(a: &[__m512; GROUPS]) -> __m512 {
+    let (s0, s1) = (_mm512_add_ps(a[4], a[0]), _mm512_add_ps(a[6], a[2]));
+    let (s2, s3) = (_mm512_add_ps(a[5], a[1]), _mm512_add_ps(a[7], a[3]));
+    _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))
 }
 
 /// Block count of a tile call, with every slice checked once here so the loops run unchecked.
 #[inline]
 fn check_call<const R: usize>(w: &Tile<'_>, x: &[&[ActBlock]; R], lines: usize, scales: usize) -> usize {
+    assert!(R <= 2, "8 accumulators per row: at most 2 rows fit the registers");
     let nb = w.qs.len() / lines;
     assert!(w.qs.len() == nb * lines && w.scales.len() == nb * scales);
     for xr in x {
@@ -81,137 +93,67 @@ fn check_call<const R: usize>(w: &Tile<'_>, x: &[&[ActBlock]; R], lines: usize, 
 // Block index `b` walks the tile and R activation rows in lockstep; an iterator cannot.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q4_1_tile_few<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+pub(crate) fn q4_1_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
     let nb = check_call(&w, &x, 4, 2 * TILE);
     let nib = _mm512_set1_epi8(0x0F);
-    let mut acc = [_mm512_setzero_ps(); R];
+    let zero = _mm512_setzero_si512();
+    let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
+    let mut summs = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let (lines, sc) = (&w.qs[4 * b..4 * b + 4], &w.scales[2 * TILE * b..2 * TILE * (b + 1)]);
         let (dw, mw) = (load_f32x16(&sc[..TILE]), load_f32x16(&sc[TILE..]));
-        // lo[c]: k = 4c..4c+4, hi[c]: k = 16+4c..16+4c+4, each [16 rows][4] u8.
-        let mut lo = [_mm512_setzero_si512(); 4];
-        let mut hi = [_mm512_setzero_si512(); 4];
+        let mut dd = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            let xb = &x[r][b];
+            dd[r] = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
+            // ggml: summs += m * s, contracted to an fma by GCC.
+            summs[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), summs[r]);
+        }
         for c in 0..4 {
             let v = load_line(&lines[c]);
-            lo[c] = _mm512_and_si512(v, nib);
-            hi[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
-        }
-        for r in 0..R {
-            let xb = &x[r][b];
-            // Two independent chains to halve the vpdpbusd latency chain; integer adds are exact.
-            let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            for c in 0..4 {
-                s0 = _mm512_dpbusd_epi32(s0, lo[c], bcast4(&xb.qs, c));
-                s1 = _mm512_dpbusd_epi32(s1, hi[c], bcast4(&xb.qs, c + 4));
-            }
-            let sumi = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
-            let ms = _mm512_mul_ps(mw, _mm512_set1_ps(xb.s));
-            acc[r] = _mm512_add_ps(acc[r], _mm512_add_ps(_mm512_mul_ps(dd, sumi), ms));
-        }
-    }
-    unpack(acc)
-}
-
-/// Q8_0 weights x Q8_0 activations: `[R rows][16 columns]` of one tile (`x`: R rows of blocks).
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q8_0_tile_few<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
-    let nb = check_call(&w, &x, 8, TILE);
-    let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..nb {
-        let (lines, sc) = (&w.qs[8 * b..8 * b + 8], &w.scales[TILE * b..TILE * (b + 1)]);
-        let dw = load_f32x16(sc);
-        // [16 rows][4] u8 = w + 128 for k = 4c..4c+4.
-        let mut wq = [_mm512_setzero_si512(); 8];
-        for c in 0..8 {
-            wq[c] = load_line(&lines[c]);
-        }
-        for r in 0..R {
-            let xb = &x[r][b];
-            let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            for c in 0..4 {
-                s0 = _mm512_dpbusd_epi32(s0, wq[2 * c], bcast4(&xb.qs, 2 * c));
-                s1 = _mm512_dpbusd_epi32(s1, wq[2 * c + 1], bcast4(&xb.qs, 2 * c + 1));
-            }
-            // Remove the +128 offset: sum(w * x) = sum((w + 128) * x) - 128 * sum(x).
-            let sumi = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * xb.sum));
-            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
-            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), dd));
-        }
-    }
-    unpack(acc)
-}
-
-/// Q4_1 for many rows (R = 4..8): one dpbusd chain per row, fed first by the 4 low-nibble
-/// registers, then by the 4 high-nibble ones, so only 4 weight registers are live and 8 rows
-/// share each unpack (the unpack is what competes with vpdpbusd for vector ports).
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q4_1_tile_wide<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
-    let nb = check_call(&w, &x, 4, 2 * TILE);
-    let nib = _mm512_set1_epi8(0x0F);
-    let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..nb {
-        let (lines, sc) = (&w.qs[4 * b..4 * b + 4], &w.scales[2 * TILE * b..2 * TILE * (b + 1)]);
-        let mut s = [_mm512_setzero_si512(); R];
-        let mut v = [_mm512_setzero_si512(); 4];
-        for c in 0..4 {
-            v[c] = _mm512_and_si512(load_line(&lines[c]), nib);
-        }
-        for r in 0..R {
-            for c in 0..4 {
-                s[r] = _mm512_dpbusd_epi32(s[r], v[c], bcast4(&x[r][b].qs, c));
-            }
-        }
-        for c in 0..4 {
-            v[c] = _mm512_and_si512(_mm512_srli_epi16::<4>(load_line(&lines[c])), nib);
-        }
-        for r in 0..R {
-            for c in 0..4 {
-                s[r] = _mm512_dpbusd_epi32(s[r], v[c], bcast4(&x[r][b].qs, c + 4));
-            }
-        }
-        let (dw, mw) = (load_f32x16(&sc[..TILE]), load_f32x16(&sc[TILE..]));
-        for r in 0..R {
-            let xb = &x[r][b];
-            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
-            let ms = _mm512_mul_ps(mw, _mm512_set1_ps(xb.s));
-            acc[r] = _mm512_add_ps(acc[r], _mm512_add_ps(_mm512_mul_ps(dd, _mm512_cvtepi32_ps(s[r])), ms));
-        }
-    }
-    unpack(acc)
-}
-
-/// Q8_0 for many rows (R = 4..8): one chain per row over two passes of 4 weight lines.
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q8_0_tile_wide<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
-    let nb = check_call(&w, &x, 8, TILE);
-    let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..nb {
-        let (lines, sc) = (&w.qs[8 * b..8 * b + 8], &w.scales[TILE * b..TILE * (b + 1)]);
-        let mut s = [_mm512_setzero_si512(); R];
-        for half in 0..2 {
-            let mut v = [_mm512_setzero_si512(); 4];
-            for c in 0..4 {
-                v[c] = load_line(&lines[4 * half + c]);
-            }
+            let (lo, hi) = (_mm512_and_si512(v, nib), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib));
             for r in 0..R {
-                for c in 0..4 {
-                    s[r] = _mm512_dpbusd_epi32(s[r], v[c], bcast4(&x[r][b].qs, 4 * half + c));
-                }
+                let xq = &x[r][b].qs;
+                acc[r][c] = fma_group(acc[r][c], dd[r], _mm512_dpbusd_epi32(zero, lo, bcast4(xq, c)));
+                acc[r][c + 4] = fma_group(acc[r][c + 4], dd[r], _mm512_dpbusd_epi32(zero, hi, bcast4(xq, c + 4)));
             }
         }
+    }
+    let mut out = [[0f32; TILE]; R];
+    for r in 0..R {
+        store_f32x16(&mut out[r], _mm512_add_ps(hsum8(&acc[r]), summs[r]));
+    }
+    out
+}
+
+/// Q8_0 weights x Q8_0 activations: `[R rows][16 columns]` of one tile.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) fn q8_0_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+    let nb = check_call(&w, &x, 8, TILE);
+    let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
+    for b in 0..nb {
+        let (lines, sc) = (&w.qs[8 * b..8 * b + 8], &w.scales[TILE * b..TILE * (b + 1)]);
         let dw = load_f32x16(sc);
+        let mut dd = [_mm512_setzero_ps(); R];
         for r in 0..R {
-            let xb = &x[r][b];
-            let sumi = _mm512_sub_epi32(s[r], _mm512_set1_epi32(128 * xb.sum));
-            let dd = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
-            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), dd));
+            dd[r] = _mm512_mul_ps(dw, _mm512_set1_ps(x[r][b].d));
+        }
+        for c in 0..GROUPS {
+            let v = load_line(&lines[c]);
+            for r in 0..R {
+                let xb = &x[r][b];
+                // Starts from -128 * sum(x of the group): removes the +128 weight offset exactly.
+                let isum = _mm512_dpbusd_epi32(_mm512_set1_epi32(xb.corr[c]), v, bcast4(&xb.qs, c));
+                acc[r][c] = fma_group(acc[r][c], dd[r], isum);
+            }
         }
     }
-    unpack(acc)
+    let mut out = [[0f32; TILE]; R];
+    for r in 0..R {
+        store_f32x16(&mut out[r], hsum8(&acc[r]));
+    }
+    out
 }
 
 /// f16 bits -> f32 (exact), 16 at a time; `bits.len()` is a multiple of 16 (whole tiles).

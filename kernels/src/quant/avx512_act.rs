@@ -160,8 +160,22 @@ fn quantize_group(x: &[f32], out: &mut [ActBlock]) -> bool {
     unsafe { _mm512_storeu_si512(sum_l.as_mut_ptr().cast(), sum) };
     for b in 0..GROUP {
         (out[b].d, out[b].s, out[b].sum) = (d16[b], s[b], sum_l[b]);
+        store_corr(&mut out[b]);
     }
     true
+}
+
+/// Sets `blk.corr` from `blk.qs` (equal to `act::group_corr`): one `vpdpbusd` of all-ones bytes
+/// against the 32 quants gives the 8 group sums (exact), times -128.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn store_corr(blk: &mut ActBlock) {
+    // SAFETY: `qs` is 32 readable bytes; unaligned load.
+    let q = unsafe { _mm256_loadu_si256(blk.qs.as_ptr().cast()) };
+    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), _mm512_zextsi256_si512(q));
+    let corr = _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128));
+    // SAFETY: `corr` is 8 writable i32: the masked store writes lanes 0..8 only.
+    unsafe { _mm512_mask_storeu_epi32(blk.corr.as_mut_ptr(), 0xFF, corr) };
 }
 
 /// One block (row tails shorter than 16 blocks).

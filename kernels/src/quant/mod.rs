@@ -2,18 +2,24 @@
 //!
 //! Owns the weight repacking (`matrix.rs`), activation quantization (`act.rs`, vectorized in
 //! `avx512_act.rs`), the tile kernels (`avx512.rs`: AVX-512 VNNI, `portable.rs`: every other
-//! CPU), the parallel driver and the plain reference. Semantics are ggml's CPU path exactly: Q4_1 weights meet Q8_1 activations
-//! and Q8_0 weights meet Q8_0 activations (ggml's `vec_dot_type`), each activation row is
-//! quantized in 32-blocks on its own, each block pair gives an exact integer `sumi`, and the
-//! output is the f32 sum over blocks in block order of `(dw * dx) * sumi + mw * sx` (Q4_1) or
-//! `sumi * (dw * dx)` (Q8_0) — `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0`.
+//! CPU), the parallel driver and the plain reference. Semantics are those of ggml's x86 build
+//! (what llama.cpp runs on this kind of machine), bit for bit: Q4_1 weights meet Q8_1
+//! activations and Q8_0 weights meet Q8_0 activations (ggml's `vec_dot_type`), each activation
+//! row is quantized in 32-blocks on its own, and one output is `ggml_vec_dot_q4_1_q8_1` /
+//! `ggml_vec_dot_q8_0_q8_0` of `arch/x86/quants.c` as GCC compiled them: 8 f32 partial sums, one
+//! per 4-byte group of the block (the int32 lanes of a ymm `vpdpbusd`), each updated per block
+//! by `fma(dw * dx, group_sum, acc)`; then `hsum_float_8` and, for Q4_1, `+ summs` where
+//! `summs = fma(mw, sx, summs)` per block. (With Q8 activations the model is chaotic at the
+//! last bit, so matching llama.cpp's tokens needs its exact rounding sequence, not just an
+//! accurate sum.) llamafile's sgemm never runs for these shapes in llama.cpp: it has no Q4_1
+//! case, and the Q8_0 output matrix only ever sees one row per sequence.
 //!
 //! Batch invariance (a hard requirement of the engine): an output element depends only on its
 //! weight row and its activation row, through a fixed sequence of float operations. The fast
-//! kernels vectorize across 16 output columns (one f32 lane each) and reuse weights across up to
-//! 8 activation rows, but never split or reorder the block sum of one element, so the result
-//! does not depend on m, on the tiling, or on how rayon splits the work; it is the same bits as
-//! `qmatmul_reference`. Must not: reduce across blocks in a different order, use FMA, or
+//! kernels vectorize across 16 output columns (one f32 lane each) and reuse weights across 2
+//! activation rows, but never split or reorder the sums of one element, so the result does not
+//! depend on m, on the tiling, or on how rayon splits the work; it is the same bits as
+//! `qmatmul_reference`. Must not: reduce in any other order, fuse or unfuse a rounding, or
 //! quantize activations with batch-dependent scales. (Non-finite activations give garbage, as
 //! in ggml; still the same garbage for a row whatever the batch.)
 
@@ -42,8 +48,8 @@ const QK: usize = 32;
 /// Output columns per tile: one zmm of f32 / i32 lanes.
 const TILE: usize = 16;
 /// Activation rows per kernel call (at most): each loaded weight tile is reused this many times.
-/// 8 rows x (1 chain + 1 accumulator) + 4 weight registers fill the 32 zmm registers.
-const ROWS: usize = 8;
+/// 2 rows x (8 partial sums + `summs`) + the weight registers fill the 32 zmm registers.
+const ROWS: usize = 2;
 
 /// Supported weight formats (ggml block layouts, as stored in GGUF files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,8 +116,8 @@ pub fn qmatmul(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     qmatmul_with(w, x, m, out, isa, Plan::new(w, m))
 }
 
-/// The plain reference: ggml's scalar quantization and `ggml_vec_dot_*` on the original ggml
-/// blocks, one output element at a time.
+/// The plain reference: ggml's quantization and x86 `ggml_vec_dot_*` arithmetic written as
+/// scalar code on the original ggml blocks, one output element at a time.
 pub fn qmatmul_reference(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     let (n, k) = (w.rows(), w.cols());
     check_shapes(w, x, m, out);
@@ -134,29 +140,45 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// `ggml_vec_dot_q4_1_q8_1` on one ggml Q4_1 row.
-fn ref_dot_q4_1(wrow: &[u8], x: &[ActBlock]) -> f32 {
-    let mut acc = 0f32;
-    for (b, blk) in wrow.chunks_exact(20).enumerate() {
-        let (dw, mw, qs, xb) = (f16_at(blk, 0), f16_at(blk, 2), &blk[4..20], &x[b]);
-        let mut sumi = 0i32;
-        for (j, &q) in qs.iter().enumerate() {
-            sumi += (q & 0x0F) as i32 * xb.qs[j] as i32 + (q >> 4) as i32 * xb.qs[j + 16] as i32;
-        }
-        acc += dw * xb.d * sumi as f32 + mw * xb.s;
-    }
-    acc
+/// ggml's `hsum_float_8`: `((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))`.
+pub(crate) fn hsum8(a: [f32; 8]) -> f32 {
+    ((a[4] + a[0]) + (a[6] + a[2])) + ((a[5] + a[1]) + (a[7] + a[3]))
 }
 
-/// `ggml_vec_dot_q8_0_q8_0` on one ggml Q8_0 row.
-fn ref_dot_q8_0(wrow: &[u8], x: &[ActBlock]) -> f32 {
-    let mut acc = 0f32;
-    for (b, blk) in wrow.chunks_exact(34).enumerate() {
-        let (dw, qs, xb) = (f16_at(blk, 0), &blk[2..34], &x[b]);
-        let sumi: i32 = qs.iter().zip(&xb.qs).map(|(&w, &x)| w as i8 as i32 * x as i32).sum();
-        acc += sumi as f32 * (dw * xb.d);
+/// `ggml_vec_dot_q4_1_q8_1` (x86, AVX2 + VNNI) on one ggml Q4_1 row. Group g < 4 holds the low
+/// nibbles of bytes 4g..4g+4 times x[4g..], group 4 + g their high nibbles times x[16 + 4g..]
+/// (`bytes_from_nibbles_32` puts low nibbles in bytes 0..16, high ones in 16..32).
+fn ref_dot_q4_1(wrow: &[u8], x: &[ActBlock]) -> f32 {
+    let (mut acc, mut summs) = ([0f32; 8], 0f32);
+    for (blk, xb) in wrow.chunks_exact(20).zip(x) {
+        let (dw, mw, qs) = (f16_at(blk, 0), f16_at(blk, 2), &blk[4..20]);
+        summs = mw.mul_add(xb.s, summs);
+        let dd = dw * xb.d;
+        for (g, a) in acc.iter_mut().enumerate() {
+            let (c, high) = (g % 4, g >= 4);
+            let mut sumi = 0i32;
+            for j in 4 * c..4 * c + 4 {
+                let (q, xq) = if high { (qs[j] >> 4, xb.qs[16 + j]) } else { (qs[j] & 0x0F, xb.qs[j]) };
+                sumi += q as i32 * xq as i32;
+            }
+            *a = dd.mul_add(sumi as f32, *a);
+        }
     }
-    acc
+    hsum8(acc) + summs
+}
+
+/// `ggml_vec_dot_q8_0_q8_0` (x86, AVX2) on one ggml Q8_0 row: group g = bytes 4g..4g+4.
+fn ref_dot_q8_0(wrow: &[u8], x: &[ActBlock]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (blk, xb) in wrow.chunks_exact(34).zip(x) {
+        let (dw, qs) = (f16_at(blk, 0), &blk[2..34]);
+        let dd = dw * xb.d;
+        for (g, a) in acc.iter_mut().enumerate() {
+            let sumi: i32 = (4 * g..4 * g + 4).map(|j| qs[j] as i8 as i32 * xb.qs[j] as i32).sum();
+            *a = dd.mul_add(sumi as f32, *a);
+        }
+    }
+    hsum8(acc)
 }
 
 fn check_shapes(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
@@ -243,9 +265,6 @@ fn run_unit(w: &QuantMatrix, acts: &QActs, isa: Isa, tiles: Range<usize>, rows: 
             let g = Group { w, tile, acts, isa, row0: r, cols: cols.clone(), sink };
             r += match rows.end - r {
                 1 => g.run::<1>(),
-                2 => g.run::<2>(),
-                3 => g.run::<3>(),
-                4..ROWS => g.run::<4>(),
                 _ => g.run::<ROWS>(),
             };
         }
@@ -280,16 +299,10 @@ impl Group<'_> {
         let res = match (self.isa, self.w.qtype()) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
-            (Isa::Avx512Vnni, QuantType::Q4_1) if R >= 4 => unsafe { avx512::q4_1_tile_wide::<R>(self.tile, x) },
+            (Isa::Avx512Vnni, QuantType::Q4_1) => unsafe { avx512::q4_1_tile::<R>(self.tile, x) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            (Isa::Avx512Vnni, QuantType::Q4_1) => unsafe { avx512::q4_1_tile_few::<R>(self.tile, x) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            (Isa::Avx512Vnni, QuantType::Q8_0) if R >= 4 => unsafe { avx512::q8_0_tile_wide::<R>(self.tile, x) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            (Isa::Avx512Vnni, QuantType::Q8_0) => unsafe { avx512::q8_0_tile_few::<R>(self.tile, x) },
+            (Isa::Avx512Vnni, QuantType::Q8_0) => unsafe { avx512::q8_0_tile::<R>(self.tile, x) },
             (Isa::Portable, QuantType::Q4_1) => portable::q4_1_tile::<R>(self.tile, x),
             (Isa::Portable, QuantType::Q8_0) => portable::q8_0_tile::<R>(self.tile, x),
         };

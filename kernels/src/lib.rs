@@ -7,6 +7,7 @@ pub mod attention;
 mod attention_f16;
 pub mod dense;
 pub mod encoder_attention;
+pub mod ggml_ops;
 pub mod quant;
 pub mod rope;
 mod sink;

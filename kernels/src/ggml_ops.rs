@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 /// (the weight multiply is a separate `ggml_mul`, or fused with the same two roundings).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
-    assert!(n > 0 && x.len() % n == 0 && out.len() == x.len(), "rms_norm: x, out must be [rows, {n}]");
+    assert!(n > 0 && x.len().is_multiple_of(n) && out.len() == x.len(), "rms_norm: x, out must be [rows, {n}]");
     for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
         // Sequential f64 sum of f32 products (`sum += (ggml_float)(x * x)`), as compiled.
         let sum = xr.iter().fold(0f64, |s, &v| s + (v * v) as f64);
@@ -48,7 +48,7 @@ const LANES: usize = 16;
 /// `out = silu(gate) * up` per row of `n` (`gate`, `up`, `out`: `[rows, n]`), ggml's
 /// `ggml_vec_swiglu_f32` on each row.
 pub fn swiglu(gate: &[f32], up: &[f32], n: usize, out: &mut [f32]) {
-    assert!(n > 0 && gate.len() % n == 0 && up.len() == gate.len() && out.len() == gate.len());
+    assert!(n > 0 && gate.len().is_multiple_of(n) && up.len() == gate.len() && out.len() == gate.len());
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         for ((g, u), o) in gate.chunks_exact(n).zip(up.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {

@@ -156,11 +156,12 @@ fn ref_dot_q4_1(wrow: &[u8], x: &[ActBlock]) -> f32 {
         let dd = dw * xb.d;
         for (g, a) in acc.iter_mut().enumerate() {
             let (c, high) = (g % 4, g >= 4);
-            let mut sumi = 0i32;
-            for j in 4 * c..4 * c + 4 {
-                let (q, xq) = if high { (qs[j] >> 4, xb.qs[16 + j]) } else { (qs[j] & 0x0F, xb.qs[j]) };
-                sumi += q as i32 * xq as i32;
-            }
+            let xs = if high { &xb.qs[16 + 4 * c..20 + 4 * c] } else { &xb.qs[4 * c..4 * c + 4] };
+            let sumi: i32 = qs[4 * c..4 * c + 4]
+                .iter()
+                .zip(xs)
+                .map(|(&q, &xq)| if high { q >> 4 } else { q & 0x0F } as i32 * xq as i32)
+                .sum();
             *a = dd.mul_add(sumi as f32, *a);
         }
     }

@@ -297,12 +297,8 @@ impl Core {
 
     fn step(&mut self) -> Result<(), EngineError> {
         let out = self.sched.schedule();
+        // A preempted sequence keeps its tokens; the scheduler alone tracks that its KV is gone.
         self.stats.preemptions.fetch_add(out.preempted.len() as u64, Ordering::Relaxed);
-        for id in &out.preempted {
-            if let Some(s) = self.seqs.get_mut(id) {
-                s.preempted();
-            }
-        }
         let _span = tracing::debug_span!("step", seqs = out.seqs.len(), tokens = out.num_batched_tokens).entered();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         if !out.seqs.is_empty() {

@@ -56,8 +56,6 @@ impl Seq {
         Self::new(prompt, self.group.clone(), index)
     }
 
-    /// Preempted by recompute: tokens stay, the KV is recomputed when rescheduled.
-    pub fn preempted(&mut self) {}
 
     /// Samples the next token from `logits` and reports it; returns why the sequence ends, if it
     /// does. An EOS / stop token ends it without being emitted.

@@ -105,9 +105,7 @@ impl Metrics {
         let mut out = String::new();
         let l = format!("model_name=\"{}\",", self.model);
         let lb = format!("{{{}}}", l.trim_end_matches(','));
-        let mut gauge = |name: &str, help: &str, kind: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{lb} {v}");
-        };
+        let mut gauge = |name: &str, help: &str, kind: &str, v: f64| scalar(&mut out, (name, help, kind), &lb, v);
         if let Some(h) = engine {
             let s = h.stats();
             let total = h.info().num_blocks as f64;
@@ -132,19 +130,15 @@ impl Metrics {
         self.ttft.render(&mut out, "kiln:time_to_first_token_seconds", &l, "Time to first token.");
         self.inter_token.render(&mut out, "kiln:inter_token_latency_seconds", &l, "Time between consecutive output tokens.");
         self.e2e.render(&mut out, "kiln:e2e_request_latency_seconds", &l, "End-to-end request latency.");
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        counter("kiln:embedding_requests_total", "Embedding requests answered.", self.embedding_requests.load(Ordering::Relaxed));
-        counter("kiln:embedding_tokens_total", "Tokens embedded.", self.embedding_tokens.load(Ordering::Relaxed));
+        let mut line = |name: &str, help: &str, kind: &str, v: u64| scalar(&mut out, (name, help, kind), "", v as f64);
+        line("kiln:embedding_requests_total", "Embedding requests answered.", "counter", self.embedding_requests.load(Ordering::Relaxed));
+        line("kiln:embedding_tokens_total", "Tokens embedded.", "counter", self.embedding_tokens.load(Ordering::Relaxed));
         self.embedding_inputs.render(&mut out, "kiln:embedding_inputs_per_request", "", "Inputs per embedding request.");
         self.embedding_latency.render(&mut out, "kiln:embedding_request_latency_seconds", "", "Embedding request latency.");
         if let Some(e) = embedder {
             // Batch sizes as the worker formed them (mean = sequences / batches).
             let st = e.stats();
-            let mut line = |name: &str, help: &str, kind: &str, v: u64| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-            };
+            let mut line = |name: &str, help: &str, kind: &str, v: u64| scalar(&mut out, (name, help, kind), "", v as f64);
             line("kiln:embedding_batches_total", "Encoder forward passes.", "counter", st.batches.load(Ordering::Relaxed));
             line("kiln:embedding_batch_sequences_total", "Sequences summed over encoder batches.", "counter", st.sequences.load(Ordering::Relaxed));
             line("kiln:embedding_last_batch_sequences", "Sequences in the latest encoder batch.", "gauge", st.last_batch_seqs.load(Ordering::Relaxed));
@@ -153,4 +147,9 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One single-valued metric with its HELP and TYPE lines; `labels` is `{...}` or empty.
+fn scalar(out: &mut String, (name, help, kind): (&str, &str, &str), labels: &str, v: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {v}");
 }

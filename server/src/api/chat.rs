@@ -32,15 +32,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let mut tracked = submit(&state, &engine, Prompt::Text(text), params).await.map_err(|e| ApiError::from_engine(e, "messages"))?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     if req.sampling.stream() {
-        let ctx = StreamCtx {
-            id,
-            created: unix_now(),
-            model: state.served_model_name.clone(),
-            fingerprint: state.system_fingerprint.clone(),
-            kind: Kind::Chat,
-            include_usage,
-            tokenizer: engine.tokenizer().clone(),
-        };
+        let ctx = StreamCtx::new(&state, Kind::Chat, id, include_usage, engine.tokenizer().clone());
         return Ok(sse::response(ctx, vec![Part { tracked, offset: 0, echo: None }]));
     }
     let outs = collect(&mut tracked).await.map_err(|e| ApiError::from_engine(e, "messages"))?;

@@ -44,15 +44,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     }
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     if req.sampling.stream() {
-        let ctx = StreamCtx {
-            id,
-            created: unix_now(),
-            model: state.served_model_name.clone(),
-            fingerprint: state.system_fingerprint.clone(),
-            kind: Kind::Completion,
-            include_usage,
-            tokenizer: engine.tokenizer().clone(),
-        };
+        let ctx = StreamCtx::new(&state, Kind::Completion, id, include_usage, engine.tokenizer().clone());
         return Ok(sse::response(ctx, parts));
     }
     let (mut choices, mut prompt_tokens, mut completion_tokens, mut cached) = (Vec::new(), 0, 0, 0);

@@ -43,7 +43,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(served_model_name: String, api_keys: Vec<String>, system_fingerprint: String) -> Self {
-        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let created = generation::unix_now();
         Self {
             engine: OnceLock::new(),
             embedder: OnceLock::new(),

@@ -38,6 +38,21 @@ pub struct StreamCtx {
     pub tokenizer: Arc<Tokenizer>,
 }
 
+impl StreamCtx {
+    /// A response's shared chunk fields, stamped now.
+    pub fn new(state: &super::AppState, kind: Kind, id: String, include_usage: bool, tokenizer: Arc<Tokenizer>) -> Self {
+        Self {
+            id,
+            created: super::generation::unix_now(),
+            model: state.served_model_name.clone(),
+            fingerprint: state.system_fingerprint.clone(),
+            kind,
+            include_usage,
+            tokenizer,
+        }
+    }
+}
+
 /// One engine request of the response (completions may have several prompts).
 pub struct Part {
     pub tracked: Tracked,

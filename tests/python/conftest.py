@@ -1,7 +1,9 @@
 """Shared fixtures of the OpenAI-SDK conformance suite.
 
 `run.sh` starts two real `kiln serve` processes and passes their addresses in the environment:
-KILN_BASE_URL (no API keys) and KILN_AUTH_BASE_URL (started with --api-key KILN_API_KEY).
+KILN_BASE_URL (no API keys) and KILN_AUTH_BASE_URL (started with --api-key KILN_API_KEY). When
+Qwen2.5-Coder-0.5B-Instruct is fetched (`scripts/fetch-models.sh qwen`) it starts a third one on
+it: KILN_QWEN_BASE_URL / KILN_QWEN_MODEL (the tool-calling tests skip without it).
 """
 
 import os
@@ -16,6 +18,8 @@ BASE_URL = os.environ["KILN_BASE_URL"]  # http://127.0.0.1:PORT/v1
 AUTH_BASE_URL = os.environ.get("KILN_AUTH_BASE_URL")
 API_KEY = os.environ.get("KILN_API_KEY", "")
 MODEL = os.environ.get("KILN_MODEL", "smollm2-135m-instruct-q4_1")
+QWEN_BASE_URL = os.environ.get("KILN_QWEN_BASE_URL")
+QWEN_MODEL = os.environ.get("KILN_QWEN_MODEL", "qwen2.5-coder-0.5b-instruct-q4_k_m")
 
 
 def root(base_url):
@@ -32,6 +36,14 @@ def model():
 def client():
     # No retries: a retried 5xx or 429 would hide the very failures this suite looks for.
     return openai.OpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def qwen_client():
+    """A client of the Qwen2.5-Coder-0.5B server, or a skip when run.sh did not start one."""
+    if not QWEN_BASE_URL:
+        pytest.skip("Qwen2.5-Coder-0.5B-Instruct is not fetched (scripts/fetch-models.sh qwen, or KILN_TEST_FULL=1 scripts/test.sh)")
+    return openai.OpenAI(base_url=QWEN_BASE_URL, api_key="unused", max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="session")

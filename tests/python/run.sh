@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The OpenAI-SDK conformance suite: builds `kiln`, starts two real `kiln serve` processes on the
-# default model (one open, one with --api-key), waits for /health, runs pytest against them with
-# the official `openai` package, and always stops the servers. Exit code = pytest's.
+# default model (one open, one with --api-key), plus a third on Qwen2.5-Coder-0.5B-Instruct when
+# it is fetched (`scripts/fetch-models.sh qwen`; the tool-calling tests that need it skip
+# otherwise), waits for /health, runs pytest against them with the official `openai` package, and
+# always stops the servers. Exit code = pytest's.
 #
 # Env: KILN_TEST_VENV (default ~/.cache/kiln-test-venv), PYTHON (default python3),
 #      KILN_BIN (skip the build, use this binary), KILN_MODELS_DIR. Arguments go to pytest
@@ -34,9 +36,10 @@ fi
 MODELS=${KILN_MODELS_DIR:-$HOME/.cache/kiln/models}
 MODEL_FILE="$MODELS/smollm2-135m-instruct-q4_1.gguf"
 EMBED_DIR="$MODELS/all-minilm-l6-v2"
+QWEN_FILE="$MODELS/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 [ -f "$MODEL_FILE" ] && [ -f "$EMBED_DIR/model.safetensors" ] || scripts/fetch-models.sh default embed
 
-# 3. Two servers on free ports. Their environment is cleared of KILN_* settings that would change
+# 3. Two (or three) servers on free ports. Their environment is cleared of KILN_* settings that would change
 # them (an API key or config file from the caller's shell).
 LOGS="$ROOT/target/kiln-python-tests"
 mkdir -p "$LOGS"
@@ -57,10 +60,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-start_server() { # name port [args...]
+start_server() { # name port [args...]; SERVER_MODEL overrides the model file
   local name=$1 port=$2; shift 2
-  env "${clean_env[@]}" "$KILN_BIN" serve --model "$MODEL_FILE" --host 127.0.0.1 --port "$port" \
-    --kv-cache-memory 512M "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.log" &
+  env "${clean_env[@]}" "$KILN_BIN" serve --model "${SERVER_MODEL:-$MODEL_FILE}" --host 127.0.0.1 --port "$port" \
+    --kv-cache-memory "${SERVER_KV:-512M}" "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.log" &
   pids+=($!)
 }
 wait_healthy() { # name port pid
@@ -89,16 +92,26 @@ open_pid=${pids[-1]}
 AUTH_PORT=$(free_port)
 start_server auth "$AUTH_PORT" --api-key "other-key" --api-key "$API_KEY"
 auth_pid=${pids[-1]}
-if ! wait_healthy open "$PORT" "$open_pid" || ! wait_healthy auth "$AUTH_PORT" "$auth_pid"; then
+qwen_env=()
+if [ -f "$QWEN_FILE" ]; then
+  QWEN_PORT=$(free_port)
+  SERVER_MODEL="$QWEN_FILE" SERVER_KV=1G start_server qwen "$QWEN_PORT"
+  qwen_pid=${pids[-1]}
+  qwen_env=(KILN_QWEN_BASE_URL="http://127.0.0.1:$QWEN_PORT/v1" KILN_QWEN_MODEL="qwen2.5-coder-0.5b-instruct-q4_k_m")
+else
+  log "no $QWEN_FILE: the Qwen tool-calling tests skip (scripts/fetch-models.sh qwen)"
+fi
+if ! wait_healthy open "$PORT" "$open_pid" || ! wait_healthy auth "$AUTH_PORT" "$auth_pid" ||
+  { [ -n "${qwen_pid:-}" ] && ! wait_healthy qwen "$QWEN_PORT" "$qwen_pid"; }; then
   tail -n 30 "$LOGS"/*.log >&2
   exit 1
 fi
-log "servers up on ports $PORT (open) and $AUTH_PORT (--api-key); logs in $LOGS"
+log "servers up on ports $PORT (open), $AUTH_PORT (--api-key)${QWEN_PORT:+ and $QWEN_PORT (Qwen)}; logs in $LOGS"
 
 # 4. The suite.
 status=0
-KILN_BASE_URL="http://127.0.0.1:$PORT/v1" KILN_AUTH_BASE_URL="http://127.0.0.1:$AUTH_PORT/v1" KILN_API_KEY="$API_KEY" \
-  KILN_MODEL="smollm2-135m-instruct-q4_1" PYTHONDONTWRITEBYTECODE=1 \
+env "${qwen_env[@]}" KILN_BASE_URL="http://127.0.0.1:$PORT/v1" KILN_AUTH_BASE_URL="http://127.0.0.1:$AUTH_PORT/v1" \
+  KILN_API_KEY="$API_KEY" KILN_MODEL="smollm2-135m-instruct-q4_1" PYTHONDONTWRITEBYTECODE=1 \
   "$VPY" -m pytest -p no:cacheprovider -q -rf --durations=5 "$HERE" "$@" || status=$?
 for p in "${pids[@]}"; do
   kill -0 "$p" 2>/dev/null || { log "a server died during the suite"; status=1; }

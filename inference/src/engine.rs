@@ -4,12 +4,14 @@
 //! send events. No locks around engine parts, no globals.
 
 use crate::error::EngineError;
+use crate::grammar::{Compiled, GrammarCompiler, SeqGrammar};
 use crate::params::SamplingParams;
 use crate::runner::Runner;
-use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
 use crate::sequence::{Group, Seq};
 use crate::stream::{Event, StreamSetup, TokenStream};
 use crate::tokenizer::Tokenizer;
+use llguidance::toktrie::SimpleVob;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
@@ -73,6 +75,7 @@ pub struct EngineStats {
 pub(crate) struct AddRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    pub grammar: Option<Compiled>,
     pub events: tokio::sync::mpsc::UnboundedSender<Event>,
     pub cancel: Arc<[AtomicBool]>,
 }
@@ -89,6 +92,7 @@ pub struct EngineHandle {
     tokenizer: Arc<Tokenizer>,
     info: Arc<ModelInfo>,
     stats: Arc<EngineStats>,
+    grammars: Arc<GrammarCompiler>,
 }
 
 /// Which text a prompt is.
@@ -113,14 +117,15 @@ impl EngineHandle {
         &self.stats
     }
 
-    /// Tokenizes (on the caller's thread), validates and submits a request. Fails fast with
-    /// `Overloaded` when the command queue is full.
+    /// Tokenizes and compiles its grammar (on the caller's thread), validates and submits a
+    /// request. Fails fast with `Overloaded` when the command queue is full.
     pub fn generate(&self, prompt: Prompt, params: SamplingParams) -> Result<TokenStream, EngineError> {
         let ids = match prompt {
             Prompt::Text(t) => self.tokenizer.encode_prompt(&t, true)?,
             Prompt::Tokens(ids) => ids,
         };
         self.check(&ids, &params)?;
+        let grammar = params.constraint.as_ref().map(|c| self.grammars.compile(c)).transpose()?;
         let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
         let cancel: Arc<[AtomicBool]> = (0..params.n).map(|_| AtomicBool::new(false)).collect();
         let tail_start = ids.len().saturating_sub(4);
@@ -131,7 +136,7 @@ impl EngineHandle {
             prompt_tokens: ids.len(),
             cancel: cancel.clone(),
         };
-        let add = AddRequest { prompt: ids, params, events: etx, cancel };
+        let add = AddRequest { prompt: ids, params, grammar, events: etx, cancel };
         match self.tx.try_send(Command::Add(Box::new(add))) {
             Ok(()) => Ok(TokenStream::new(erx, self.tokenizer.clone(), setup)),
             Err(TrySendError::Full(_)) => Err(EngineError::Overloaded),
@@ -178,6 +183,7 @@ pub fn spawn(runner: Runner, tokenizer: Tokenizer, cfg: &EngineConfig) -> Result
         block_size: cfg.block_size,
     };
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity);
+    let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size));
     let tokenizer = Arc::new(tokenizer);
     let stats = Arc::new(EngineStats::default());
     let mut core = Core {
@@ -193,8 +199,11 @@ pub fn spawn(runner: Runner, tokenizer: Tokenizer, cfg: &EngineConfig) -> Result
         .name("kiln-engine".into())
         .spawn(move || core.run(rx))
         .map_err(|e| EngineError::Internal(format!("cannot start engine thread: {e}")))?;
-    Ok((EngineHandle { tx, tokenizer, info: Arc::new(info), stats }, thread))
+    Ok((EngineHandle { tx, tokenizer, info: Arc::new(info), stats, grammars }, thread))
 }
+
+/// A grammar's mask for the next token: `None` while it waits for its trigger.
+type MaskResult = Result<Option<SimpleVob>, String>;
 
 /// Everything the engine thread owns.
 struct Core {
@@ -283,8 +292,17 @@ impl Core {
         let id = self.next_id;
         self.next_id += 1;
         let group = Arc::new(Group { params: req.params, events: req.events, cancel: req.cancel, max_len: total });
-        self.sched.add(id, req.prompt.len(), group.params.n);
-        self.seqs.insert(id, Seq::new(req.prompt, group, 0));
+        let mut seq = Seq::new(req.prompt, group, 0, req.grammar.map(SeqGrammar::new));
+        if let Some(reason) = seq.start() {
+            // The grammar forced the whole output: no model step at all, for any choice.
+            for index in 1..=seq.take_pending_forks() {
+                seq.fork(index).finish(reason);
+            }
+            seq.finish(reason);
+            return;
+        }
+        self.sched.add(id, seq.tokens().len(), seq.choices());
+        self.seqs.insert(id, seq);
     }
 
     fn drop_cancelled(&mut self) {
@@ -302,19 +320,53 @@ impl Core {
         let _span = tracing::debug_span!("step", seqs = out.seqs.len(), tokens = out.num_batched_tokens).entered();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         if !out.seqs.is_empty() {
-            let logits = self.runner.step(&out, &self.seqs)?;
+            let (logits, mut masks) = self.forward_and_masks(&out)?;
             let mut rows = logits.into_iter();
             for s in out.seqs.iter().filter(|s| s.needs_logits) {
                 let row = rows.next().ok_or_else(|| EngineError::Internal("missing logits row".into()))?;
-                self.on_logits(s.id, row);
+                match masks.remove(&s.id) {
+                    Some(Err(e)) => self.fail(s.id, EngineError::Internal(e)),
+                    mask => self.on_logits(s.id, row, mask.and_then(Result::ok).flatten()),
+                }
             }
         }
         self.publish();
         Ok(())
     }
 
+    /// Runs the model while a second thread computes the grammar masks of the constrained
+    /// sequences that get logits this step: on a GPU the mask is then free; on a CPU it shares
+    /// the cores, but only constrained sequences pay anything.
+    fn forward_and_masks(&mut self, out: &SchedulerOutput) -> Result<(Vec<Vec<f32>>, HashMap<SeqId, MaskResult>), EngineError> {
+        let mut lent: Vec<(SeqId, Box<SeqGrammar>)> = out
+            .seqs
+            .iter()
+            .filter(|s| s.needs_logits)
+            .filter_map(|s| {
+                let seq = self.seqs.get_mut(&s.id)?;
+                seq.needs_mask().then(|| seq.take_grammar()).flatten().map(|g| (s.id, g))
+            })
+            .collect();
+        if lent.is_empty() {
+            return Ok((self.runner.step(out, &self.seqs)?, HashMap::new()));
+        }
+        let (runner, seqs) = (&mut self.runner, &self.seqs);
+        let (logits, masks) = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| lent.iter_mut().map(|(id, g)| (*id, g.mask())).collect::<HashMap<_, _>>());
+            let logits = runner.step(out, seqs);
+            (logits, worker.join())
+        });
+        for (id, g) in lent {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.put_grammar(g);
+            }
+        }
+        let masks = masks.map_err(|p| EngineError::Internal(panic_message(&p)))?;
+        Ok((logits?, masks))
+    }
+
     /// Samples the next token of `id` (and of its forks, for `n > 1` right after the prompt).
-    fn on_logits(&mut self, id: SeqId, row: Vec<f32>) {
+    fn on_logits(&mut self, id: SeqId, row: Vec<f32>, mask: Option<SimpleVob>) {
         let forks = self.seqs.get_mut(&id).map_or(0, |s| s.take_pending_forks());
         for index in 1..=forks {
             let child = self.next_id;
@@ -322,20 +374,33 @@ impl Core {
             self.sched.fork(id, child);
             let forked = self.seqs[&id].fork(index);
             self.seqs.insert(child, forked);
-            self.sample_and_emit(child, row.clone());
+            self.sample_and_emit(child, row.clone(), mask.as_ref());
         }
-        self.sample_and_emit(id, row);
+        self.sample_and_emit(id, row, mask.as_ref());
     }
 
-    fn sample_and_emit(&mut self, id: SeqId, mut row: Vec<f32>) {
+    fn sample_and_emit(&mut self, id: SeqId, mut row: Vec<f32>, mask: Option<&SimpleVob>) {
         let Some(seq) = self.seqs.get_mut(&id) else { return };
-        let finish = seq.sample(&mut row, &self.eos);
-        self.sched.append_token(id);
-        if let Some(reason) = finish {
-            seq.finish(reason);
-            self.sched.finish(id);
-            self.seqs.remove(&id);
+        match seq.sample(&mut row, &self.eos, mask) {
+            Ok(s) => {
+                self.sched.append_tokens(id, s.appended);
+                if let Some(reason) = s.finish {
+                    seq.finish(reason);
+                    self.sched.finish(id);
+                    self.seqs.remove(&id);
+                }
+            }
+            Err(e) => self.fail(id, e),
         }
+    }
+
+    /// Ends one sequence with an error (its caller sees it; everyone else goes on).
+    fn fail(&mut self, id: SeqId, e: EngineError) {
+        tracing::warn!(seq = id, error = %e, "sequence failed");
+        if let Some(seq) = self.seqs.remove(&id) {
+            seq.fail(e);
+        }
+        self.sched.finish(id);
     }
 
     fn publish(&self) {

@@ -16,6 +16,10 @@ pub enum EngineError {
     /// The engine thread has stopped (shutdown or a fatal error).
     #[error("the engine has shut down")]
     Shutdown,
+    /// A `response_format` schema or tool grammar the grammar engine cannot compile (HTTP 400;
+    /// the server knows which request field it came from).
+    #[error("{0}")]
+    Grammar(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("chat template error: {0}")]

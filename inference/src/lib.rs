@@ -6,6 +6,7 @@ pub mod detok;
 pub mod embed;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod loader;
 pub mod params;
 pub mod runner;
@@ -18,5 +19,6 @@ pub mod tokenizer;
 
 pub use engine::{EngineConfig, EngineHandle, Prompt};
 pub use error::EngineError;
+pub use grammar::{Constraint, Grammar};
 pub use params::SamplingParams;
 pub use stream::{Delta, FinishReason, TokenLogprob, TokenStream};

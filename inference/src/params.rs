@@ -4,6 +4,7 @@
 //! nothing about HTTP or JSON field names; `server` maps OpenAI requests onto it.
 
 use crate::error::EngineError;
+use crate::grammar::Constraint;
 
 /// Largest `top_logprobs` OpenAI accepts.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -43,6 +44,8 @@ pub struct SamplingParams {
     pub logprobs: bool,
     /// Number of alternatives per position, at most [`MAX_TOP_LOGPROBS`].
     pub top_logprobs: usize,
+    /// Output must follow this grammar (structured outputs, tool calls).
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -64,6 +67,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             logprobs: false,
             top_logprobs: 0,
+            constraint: None,
         }
     }
 }

@@ -18,7 +18,9 @@
 //!   id order.
 //! - logprobs: one more O(V) pass (max + log-sum-exp) and an O(V) top-n scan with n <= 20.
 
+use crate::grammar::apply_mask;
 use crate::params::SamplingParams;
+use llguidance::toktrie::SimpleVob;
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
@@ -86,13 +88,17 @@ impl SeqSampler {
         }
     }
 
-    /// Picks the next token from one row of logits (`[vocab]`). The row is used as scratch for
-    /// the sparse bias/penalty edits and restored before returning.
-    pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+    /// Picks the next token from one row of logits (`[vocab]`), among the tokens `mask` allows
+    /// when given (a grammar's). The row is scratch: the sparse bias/penalty edits are restored
+    /// before returning, masked-out entries stay at -inf.
+    pub fn sample(&mut self, logits: &mut [f32], mask: Option<&SimpleVob>) -> Sampled {
         if logits.is_empty() {
             return Sampled { token: 0, logprob: 0.0, top_logprobs: Vec::new() };
         }
         let raw = self.params.logprobs.then(|| raw_logprobs(logits, self.params.top_logprobs));
+        if let Some(m) = mask {
+            apply_mask(m, logits);
+        }
         let undo = self.adjust(logits);
         // `> 0` rather than `== 0` so a NaN temperature can never reach the division.
         let token = if self.params.temperature > 0.0 { self.draw(logits) } else { argmax(logits) as u32 };
@@ -489,7 +495,7 @@ mod tests {
         let mut row = logits.to_vec();
         let mut h = vec![0; logits.len()];
         for _ in 0..draws {
-            h[s.sample(&mut row).token as usize] += 1;
+            h[s.sample(&mut row, None).token as usize] += 1;
         }
         h
     }
@@ -537,11 +543,11 @@ mod tests {
     #[test]
     fn greedy_picks_argmax_ties_to_lowest_id_and_ignores_nan() {
         let mut s = SeqSampler::new(&SamplingParams::greedy(), 0, &[]);
-        assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0, 2.9]).token, 1);
-        assert_eq!(s.sample(&mut [f32::NAN, 1.0, 0.5]).token, 1);
+        assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0, 2.9], None).token, 1);
+        assert_eq!(s.sample(&mut [f32::NAN, 1.0, 0.5], None).token, 1);
         let logits = random_logits(1, 49152, 10.0);
         let expected = logits.iter().enumerate().fold(0, |b, (i, &x)| if x > logits[b] { i } else { b });
-        assert_eq!(s.sample(&mut logits.clone()).token as usize, expected);
+        assert_eq!(s.sample(&mut logits.clone(), None).token as usize, expected);
     }
 
     #[test]
@@ -556,7 +562,7 @@ mod tests {
                 seeded(|p| (p.top_p, p.temperature) = (1e-6, 1.9)),
             ] {
                 let mut s = SeqSampler::new(&SamplingParams { seed: Some(seed), ..p }, 0, &[]);
-                assert_eq!(s.sample(&mut logits.clone()).token, greedy);
+                assert_eq!(s.sample(&mut logits.clone(), None).token, greedy);
             }
         }
     }
@@ -665,7 +671,7 @@ mod tests {
         s.accept(4);
         let logits = random_logits(9, 300, 3.0);
         let mut row = logits.clone();
-        s.sample(&mut row);
+        s.sample(&mut row, None);
         assert_eq!(row, logits);
     }
 
@@ -678,7 +684,7 @@ mod tests {
         let h = histogram(&seeded(|p| p.logit_bias = vec![(2, 100.0)]), &logits, 3000);
         assert_eq!(h[2], 3000);
         let mut g = SeqSampler::new(&SamplingParams { logit_bias: vec![(0, -100.0)], ..SamplingParams::greedy() }, 0, &[]);
-        assert_eq!(g.sample(&mut [5.0, 0.0, 1.0]).token, 2);
+        assert_eq!(g.sample(&mut [5.0, 0.0, 1.0], None).token, 2);
     }
 
     /// Pearson chi-square of observed counts against expected probabilities.
@@ -710,7 +716,7 @@ mod tests {
         let mut s = SeqSampler::new(p, choice, &[1, 2, 3]);
         rows.iter()
             .map(|r| {
-                let t = s.sample(&mut r.clone()).token;
+                let t = s.sample(&mut r.clone(), None).token;
                 s.accept(t);
                 t
             })
@@ -741,7 +747,7 @@ mod tests {
         for seed in 0..20 {
             let logits = random_logits(1000 + seed, 5000, 8.0);
             let reference = log_softmax_f64(&logits);
-            let out = s.sample(&mut logits.clone());
+            let out = s.sample(&mut logits.clone(), None);
             s.accept(out.token);
             assert!((out.logprob as f64 - reference[out.token as usize]).abs() < 1e-5);
             let mut order: Vec<usize> = (0..logits.len()).collect();
@@ -753,14 +759,14 @@ mod tests {
             }
         }
         let mut quiet = SeqSampler::new(&seeded(|p| p.top_logprobs = 5), 0, &[]);
-        let out = quiet.sample(&mut random_logits(5, 100, 1.0));
+        let out = quiet.sample(&mut random_logits(5, 100, 1.0), None);
         assert_eq!((out.logprob, out.top_logprobs.len()), (0.0, 0));
     }
 
     #[test]
     fn top_logprobs_ties_go_to_lower_ids() {
         let p = SamplingParams { logprobs: true, top_logprobs: 2, ..SamplingParams::greedy() };
-        let out = SeqSampler::new(&p, 0, &[]).sample(&mut [1.0, 3.0, 3.0, 0.0, 3.0]);
+        let out = SeqSampler::new(&p, 0, &[]).sample(&mut [1.0, 3.0, 3.0, 0.0, 3.0], None);
         let ids: Vec<u32> = out.top_logprobs.iter().map(|&(id, _)| id).collect();
         assert_eq!((out.token, ids), (1, vec![1, 2]));
         assert_eq!(out.top_logprobs[0].1, out.logprob);
@@ -792,7 +798,7 @@ mod tests {
     fn seeded_stream_is_pinned() {
         // Guards reproducibility across refactors and toolchains: update only on purpose.
         let mut s = SeqSampler::new(&seeded(|p| (p.seed, p.top_p, p.temperature) = (Some(1234), 0.9, 0.8)), 0, &[]);
-        let toks: Vec<u32> = (0..12).map(|i| s.sample(&mut random_logits(500 + i, 1000, 3.0)).token).collect();
+        let toks: Vec<u32> = (0..12).map(|i| s.sample(&mut random_logits(500 + i, 1000, 3.0), None).token).collect();
         assert_eq!(toks, [36, 837, 678, 892, 121, 923, 472, 194, 543, 669, 519, 189]);
     }
 }

@@ -140,8 +140,14 @@ impl Scheduler {
 
     /// A token was sampled for `id`: its known length grows by one.
     pub fn append_token(&mut self, id: SeqId) {
+        self.append_tokens(id, 1);
+    }
+
+    /// `n` tokens were appended to `id` at once (a sampled one plus tokens a grammar forces):
+    /// the next step computes them together, like a prefill chunk.
+    pub fn append_tokens(&mut self, id: SeqId, n: usize) {
         if let Some(s) = self.seqs.get_mut(&id) {
-            s.len += 1;
+            s.len += n;
         }
     }
 

@@ -3,10 +3,12 @@
 //! lives in the scheduler, not here.
 
 use crate::error::EngineError;
+use crate::grammar::{Accepted, SeqGrammar};
 use crate::params::SamplingParams;
 use crate::sampler::SeqSampler;
 use crate::stream::{Event, FinishReason};
 use std::sync::atomic::{AtomicBool, Ordering};
+use llguidance::toktrie::SimpleVob;
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -28,13 +30,23 @@ pub(crate) struct Seq {
     sampler: SeqSampler,
     /// Choices still to fork off this one once its prompt is computed (`n - 1` for choice 0).
     pending_forks: usize,
+    /// Constrained decoding state; `None` for free generation.
+    grammar: Option<Box<SeqGrammar>>,
+}
+
+/// What one sample did to a sequence.
+pub(crate) struct Sampled {
+    /// Tokens appended (the sampled one, a replacement, forced ones); 0 when it ended on EOS.
+    pub appended: usize,
+    pub finish: Option<FinishReason>,
 }
 
 impl Seq {
-    pub fn new(prompt: Vec<u32>, group: Arc<Group>, index: usize) -> Self {
+    pub fn new(prompt: Vec<u32>, group: Arc<Group>, index: usize, grammar: Option<SeqGrammar>) -> Self {
         let sampler = SeqSampler::new(&group.params, index as u64, &prompt);
         let pending_forks = if index == 0 { group.params.n - 1 } else { 0 };
-        Self { prompt_len: prompt.len(), tokens: prompt, group, index, sampler, pending_forks }
+        let grammar = grammar.map(Box::new);
+        Self { prompt_len: prompt.len(), tokens: prompt, group, index, sampler, pending_forks, grammar }
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -46,33 +58,104 @@ impl Seq {
         self.group.events.is_closed() || self.group.cancel[self.index].load(Ordering::Relaxed)
     }
 
+    /// Choices of the request (`n`).
+    pub fn choices(&self) -> usize {
+        self.group.params.n
+    }
+
     pub fn take_pending_forks(&mut self) -> usize {
         std::mem::take(&mut self.pending_forks)
     }
 
-    /// A sibling choice sharing this sequence's prompt (and, through the scheduler, its blocks).
+    /// A sibling choice sharing this sequence's prompt (and, through the scheduler, its blocks),
+    /// plus any tokens the grammar forced before the first sample (re-sent on its own stream).
     pub fn fork(&self, index: usize) -> Self {
         let prompt = self.tokens[..self.prompt_len].to_vec();
-        Self::new(prompt, self.group.clone(), index)
+        let mut child = Self::new(prompt, self.group.clone(), index, self.grammar.as_ref().map(|g| g.fork()));
+        for &t in &self.tokens[self.prompt_len..] {
+            child.push(t, None);
+        }
+        child
     }
 
+    /// Appends what the grammar forces before anything is sampled (a schema's opening
+    /// `{"name": "`); says whether that already ends the sequence.
+    pub fn start(&mut self) -> Option<FinishReason> {
+        if !self.group.params.logprobs {
+            self.push_forced();
+        }
+        self.end_reason()
+    }
 
-    /// Samples the next token from `logits` and reports it; returns why the sequence ends, if it
+    /// Whether the next sample needs a grammar mask.
+    pub fn needs_mask(&self) -> bool {
+        self.grammar.as_ref().is_some_and(|g| g.is_engaged())
+    }
+
+    /// Lends the grammar out for a mask computed beside the forward pass; see `put_grammar`.
+    pub fn take_grammar(&mut self) -> Option<Box<SeqGrammar>> {
+        self.grammar.take()
+    }
+
+    pub fn put_grammar(&mut self, g: Box<SeqGrammar>) {
+        self.grammar = Some(g);
+    }
+
+    /// Samples the next token from `logits` (restricted to `mask` for a constrained sequence)
+    /// and reports it, plus any tokens the grammar then forces; says why the sequence ends, if it
     /// does. An EOS / stop token ends it without being emitted.
-    pub fn sample(&mut self, logits: &mut [f32], eos: &[u32]) -> Option<FinishReason> {
-        let p = &self.group.params;
-        let s = self.sampler.sample(logits);
-        let is_stop = eos.contains(&s.token) || p.stop_token_ids.contains(&s.token);
-        if is_stop && !p.ignore_eos {
+    pub fn sample(&mut self, logits: &mut [f32], eos: &[u32], mask: Option<&SimpleVob>) -> Result<Sampled, EngineError> {
+        let (logprobs, ignore_eos) = (self.group.params.logprobs, self.group.params.ignore_eos);
+        let s = self.sampler.sample(logits, mask);
+        let is_stop = eos.contains(&s.token) || self.group.params.stop_token_ids.contains(&s.token);
+        if is_stop && !ignore_eos {
+            return Ok(Sampled { appended: 0, finish: Some(FinishReason::Stop) });
+        }
+        let accepted = match self.grammar.as_mut() {
+            Some(g) => g.accept(s.token).map_err(EngineError::Internal)?,
+            None => Accepted::Continue,
+        };
+        let before = self.tokens.len();
+        let complete = accepted == Accepted::Complete;
+        match accepted {
+            Accepted::Replace(tokens) => tokens.into_iter().for_each(|t| self.push(t, None)),
+            _ => self.push(s.token, logprobs.then_some((s.logprob, s.top_logprobs))),
+        }
+        if !complete && !logprobs {
+            self.push_forced();
+        }
+        Ok(Sampled { appended: self.tokens.len() - before, finish: self.end_reason() })
+    }
+
+    /// A complete grammar ends the sequence (`stop`), as do the length limits (`length`).
+    fn end_reason(&self) -> Option<FinishReason> {
+        if self.grammar.as_ref().is_some_and(|g| g.is_complete()) {
             return Some(FinishReason::Stop);
         }
-        self.sampler.accept(s.token);
-        self.tokens.push(s.token);
-        let logprob = p.logprobs.then(|| (s.logprob, s.top_logprobs));
-        let _ = self.group.events.send(Event::Token { index: self.index, token: s.token, logprob });
+        self.at_max_len().then_some(FinishReason::Length)
+    }
+
+    /// Appends what the grammar forces (no model step needed to pick them), within the length
+    /// limits. Callers skip it when logprobs are requested: forced tokens have none to report.
+    fn push_forced(&mut self) {
+        let Some(g) = self.grammar.as_mut() else { return };
+        for t in g.forced() {
+            if self.at_max_len() {
+                break;
+            }
+            self.push(t, None);
+        }
+    }
+
+    fn at_max_len(&self) -> bool {
         let generated = self.tokens.len() - self.prompt_len;
-        let hit_max = p.max_tokens.is_some_and(|m| generated >= m) || self.tokens.len() >= self.group.max_len;
-        hit_max.then_some(FinishReason::Length)
+        self.group.params.max_tokens.is_some_and(|m| generated >= m) || self.tokens.len() >= self.group.max_len
+    }
+
+    fn push(&mut self, token: u32, logprob: Option<(f32, Vec<(u32, f32)>)>) {
+        self.sampler.accept(token);
+        self.tokens.push(token);
+        let _ = self.group.events.send(Event::Token { index: self.index, token, logprob });
     }
 
     pub fn finish(&self, reason: FinishReason) {

@@ -69,6 +69,11 @@ impl ChatTemplate {
         self.env.template_from_str(source).map(|_| ()).map_err(template_error)
     }
 
+    /// Whether the template renders a `tools` list itself (else the server describes tools).
+    pub fn renders_tools(&self) -> bool {
+        self.tool_use.is_some() || self.source.contains("tools")
+    }
+
     /// The template text (the default one).
     pub fn source(&self) -> &str {
         &self.source

@@ -1,10 +1,15 @@
 //! `POST /v1/chat/completions`: validates the request, renders the conversation with the
 //! model's chat template, runs it through the engine and answers as one JSON object or as SSE.
+//! `response_format` and `tools` become a grammar constraint (see `response_format.rs`,
+//! `tools/`); a turn with tools is parsed back into `message.tool_calls`.
 
 use super::error::{ApiError, ApiResult};
-use super::generation::{collect, submit, unix_now, usage};
+use super::generation::{collect, submit, unix_now, usage, ChoiceOut};
 use super::request::{body_bytes, parse_with_sampling, ChatRequest};
+use super::response_format::{self, grammar_error};
 use super::sse::{self, Kind, Part, StreamCtx};
+use super::tools::parse::{CallParser, Piece};
+use super::tools::{self, prompt, ToolPlan};
 use super::{logprobs, Shared};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,27 +17,41 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_inference::engine::Prompt;
+use kiln_inference::tokenizer::Tokenizer;
+use kiln_inference::{FinishReason, SamplingParams};
 use serde_json::{json, Value};
 
 pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req: ChatRequest = parse_with_sampling(&body_bytes(body)?)?;
     state.check_model(&req.model)?;
-    req.reject_unsupported()?;
-    let params = req.params()?;
+    let plan = ToolPlan::from_request(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
+    let calls = plan.as_ref().is_some_and(ToolPlan::calls_allowed);
+    let format = response_format::constraint(req.response_format.as_ref())?;
+    if format.is_some() && calls {
+        return Err(ApiError::invalid("response_format", "response_format cannot be combined with tool calls; use tool_choice \"none\" or drop one"));
+    }
+    let mut params = req.params()?;
     let include_usage = req.sampling.include_usage()?;
     let engine = state.engine()?.clone();
-    let messages = normalize_messages(&req.messages)?;
     let template = engine
         .tokenizer()
         .chat_template
         .as_ref()
         .ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
+    let native = template.renders_tools();
+    let (messages, tools) = prompt::prepare(normalize_messages(&req.messages)?, plan.as_ref(), native)?;
+    params.constraint = format.or_else(|| plan.as_ref().and_then(tools::grammar::constraint));
+    if plan.is_some() && !calls {
+        forbid_call_token(engine.tokenizer(), &mut params);
+    }
     let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
-    let text = template.render_with_kwargs(&messages, None, true, &kwargs).map_err(|e| ApiError::from_engine(e, "messages"))?;
-    let mut tracked = submit(&state, &engine, Prompt::Text(text), params).await.map_err(|e| ApiError::from_engine(e, "messages"))?;
+    let text = template.render_with_kwargs(&messages, tools.as_deref(), true, &kwargs).map_err(|e| ApiError::from_engine(e, "messages"))?;
+    let grammar_param = if calls { "tools" } else { "response_format" };
+    let mut tracked = submit(&state, &engine, Prompt::Text(text), params).await.map_err(|e| grammar_error(e, grammar_param, "messages"))?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     if req.sampling.stream() {
-        let ctx = StreamCtx::new(&state, Kind::Chat, id, include_usage, engine.tokenizer().clone());
+        let mut ctx = StreamCtx::new(&state, Kind::Chat, id, include_usage, engine.tokenizer().clone());
+        ctx.tool_calls = calls;
         return Ok(sse::response(ctx, vec![Part { tracked, offset: 0, echo: None }]));
     }
     let outs = collect(&mut tracked).await.map_err(|e| ApiError::from_engine(e, "messages"))?;
@@ -42,12 +61,8 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
         .enumerate()
         .map(|(i, o)| {
             let lp = if req.logprobs.unwrap_or(false) { logprobs::chat(engine.tokenizer(), &o.logprobs) } else { Value::Null };
-            json!({
-                "index": i,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": lp,
-                "finish_reason": o.finish.map(|r| r.as_str()),
-            })
+            let (message, finish) = if calls { with_tool_calls(o) } else { (json!({"role": "assistant", "content": o.text}), o.finish.map(|r| r.as_str())) };
+            json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         })
         .collect();
     let body = json!({
@@ -56,6 +71,37 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
         "usage": usage(tracked.prompt_tokens(), completion, tracked.cached_tokens()),
     });
     Ok(Json(body).into_response())
+}
+
+/// The assistant message of a turn that may call tools, and its finish reason.
+fn with_tool_calls(o: &ChoiceOut) -> (Value, Option<&'static str>) {
+    let mut parser = CallParser::new();
+    let mut pieces = parser.push(&o.text);
+    pieces.extend(parser.finish());
+    let content: String = pieces.iter().filter_map(|p| if let Piece::Content(c) = p { Some(c.as_str()) } else { None }).collect();
+    let calls = parser.calls();
+    if calls.is_empty() {
+        return (json!({"role": "assistant", "content": content}), o.finish.map(|r| r.as_str()));
+    }
+    let tool_calls: Vec<Value> = calls
+        .iter()
+        .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+        .collect();
+    let content = if content.is_empty() { Value::Null } else { Value::String(content) };
+    let finish = match o.finish {
+        Some(FinishReason::Stop) => Some("tool_calls"),
+        other => other.map(|r| r.as_str()),
+    };
+    (json!({"role": "assistant", "content": content, "tool_calls": tool_calls}), finish)
+}
+
+/// `tool_choice: "none"`: when the call tag is one token (Qwen's `<tool_call>`), the model may
+/// not write it; otherwise the text is plain content anyway (nothing parses it).
+fn forbid_call_token(tok: &Tokenizer, params: &mut SamplingParams) {
+    if let Some(id) = tok.token_to_id(tools::CALL_OPEN) {
+        params.logit_bias.retain(|(t, _)| *t != id);
+        params.logit_bias.push((id, -100.0));
+    }
 }
 
 /// Checks roles and flattens content parts to text, as templates expect plain strings.

@@ -6,6 +6,7 @@
 use super::error::{ApiError, ApiResult};
 use super::generation::{collect, submit, unix_now, usage, Tracked};
 use super::request::{body_bytes, parse_with_sampling, CompletionRequest, PromptInput};
+use super::response_format::{self, grammar_error};
 use super::sse::{self, Kind, Part, StreamCtx};
 use super::{logprobs, Shared};
 use axum::body::Bytes;
@@ -25,7 +26,8 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported: the served model has no fill-in-the-middle training"));
     }
-    let params = req.params()?;
+    let mut params = req.params()?;
+    params.constraint = response_format::constraint(req.response_format.as_ref())?;
     if req.best_of.is_some_and(|b| b != params.n as i64) {
         return Err(ApiError::invalid("best_of", "best_of is only supported equal to n"));
     }
@@ -84,7 +86,7 @@ async fn collect_part(t: &mut Tracked, offset: usize, echo: Option<&str>, want_l
 
 /// Engine errors in this route's terms: the engine's `top_logprobs` is the legacy `logprobs` field.
 fn engine_error(e: kiln_inference::EngineError) -> ApiError {
-    let mut err = ApiError::from_engine(e, "prompt");
+    let mut err = grammar_error(e, "response_format", "prompt");
     if err.param.as_deref() == Some("top_logprobs") {
         err.param = Some("logprobs".into());
     }

@@ -11,7 +11,9 @@ mod generation;
 mod logprobs;
 mod misc;
 pub mod request;
+mod response_format;
 mod sse;
+mod tools;
 
 use crate::metrics::Metrics;
 use axum::extract::{DefaultBodyLimit, Request, State};

@@ -115,6 +115,7 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<Value>,
     /// Extra template variables (vLLM extension).
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
@@ -143,6 +144,7 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<i64>,
+    pub response_format: Option<Value>,
     pub user: Option<String>,
 }
 
@@ -204,6 +206,7 @@ impl Sampling {
             stop,
             logprobs: logprobs.is_some(),
             top_logprobs: logprobs.unwrap_or(0),
+            constraint: None,
         })
     }
 
@@ -235,26 +238,6 @@ impl ChatRequest {
             (false, _) => None,
         };
         self.sampling.to_params(max, logprobs)
-    }
-
-    /// Constrained decoding is not built yet: refuse what would need it rather than ignore it.
-    pub fn reject_unsupported(&self) -> ApiResult<()> {
-        match &self.tools {
-            Some(t) if t.is_empty() => return Err(ApiError::invalid("tools", "tools must not be empty when given")),
-            Some(_) => return Err(ApiError::invalid("tools", "tools are not supported by this server yet")),
-            None if self.tool_choice.as_ref().is_some_and(|c| !c.is_null()) => {
-                return Err(ApiError::invalid("tool_choice", "tool_choice is only allowed when tools are given"))
-            }
-            None => {}
-        }
-        if let Some(rf) = &self.response_format {
-            match rf.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                Some(t) => return Err(ApiError::invalid("response_format", format!("response_format type '{t}' is not supported by this server yet"))),
-                None => return Err(ApiError::invalid("response_format", "response_format needs a 'type'")),
-            }
-        }
-        Ok(())
     }
 }
 

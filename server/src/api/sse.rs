@@ -13,7 +13,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, StreamExt};
 use kiln_inference::tokenizer::Tokenizer;
-use kiln_inference::Delta;
+use super::tools::parse::{CallParser, Piece};
+use kiln_inference::{Delta, FinishReason};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -36,6 +37,8 @@ pub struct StreamCtx {
     pub kind: Kind,
     pub include_usage: bool,
     pub tokenizer: Arc<Tokenizer>,
+    /// Chat with tools: choices' text is parsed into `tool_calls` deltas.
+    pub tool_calls: bool,
 }
 
 impl StreamCtx {
@@ -49,6 +52,7 @@ impl StreamCtx {
             kind,
             include_usage,
             tokenizer,
+            tool_calls: false,
         }
     }
 }
@@ -98,6 +102,8 @@ struct PartState {
     started: Vec<bool>,
     /// Characters already sent per choice (completions' `text_offset`).
     sent: Vec<usize>,
+    /// Per choice, when the response may carry tool calls.
+    parsers: Vec<CallParser>,
     done: bool,
 }
 
@@ -105,7 +111,8 @@ fn part_stream(ctx: Arc<StreamCtx>, part: Part, totals: Arc<Totals>) -> BoxStrea
     let n = part.tracked.num_choices();
     totals.prompt.fetch_add(part.tracked.prompt_tokens(), Ordering::Relaxed);
     totals.cached.fetch_add(part.tracked.cached_tokens(), Ordering::Relaxed);
-    let st = PartState { part, ctx, totals, queue: VecDeque::new(), started: vec![false; n], sent: vec![0; n], done: false };
+    let parsers = if ctx.tool_calls { (0..n).map(|_| CallParser::new()).collect() } else { Vec::new() };
+    let st = PartState { part, ctx, totals, queue: VecDeque::new(), started: vec![false; n], sent: vec![0; n], parsers, done: false };
     stream::unfold(st, |mut st| async move {
         loop {
             if let Some(ev) = st.queue.pop_front() {
@@ -146,6 +153,9 @@ impl PartState {
                 }
             }
         }
+        if !self.parsers.is_empty() {
+            return self.on_tool_delta(d);
+        }
         if !d.text.is_empty() || !d.logprobs.is_empty() {
             let choice = match ctx.kind {
                 Kind::Chat => {
@@ -166,6 +176,35 @@ impl PartState {
                 Kind::Completion => json!({"index": index, "text": "", "logprobs": null, "finish_reason": r.as_str()}),
             };
             self.push(choice);
+        }
+    }
+
+    /// A chat delta of a response with tools: content, call starts and argument fragments.
+    fn on_tool_delta(&mut self, d: Delta) {
+        let (i, index) = (d.index, self.part.offset + d.index);
+        let parser = &mut self.parsers[i];
+        let mut pieces = parser.push(&d.text);
+        if d.finish_reason.is_some() {
+            pieces.extend(parser.finish());
+        }
+        let has_calls = !parser.calls().is_empty();
+        if !d.logprobs.is_empty() {
+            let lp = logprobs::chat(&self.ctx.tokenizer, &d.logprobs);
+            self.push(json!({"index": index, "delta": {}, "logprobs": lp, "finish_reason": null}));
+        }
+        for p in pieces {
+            let delta = match p {
+                Piece::Content(c) => json!({"content": c}),
+                Piece::Start { index: k, id, name } => {
+                    json!({"tool_calls": [{"index": k, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]})
+                }
+                Piece::Args { index: k, fragment } => json!({"tool_calls": [{"index": k, "function": {"arguments": fragment}}]}),
+            };
+            self.push(json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null}));
+        }
+        if let Some(r) = d.finish_reason {
+            let reason = if has_calls && r == FinishReason::Stop { "tool_calls" } else { r.as_str() };
+            self.push(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}));
         }
     }
 

@@ -1,0 +1,162 @@
+//! Constrained decoding: output that follows a grammar token by token, on llguidance (the grammar
+//! engine vLLM, SGLang, llama.cpp and mistral.rs use) over our own tokenizer.
+//!
+//! Owns: the request-side [`Constraint`] (a JSON schema or a Lark grammar, optionally engaged only
+//! after a trigger string such as `<tool_call>`), compiling it once per distinct grammar (an LRU
+//! of compiled parsers; each sequence gets a cheap clone), and, in `state.rs`, the per-sequence
+//! matcher that yields token masks and forced tokens.
+//! Must not: know about OpenAI request shapes (the server turns `response_format` and `tools`
+//! into a `Constraint`), or compute anything for unconstrained sequences.
+
+mod state;
+mod tokenv;
+
+pub(crate) use state::{apply_mask, Accepted, SeqGrammar};
+
+use crate::error::EngineError;
+use crate::tokenizer::Tokenizer;
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::TokEnv;
+use llguidance::{ParserFactory, TokenParser};
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use tokenv::KilnTokEnv;
+
+/// Distinct grammars kept compiled; a schema used again skips compilation entirely.
+const CACHE_CAPACITY: usize = 128;
+
+/// What a constrained request must produce.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grammar {
+    /// Output is one JSON value valid under this schema (`{"type": "object"}` = any object).
+    JsonSchema(Value),
+    /// llguidance's Lark dialect; `%json {...}` embeds a schema (tool-call formats use it).
+    Lark(String),
+}
+
+/// A grammar plus when it engages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Constraint {
+    pub grammar: Grammar,
+    /// `None`: the whole output follows the grammar. `Some(t)`: free text until the output
+    /// contains `t`; from the end of `t` on, the grammar (lazy tool calls in `auto` mode).
+    pub trigger: Option<String>,
+}
+
+impl Constraint {
+    pub fn json_schema(schema: Value) -> Self {
+        Self { grammar: Grammar::JsonSchema(schema), trigger: None }
+    }
+
+    pub fn lark(text: impl Into<String>) -> Self {
+        Self { grammar: Grammar::Lark(text.into()), trigger: None }
+    }
+}
+
+/// Adds llguidance's JSON formatting options to a schema: compact separators, no free
+/// whitespace. Free whitespace lets a small model loop on newlines until `max_tokens`; fixed
+/// `", "` / `": "` separators are also what models see in training data.
+pub fn compact_json_schema(mut schema: Value) -> Value {
+    if let Value::Object(m) = &mut schema {
+        m.insert(
+            "x-guidance".into(),
+            serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+        );
+    }
+    schema
+}
+
+/// Compiles constraints for one model's tokenizer; shared by every [`crate::EngineHandle`] clone.
+pub(crate) struct GrammarCompiler {
+    tokenizer: Tokenizer,
+    vocab_size: usize,
+    /// Built on first use: the token trie costs ~0.1 s for a 150k vocabulary.
+    factory: OnceLock<Result<Arc<ParserFactory>, String>>,
+    cache: Mutex<Lru>,
+}
+
+/// A compiled constraint, ready to become a sequence's [`SeqGrammar`].
+pub(crate) struct Compiled {
+    pub parser: TokenParser,
+    pub trigger: Option<Vec<u8>>,
+    pub env: TokEnv,
+}
+
+impl GrammarCompiler {
+    pub fn new(tokenizer: Tokenizer, vocab_size: usize) -> Self {
+        Self { tokenizer, vocab_size, factory: OnceLock::new(), cache: Mutex::new(Lru::default()) }
+    }
+
+    fn factory(&self) -> Result<Arc<ParserFactory>, EngineError> {
+        let f = self.factory.get_or_init(|| {
+            let env: TokEnv = Arc::new(KilnTokEnv::new(&self.tokenizer, self.vocab_size));
+            let mut f = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+            f.quiet();
+            Ok(Arc::new(f))
+        });
+        f.clone().map_err(|e| EngineError::Internal(format!("cannot build the grammar engine's token trie: {e}")))
+    }
+
+    /// Compiles `c` (or clones the cached parser of an identical grammar). An invalid or
+    /// unsupported grammar is [`EngineError::Grammar`] naming the problem.
+    pub fn compile(&self, c: &Constraint) -> Result<Compiled, EngineError> {
+        let factory = self.factory()?;
+        let key = match &c.grammar {
+            Grammar::JsonSchema(v) => format!("json:{v}"),
+            Grammar::Lark(t) => format!("lark:{t}"),
+        };
+        let cached = self.cache.lock().map_err(|_| EngineError::Internal("grammar cache poisoned".into()))?.get(&key);
+        let parser = match cached {
+            Some(p) => p,
+            None => {
+                let top = match &c.grammar {
+                    Grammar::JsonSchema(v) => TopLevelGrammar::from_json_schema(v.clone()),
+                    Grammar::Lark(t) => TopLevelGrammar::from_lark(t.clone()),
+                };
+                let p = factory.create_parser(top).map_err(|e| EngineError::Grammar(clean_error(&e.to_string())))?;
+                self.cache.lock().map_err(|_| EngineError::Internal("grammar cache poisoned".into()))?.put(key, &p);
+                p
+            }
+        };
+        let trigger = c.trigger.as_ref().map(|t| t.as_bytes().to_vec());
+        if trigger.as_ref().is_some_and(|t| t.is_empty()) {
+            return Err(EngineError::Grammar("a grammar trigger must not be empty".into()));
+        }
+        Ok(Compiled { parser, trigger, env: factory.tok_env().clone() })
+    }
+}
+
+/// llguidance prefixes messages with its internal context; keep the part a user can act on.
+fn clean_error(e: &str) -> String {
+    e.lines().next().unwrap_or(e).trim().to_string()
+}
+
+/// Compiled parsers by grammar text, least recently used evicted first.
+#[derive(Default)]
+struct Lru {
+    map: HashMap<String, TokenParser>,
+    order: VecDeque<String>,
+}
+
+impl Lru {
+    fn get(&mut self, key: &str) -> Option<TokenParser> {
+        let p = self.map.get(key)?.deep_clone();
+        if let Some(i) = self.order.iter().position(|k| k == key) {
+            let k = self.order.remove(i).expect("position is in range");
+            self.order.push_back(k);
+        }
+        Some(p)
+    }
+
+    fn put(&mut self, key: String, p: &TokenParser) {
+        if self.map.len() >= CACHE_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        self.order.push_back(key.clone());
+        self.map.insert(key, p.deep_clone());
+    }
+}
+

@@ -1,0 +1,171 @@
+//! One sequence's grammar state: waiting for its trigger (free text, no cost per token), then an
+//! llguidance matcher that yields the mask of allowed tokens before each sample, consumes each
+//! sampled token, and hands out tokens the grammar forces so the engine can append them without
+//! sampling (`{"name": "` after a tool was chosen costs no model steps).
+
+use llguidance::toktrie::{SimpleVob, TokEnv, TokTrie};
+use llguidance::{Matcher, TokenParser};
+
+use super::Compiled;
+
+pub(crate) struct SeqGrammar {
+    env: TokEnv,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Free text until the output contains `trigger`; `tail` holds the last output bytes that
+    /// could still be the start of it.
+    Waiting { trigger: Vec<u8>, proto: TokenParser, tail: Vec<u8> },
+    Engaged(Box<Matcher>),
+}
+
+/// What accepting a sampled token did.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Accepted {
+    /// The token stands; generation goes on.
+    Continue,
+    /// The token stands and the grammar is complete: the sequence ends here (`stop`).
+    Complete,
+    /// The trigger ended inside the token: the output continues with these tokens (the text
+    /// up to the trigger's end) instead, so the grammar starts exactly after the trigger.
+    Replace(Vec<u32>),
+}
+
+impl SeqGrammar {
+    pub fn new(c: Compiled) -> Self {
+        let phase = match c.trigger {
+            Some(trigger) => Phase::Waiting { trigger, proto: c.parser, tail: Vec::new() },
+            None => Phase::Engaged(Box::new(Matcher::new(Ok(c.parser)))),
+        };
+        Self { env: c.env, phase }
+    }
+
+    /// An independent copy for a sibling choice (`n > 1`).
+    pub fn fork(&self) -> Self {
+        let phase = match &self.phase {
+            Phase::Waiting { trigger, proto, tail } => {
+                Phase::Waiting { trigger: trigger.clone(), proto: proto.deep_clone(), tail: tail.clone() }
+            }
+            Phase::Engaged(m) => Phase::Engaged(Box::new(m.deep_clone())),
+        };
+        Self { env: self.env.clone(), phase }
+    }
+
+    /// Whether the next token needs a mask.
+    pub fn is_engaged(&self) -> bool {
+        matches!(self.phase, Phase::Engaged(_))
+    }
+
+    /// The tokens the grammar allows next (EOS included once it is complete); `None` while
+    /// waiting for the trigger.
+    pub fn mask(&mut self) -> Result<Option<SimpleVob>, String> {
+        let Phase::Engaged(m) = &mut self.phase else { return Ok(None) };
+        let mask = m.compute_mask().map_err(|e| format!("grammar engine: {e}"))?;
+        if mask.is_zero() {
+            return Err("the grammar allows no token here".into());
+        }
+        Ok(Some(mask))
+    }
+
+    /// Advances past a sampled token (which the mask allowed).
+    pub fn accept(&mut self, token: u32) -> Result<Accepted, String> {
+        match &mut self.phase {
+            Phase::Engaged(m) => {
+                m.consume_token(token).map_err(|e| format!("grammar engine rejected token {token}: {e}"))?;
+                Ok(if m.is_stopped() { Accepted::Complete } else { Accepted::Continue })
+            }
+            Phase::Waiting { trigger, proto, tail } => {
+                let bytes = output_bytes(self.env.tok_trie(), token);
+                let before = tail.len();
+                tail.extend_from_slice(bytes);
+                let Some(end) = find_ending_after(tail, trigger, before) else {
+                    let keep = trigger.len().saturating_sub(1).min(tail.len());
+                    tail.drain(..tail.len() - keep);
+                    return Ok(Accepted::Continue);
+                };
+                let extra = tail.len() - end;
+                let matcher = Matcher::new(Ok(proto.deep_clone()));
+                self.phase = Phase::Engaged(Box::new(matcher));
+                if extra == 0 {
+                    return Ok(Accepted::Continue);
+                }
+                // Only the token's bytes up to the trigger's end stay; the grammar writes the rest.
+                let kept = &bytes[..bytes.len() - extra];
+                Ok(Accepted::Replace(self.env.tokenize_bytes(kept)))
+            }
+        }
+    }
+
+    /// Tokens the grammar now forces, already consumed by it (empty when a choice remains).
+    pub fn forced(&mut self) -> Vec<u32> {
+        match &mut self.phase {
+            Phase::Engaged(m) => m.consume_ff_tokens(),
+            Phase::Waiting { .. } => Vec::new(),
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        matches!(&self.phase, Phase::Engaged(m) if m.is_stopped())
+    }
+}
+
+/// The bytes a token adds to the text (special tokens are stored behind toktrie's 0xFF marker).
+fn output_bytes(trie: &TokTrie, token: u32) -> &[u8] {
+    let b = trie.token(token);
+    match b.first() {
+        Some(&TokTrie::SPECIAL_TOKEN_MARKER) => &b[1..],
+        _ => b,
+    }
+}
+
+/// End offset of the first occurrence of `needle` in `hay` that ends after `after` (i.e. one the
+/// newest bytes completed).
+fn find_ending_after(hay: &[u8], needle: &[u8], after: usize) -> Option<usize> {
+    let first_start = (after + 1).saturating_sub(needle.len());
+    (first_start..=hay.len().checked_sub(needle.len())?)
+        .find(|&s| &hay[s..s + needle.len()] == needle)
+        .map(|s| s + needle.len())
+}
+
+/// Sets every logit the mask forbids to -inf (ids past the mask, e.g. padded rows, included).
+pub(crate) fn apply_mask(mask: &SimpleVob, logits: &mut [f32]) {
+    let words = mask.as_slice();
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = words.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if bits & (1 << b) == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_found_only_when_newest_bytes_complete_it() {
+        assert_eq!(find_ending_after(b"ab<tool>", b"<tool>", 5), Some(8));
+        assert_eq!(find_ending_after(b"<tool>xy", b"<tool>", 6), None, "completed by older bytes");
+        assert_eq!(find_ending_after(b"<tool>xy", b"<tool>", 5), Some(6));
+        assert_eq!(find_ending_after(b"<to", b"<tool>", 0), None);
+        assert_eq!(find_ending_after(b"x<tool>", b"<tool>", 0), Some(7));
+    }
+
+    #[test]
+    fn mask_sets_forbidden_logits_to_neg_inf() {
+        let mut mask = SimpleVob::alloc(70);
+        mask.allow_token(3);
+        mask.allow_token(40);
+        let mut logits = vec![1.0f32; 75];
+        apply_mask(&mask, &mut logits);
+        for (i, &l) in logits.iter().enumerate() {
+            assert_eq!(l.is_finite(), i == 3 || i == 40, "id {i}");
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Turns a tool-calling turn's text back into OpenAI's shape, incrementally, so streamed and
+//! non-streamed responses come from the same code: text before `<tool_call>` is `content`; each
+//! call yields a start (id, name) once its name is complete, then its `arguments` as raw
+//! fragments of the generated JSON (the concatenation is exactly what the model wrote, which is
+//! also the non-streamed `arguments`). Text that might be the start of `<tool_call>` is held
+//! back, so no tag ever leaks into `content`.
+//!
+//! The grammar guarantees the layout; the parser tolerates whitespace variations anyway.
+
+use super::{call_id, CALL_CLOSE, CALL_OPEN};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Content(String),
+    Start { index: usize, id: String, name: String },
+    Args { index: usize, fragment: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+#[derive(Debug, Default)]
+enum State {
+    #[default]
+    Content,
+    /// After `<tool_call>`, until `"arguments":`.
+    Head,
+    /// Inside the arguments value.
+    Args(Scan),
+    /// After the arguments, until `</tool_call>`.
+    Tail,
+}
+
+/// Bracket depth of a JSON value being streamed, string-aware.
+#[derive(Debug, Default)]
+struct Scan {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    started: bool,
+}
+
+impl Scan {
+    /// Consumes `c`; true when it completes the value.
+    fn step(&mut self, c: char) -> bool {
+        if self.in_string {
+            match (self.escaped, c) {
+                (true, _) => self.escaped = false,
+                (false, '\\') => self.escaped = true,
+                (false, '"') => self.in_string = false,
+                _ => {}
+            }
+            return false;
+        }
+        if c.is_whitespace() && !self.started {
+            return false;
+        }
+        self.started = true;
+        match c {
+            '"' => self.in_string = true,
+            '{' | '[' => self.depth += 1,
+            '}' | ']' => self.depth = self.depth.saturating_sub(1),
+            _ => {}
+        }
+        self.depth == 0 && !self.in_string
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct CallParser {
+    buf: String,
+    state: State,
+    calls: Vec<Call>,
+    /// Whitespace after a call, sent only if real content follows it.
+    pending_ws: String,
+}
+
+impl CallParser {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Calls seen so far (the last may be incomplete if the output was cut short).
+    pub fn calls(&self) -> &[Call] {
+        &self.calls
+    }
+
+    pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        self.buf.push_str(text);
+        let mut out = Vec::new();
+        while self.advance(&mut out) {}
+        out
+    }
+
+    /// The end of the output: held-back text that never became a tag is content after all.
+    pub fn finish(&mut self) -> Vec<Piece> {
+        let mut out = Vec::new();
+        if matches!(self.state, State::Content) && !self.buf.is_empty() {
+            let rest = std::mem::take(&mut self.buf);
+            self.content(&rest, &mut out);
+        }
+        out
+    }
+
+    fn content(&mut self, text: &str, out: &mut Vec<Piece>) {
+        if text.is_empty() {
+            return;
+        }
+        if !self.calls.is_empty() && text.trim().is_empty() {
+            self.pending_ws.push_str(text);
+            return;
+        }
+        let mut s = std::mem::take(&mut self.pending_ws);
+        s.push_str(text);
+        out.push(Piece::Content(s));
+    }
+
+    /// One state transition on the buffer; false when it needs more text.
+    fn advance(&mut self, out: &mut Vec<Piece>) -> bool {
+        match &mut self.state {
+            State::Content => {
+                if let Some(at) = self.buf.find(CALL_OPEN) {
+                    let before = self.buf[..at].to_string();
+                    self.buf.drain(..at + CALL_OPEN.len());
+                    if self.calls.is_empty() || !before.trim().is_empty() {
+                        self.content(&before, out);
+                    }
+                    self.pending_ws.clear();
+                    self.state = State::Head;
+                    return true;
+                }
+                let keep = partial_tag_len(&self.buf, CALL_OPEN);
+                let emit: String = self.buf.drain(..self.buf.len() - keep).collect();
+                self.content(&emit, out);
+                false
+            }
+            State::Head => {
+                let Some((name, args_at)) = head(&self.buf) else { return false };
+                self.buf.drain(..args_at);
+                let id = call_id();
+                out.push(Piece::Start { index: self.calls.len(), id: id.clone(), name: name.clone() });
+                self.calls.push(Call { id, name, arguments: String::new() });
+                self.state = State::Args(Scan::default());
+                true
+            }
+            State::Args(scan) => {
+                let mut end = None;
+                for (i, c) in self.buf.char_indices() {
+                    if scan.step(c) {
+                        end = Some(i + c.len_utf8());
+                        break;
+                    }
+                }
+                let take = end.unwrap_or(self.buf.len());
+                let fragment: String = self.buf.drain(..take).collect();
+                let index = self.calls.len() - 1;
+                if !fragment.is_empty() {
+                    self.calls[index].arguments.push_str(&fragment);
+                    out.push(Piece::Args { index, fragment });
+                }
+                if end.is_some() {
+                    self.state = State::Tail;
+                }
+                end.is_some()
+            }
+            State::Tail => {
+                let Some(at) = self.buf.find(CALL_CLOSE) else { return false };
+                self.buf.drain(..at + CALL_CLOSE.len());
+                self.state = State::Content;
+                true
+            }
+        }
+    }
+}
+
+/// `{"name": "<name>", "arguments": ` at the start of `s` (whitespace-tolerant): the name and
+/// where the arguments value begins. `None` until all of it has arrived.
+fn head(s: &str) -> Option<(String, usize)> {
+    let key = s.find("\"arguments\"")?;
+    let after_key = key + "\"arguments\"".len();
+    let colon = after_key + s[after_key..].find(':')?;
+    let value_at = colon + 1 + s[colon + 1..].find(|c: char| !c.is_whitespace())?;
+    let prefix = s[..key].trim().trim_start_matches('{').trim().trim_end_matches(',').trim();
+    let name_json = prefix.strip_prefix("\"name\"")?.trim().strip_prefix(':')?.trim();
+    let name: String = serde_json::from_str(name_json).ok()?;
+    Some((name, value_at))
+}
+
+/// Length of the longest suffix of `s` that is a proper prefix of `tag` (text to hold back).
+fn partial_tag_len(s: &str, tag: &str) -> usize {
+    (1..tag.len().min(s.len() + 1)).rev().find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..])).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUT: &str = "Let me check.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa}ris\\\"\", \"n\": [1, {\"x\": 2}]}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
+
+    fn run(chunks: &[&str]) -> (String, Vec<Call>, Vec<Piece>) {
+        let mut p = CallParser::new();
+        let mut pieces = Vec::new();
+        for c in chunks {
+            pieces.extend(p.push(c));
+        }
+        pieces.extend(p.finish());
+        let content = pieces.iter().filter_map(|x| if let Piece::Content(c) = x { Some(c.as_str()) } else { None }).collect();
+        (content, p.calls().to_vec(), pieces)
+    }
+
+    #[test]
+    fn whole_and_char_by_char_agree() {
+        let (content, calls, _) = run(&[OUT]);
+        assert_eq!(content, "Let me check.");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, "{\"city\": \"Pa}ris\\\"\", \"n\": [1, {\"x\": 2}]}");
+        assert_eq!(calls[1].arguments, "{}");
+        let chars: Vec<String> = OUT.chars().map(String::from).collect();
+        let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
+        let (c2, calls2, pieces) = run(&refs);
+        assert_eq!(c2, content);
+        assert_eq!(calls2.iter().map(|c| (&c.name, &c.arguments)).collect::<Vec<_>>(), calls.iter().map(|c| (&c.name, &c.arguments)).collect::<Vec<_>>());
+        assert!(pieces.iter().all(|p| !matches!(p, Piece::Content(c) if c.contains('<'))), "{pieces:?}");
+    }
+
+    #[test]
+    fn text_without_calls_passes_through_including_lookalikes() {
+        let (content, calls, _) = run(&["a <b> <tool", "_c"]);
+        assert_eq!(content, "a <b> <tool_c");
+        assert!(calls.is_empty());
+        assert_eq!(partial_tag_len("xx<tool_", CALL_OPEN), 6);
+        assert_eq!(partial_tag_len("é<", CALL_OPEN), 1);
+        assert_eq!(partial_tag_len("abc", CALL_OPEN), 0);
+    }
+
+    #[test]
+    fn truncated_call_is_kept_partial() {
+        let (content, calls, _) = run(&["<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": \"b"]);
+        assert_eq!(content, "");
+        assert_eq!(calls[0].arguments, "{\"a\": \"b");
+    }
+}

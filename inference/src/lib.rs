@@ -19,6 +19,6 @@ pub mod tokenizer;
 
 pub use engine::{EngineConfig, EngineHandle, Prompt};
 pub use error::EngineError;
-pub use grammar::{Constraint, Grammar};
+pub use grammar::{Constraint, Grammar, Trigger};
 pub use params::SamplingParams;
 pub use stream::{Delta, FinishReason, TokenLogprob, TokenStream};

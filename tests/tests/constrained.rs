@@ -6,7 +6,7 @@
 use anyhow::Result;
 use kiln_inference::engine::{EngineConfig, EngineHandle, Prompt};
 use kiln_inference::grammar::compact_json_schema;
-use kiln_inference::{Constraint, EngineError, SamplingParams};
+use kiln_inference::{Constraint, EngineError, SamplingParams, Trigger};
 use kiln_tests::{collect, run, smollm2, start, test_config, wait_all_blocks_free, Output};
 use serde_json::{json, Value};
 
@@ -101,7 +101,8 @@ fn forced_text_trigger_forks_and_errors() -> Result<()> {
     let free = one(h, prompt, SamplingParams { temperature: 0.0, max_tokens: Some(12), ..SamplingParams::default() })?;
     let cut = free.text.char_indices().nth(6).map_or(free.text.len(), |(i, _)| i);
     let trigger = free.text[..cut].to_string();
-    let lazy = Constraint { trigger: Some(trigger.clone()), ..Constraint::lark(r#"start: " [" /[0-9]{3}/ "]""#) };
+    let grammar = format!(r#"start: {} " [" /[0-9]{{3}}/ "]""#, serde_json::to_string(&trigger)?);
+    let lazy = Constraint { triggers: vec![Trigger { text: trigger.clone(), at_start: false }], ..Constraint::lark(grammar) };
     let o = one(h, prompt, constrained(lazy, None, 30))?;
     let rest = o.text.strip_prefix(&trigger).unwrap_or_else(|| panic!("{:?} does not start with the trigger {trigger:?}", o.text));
     assert!(rest.len() == 6 && rest.starts_with(" [") && rest.ends_with(']') && rest[2..5].bytes().all(|b| b.is_ascii_digit()), "{:?}", o.text);

@@ -2,7 +2,7 @@
 //! engine vLLM, SGLang, llama.cpp and mistral.rs use) over our own tokenizer.
 //!
 //! Owns: the request-side [`Constraint`] (a JSON schema or a Lark grammar, optionally engaged only
-//! after a trigger string such as `<tool_call>`), compiling it once per distinct grammar (an LRU
+//! at a trigger string such as `<tool_call>`), compiling it once per distinct grammar (an LRU
 //! of compiled parsers; each sequence gets a cheap clone), and, in `state.rs`, the per-sequence
 //! matcher that yields token masks and forced tokens.
 //! Must not: know about OpenAI request shapes (the server turns `response_format` and `tools`
@@ -35,22 +35,31 @@ pub enum Grammar {
     Lark(String),
 }
 
+/// Text in the output that engages a lazy grammar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trigger {
+    pub text: String,
+    /// Only when the output begins with `text` (after leading whitespace), not anywhere.
+    pub at_start: bool,
+}
+
 /// A grammar plus when it engages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Constraint {
     pub grammar: Grammar,
-    /// `None`: the whole output follows the grammar. `Some(t)`: free text until the output
-    /// contains `t`; from the end of `t` on, the grammar (lazy tool calls in `auto` mode).
-    pub trigger: Option<String>,
+    /// Empty: the whole output follows the grammar. Otherwise free text until the output
+    /// contains one of these; the grammar then engages *at* the trigger, so it must begin with
+    /// the trigger's text (lazy tool calls in `auto` mode: `<tool_call>`, or `{"name"` first).
+    pub triggers: Vec<Trigger>,
 }
 
 impl Constraint {
     pub fn json_schema(schema: Value) -> Self {
-        Self { grammar: Grammar::JsonSchema(schema), trigger: None }
+        Self { grammar: Grammar::JsonSchema(schema), triggers: Vec::new() }
     }
 
     pub fn lark(text: impl Into<String>) -> Self {
-        Self { grammar: Grammar::Lark(text.into()), trigger: None }
+        Self { grammar: Grammar::Lark(text.into()), triggers: Vec::new() }
     }
 }
 
@@ -79,7 +88,7 @@ pub(crate) struct GrammarCompiler {
 /// A compiled constraint, ready to become a sequence's [`SeqGrammar`].
 pub(crate) struct Compiled {
     pub parser: TokenParser,
-    pub trigger: Option<Vec<u8>>,
+    pub triggers: Vec<Trigger>,
     pub env: TokEnv,
 }
 
@@ -119,11 +128,10 @@ impl GrammarCompiler {
                 p
             }
         };
-        let trigger = c.trigger.as_ref().map(|t| t.as_bytes().to_vec());
-        if trigger.as_ref().is_some_and(|t| t.is_empty()) {
+        if c.triggers.iter().any(|t| t.text.is_empty()) {
             return Err(EngineError::Grammar("a grammar trigger must not be empty".into()));
         }
-        Ok(Compiled { parser, trigger, env: factory.tok_env().clone() })
+        Ok(Compiled { parser, triggers: c.triggers.clone(), env: factory.tok_env().clone() })
     }
 }
 

@@ -1,4 +1,4 @@
-//! One sequence's grammar state: waiting for its trigger (free text, no cost per token), then an
+//! One sequence's grammar state: waiting for a trigger (free text, no cost per token), then an
 //! llguidance matcher that yields the mask of allowed tokens before each sample, consumes each
 //! sampled token, and hands out tokens the grammar forces so the engine can append them without
 //! sampling (`{"name": "` after a tool was chosen costs no model steps).
@@ -6,7 +6,7 @@
 use llguidance::toktrie::{SimpleVob, TokEnv, TokTrie};
 use llguidance::{Matcher, TokenParser};
 
-use super::Compiled;
+use super::{Compiled, Trigger};
 
 pub(crate) struct SeqGrammar {
     env: TokEnv,
@@ -14,10 +14,18 @@ pub(crate) struct SeqGrammar {
 }
 
 enum Phase {
-    /// Free text until the output contains `trigger`; `tail` holds the last output bytes that
-    /// could still be the start of it.
-    Waiting { trigger: Vec<u8>, proto: TokenParser, tail: Vec<u8> },
+    Waiting(Box<Waiting>),
     Engaged(Box<Matcher>),
+}
+
+/// Free text until the output contains a trigger.
+struct Waiting {
+    triggers: Vec<Trigger>,
+    proto: TokenParser,
+    /// The last output bytes that could still be part of a trigger.
+    tail: Vec<u8>,
+    /// The output's first bytes after leading whitespace, while an `at_start` trigger can fire.
+    head: Vec<u8>,
 }
 
 /// What accepting a sampled token did.
@@ -27,16 +35,17 @@ pub(crate) enum Accepted {
     Continue,
     /// The token stands and the grammar is complete: the sequence ends here (`stop`).
     Complete,
-    /// The trigger ended inside the token: the output continues with these tokens (the text
-    /// up to the trigger's end) instead, so the grammar starts exactly after the trigger.
+    /// A trigger ended inside the token and the grammar rejects the token's remaining bytes:
+    /// the output continues with these tokens (the text up to the trigger's end) instead.
     Replace(Vec<u32>),
 }
 
 impl SeqGrammar {
     pub fn new(c: Compiled) -> Self {
-        let phase = match c.trigger {
-            Some(trigger) => Phase::Waiting { trigger, proto: c.parser, tail: Vec::new() },
-            None => Phase::Engaged(Box::new(Matcher::new(Ok(c.parser)))),
+        let phase = if c.triggers.is_empty() {
+            Phase::Engaged(Box::new(Matcher::new(Ok(c.parser))))
+        } else {
+            Phase::Waiting(Box::new(Waiting { triggers: c.triggers, proto: c.parser, tail: Vec::new(), head: Vec::new() }))
         };
         Self { env: c.env, phase }
     }
@@ -44,9 +53,12 @@ impl SeqGrammar {
     /// An independent copy for a sibling choice (`n > 1`).
     pub fn fork(&self) -> Self {
         let phase = match &self.phase {
-            Phase::Waiting { trigger, proto, tail } => {
-                Phase::Waiting { trigger: trigger.clone(), proto: proto.deep_clone(), tail: tail.clone() }
-            }
+            Phase::Waiting(w) => Phase::Waiting(Box::new(Waiting {
+                triggers: w.triggers.clone(),
+                proto: w.proto.deep_clone(),
+                tail: w.tail.clone(),
+                head: w.head.clone(),
+            })),
             Phase::Engaged(m) => Phase::Engaged(Box::new(m.deep_clone())),
         };
         Self { env: self.env.clone(), phase }
@@ -75,24 +87,12 @@ impl SeqGrammar {
                 m.consume_token(token).map_err(|e| format!("grammar engine rejected token {token}: {e}"))?;
                 Ok(if m.is_stopped() { Accepted::Complete } else { Accepted::Continue })
             }
-            Phase::Waiting { trigger, proto, tail } => {
+            Phase::Waiting(w) => {
                 let bytes = output_bytes(self.env.tok_trie(), token);
-                let before = tail.len();
-                tail.extend_from_slice(bytes);
-                let Some(end) = find_ending_after(tail, trigger, before) else {
-                    let keep = trigger.len().saturating_sub(1).min(tail.len());
-                    tail.drain(..tail.len() - keep);
-                    return Ok(Accepted::Continue);
-                };
-                let extra = tail.len() - end;
-                let matcher = Matcher::new(Ok(proto.deep_clone()));
+                let Some((replay, trigger_len)) = w.watch(bytes) else { return Ok(Accepted::Continue) };
+                let (matcher, accepted) = engage(&self.env, &w.proto, &replay, trigger_len, bytes)?;
                 self.phase = Phase::Engaged(Box::new(matcher));
-                if extra == 0 {
-                    return Ok(Accepted::Continue);
-                }
-                // Only the token's bytes up to the trigger's end stay; the grammar writes the rest.
-                let kept = &bytes[..bytes.len() - extra];
-                Ok(Accepted::Replace(self.env.tokenize_bytes(kept)))
+                Ok(accepted)
             }
         }
     }
@@ -101,13 +101,57 @@ impl SeqGrammar {
     pub fn forced(&mut self) -> Vec<u32> {
         match &mut self.phase {
             Phase::Engaged(m) => m.consume_ff_tokens(),
-            Phase::Waiting { .. } => Vec::new(),
+            Phase::Waiting(_) => Vec::new(),
         }
     }
 
     pub fn is_complete(&self) -> bool {
         matches!(&self.phase, Phase::Engaged(m) if m.is_stopped())
     }
+}
+
+impl Waiting {
+    /// Feeds one token's bytes; on a trigger the newest bytes completed, returns the output from
+    /// the trigger's first byte on (trigger + the rest of this token) and the trigger's length.
+    fn watch(&mut self, bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let longest = self.triggers.iter().map(|t| t.text.len()).max().unwrap_or(0);
+        if self.head.len() < longest {
+            let before = self.head.len();
+            let skip = if before == 0 { bytes.iter().take_while(|b| b.is_ascii_whitespace()).count() } else { 0 };
+            self.head.extend_from_slice(&bytes[skip..]);
+            for t in self.triggers.iter().filter(|t| t.at_start) {
+                if before < t.text.len() && self.head.starts_with(t.text.as_bytes()) {
+                    return Some((self.head.clone(), t.text.len()));
+                }
+            }
+        }
+        let before = self.tail.len();
+        self.tail.extend_from_slice(bytes);
+        for t in self.triggers.iter().filter(|t| !t.at_start) {
+            if let Some(end) = find_ending_after(&self.tail, t.text.as_bytes(), before) {
+                return Some((self.tail[end - t.text.len()..].to_vec(), t.text.len()));
+            }
+        }
+        let keep = longest.saturating_sub(1).min(self.tail.len());
+        self.tail.drain(..self.tail.len() - keep);
+        None
+    }
+}
+
+/// A fresh matcher that has consumed `replay` (a trigger plus the rest of its last token). If the
+/// grammar rejects those extra bytes, it consumes the trigger alone and the token is replaced by
+/// its bytes up to the trigger's end.
+fn engage(env: &TokEnv, proto: &TokenParser, replay: &[u8], trigger_len: usize, token: &[u8]) -> Result<(Matcher, Accepted), String> {
+    let mut m = Matcher::new(Ok(proto.deep_clone()));
+    let all = env.tokenize_bytes(replay);
+    if m.try_consume_tokens(&all).map_err(|e| format!("grammar engine: {e}"))? == all.len() {
+        return Ok((m, Accepted::Continue));
+    }
+    let mut m = Matcher::new(Ok(proto.deep_clone()));
+    let trigger = env.tokenize_bytes(&replay[..trigger_len]);
+    m.consume_tokens(&trigger).map_err(|e| format!("the grammar does not begin with its trigger: {e}"))?;
+    let extra = replay.len() - trigger_len;
+    Ok((m, Accepted::Replace(env.tokenize_bytes(&token[..token.len() - extra]))))
 }
 
 /// The bytes a token adds to the text (special tokens are stored behind toktrie's 0xFF marker).

@@ -3,21 +3,29 @@
 //! name and arguments are one alternative per tool, so choosing a name fixes the schema.
 //!
 //! - `required` / named: the whole output is `<tool_call>` + calls.
-//! - `auto`: free text until the model itself writes `<tool_call>`; the grammar (without the
-//!   opening tag) engages right after it (the engine's trigger).
+//! - `auto`: free text until the model itself starts a call, then the grammar (the engine's
+//!   triggers): `<tool_call>` anywhere, or a bare `{"name"` object as the very first output,
+//!   which small models such as Qwen2.5-Coder-0.5B write instead of the tag (llama.cpp accepts
+//!   that form too). A bare call is a single call.
 //! - `parallel_tool_calls: false`: exactly one call, then the turn ends.
 
-use super::{Choice, ToolPlan, CALL_CLOSE, CALL_OPEN};
+use super::{Choice, ToolPlan, BARE_OPEN, CALL_CLOSE, CALL_OPEN};
 use kiln_inference::grammar::compact_json_schema;
-use kiln_inference::Constraint;
+use kiln_inference::{Constraint, Trigger};
 use std::fmt::Write;
 
 /// The constraint for a plan; `None` when calls are forbidden (the text is free).
 pub fn constraint(plan: &ToolPlan) -> Option<Constraint> {
     match plan.choice {
         Choice::None => None,
-        Choice::Auto => Some(Constraint { trigger: Some(CALL_OPEN.to_string()), ..Constraint::lark(lark(plan, false)) }),
-        Choice::Required | Choice::Named(_) => Some(Constraint::lark(lark(plan, true))),
+        Choice::Auto => {
+            let triggers = vec![
+                Trigger { text: CALL_OPEN.to_string(), at_start: false },
+                Trigger { text: BARE_OPEN.to_string(), at_start: true },
+            ];
+            Some(Constraint { triggers, ..Constraint::lark(lark(plan, true)) })
+        }
+        Choice::Required | Choice::Named(_) => Some(Constraint::lark(lark(plan, false))),
     }
 }
 
@@ -25,20 +33,19 @@ fn lit(s: &str) -> String {
     serde_json::to_string(s).expect("a string always serializes")
 }
 
-fn lark(plan: &ToolPlan, with_open_tag: bool) -> String {
-    let mut g = String::from("start: ");
-    if with_open_tag {
-        g.push_str(&lit(CALL_OPEN));
-        g.push(' ');
+fn lark(plan: &ToolPlan, allow_bare: bool) -> String {
+    let mut g = String::from("start: tagged");
+    if allow_bare {
+        g.push_str(" | body");
     }
-    g.push_str("call");
+    let _ = write!(g, "\ntagged: {} call", lit(CALL_OPEN));
     if plan.parallel {
         let _ = write!(g, " ({} call)*", lit(&format!("\n{CALL_OPEN}")));
     }
-    g.push('\n');
+    let _ = writeln!(g, "\ncall: {} body {}", lit("\n"), lit(&format!("\n{CALL_CLOSE}")));
     let tools = plan.callable();
     let alternatives: Vec<String> = (0..tools.len()).map(|i| format!("fn_{i}")).collect();
-    let _ = writeln!(g, "call: {} ({}) {}", lit("\n"), alternatives.join(" | "), lit(&format!("\n{CALL_CLOSE}")));
+    let _ = writeln!(g, "body: {}", alternatives.join(" | "));
     for (i, t) in tools.iter().enumerate() {
         let head = format!("{{\"name\": \"{}\", \"arguments\": ", t.name);
         let _ = writeln!(g, "fn_{i}: {} args_{i} {}", lit(&head), lit("}"));
@@ -56,13 +63,14 @@ mod tests {
     fn grammar_text() {
         let tools = [json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})];
         let plan = ToolPlan::from_request(Some(&tools), Some(&json!("required")), Some(false)).unwrap().unwrap();
-        let g = lark(&plan, true);
-        assert!(g.starts_with("start: \"<tool_call>\" call\n"), "{g}");
+        let g = lark(&plan, false);
+        assert!(g.starts_with("start: tagged\ntagged: \"<tool_call>\" call\n"), "{g}");
         assert!(g.contains("fn_0: \"{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": \" args_0 \"}\""), "{g}");
         assert!(g.contains("args_0: %json {"), "{g}");
         let auto = ToolPlan { choice: Choice::Auto, parallel: true, ..plan };
         let c = constraint(&auto).unwrap();
-        assert_eq!(c.trigger.as_deref(), Some(CALL_OPEN));
+        assert_eq!(c.triggers.len(), 2);
+        assert!(matches!(&c.grammar, kiln_inference::Grammar::Lark(g) if g.starts_with("start: tagged | body\n")));
         let none = ToolPlan { choice: Choice::None, ..auto };
         assert!(constraint(&none).is_none());
     }

@@ -20,6 +20,8 @@ use std::collections::HashSet;
 /// Opens a call in the model's output; with `tool_choice: auto` the grammar engages after it.
 pub const CALL_OPEN: &str = "<tool_call>";
 pub const CALL_CLOSE: &str = "</tool_call>";
+/// A call written as a bare JSON object at the start of the output (no tag).
+pub const BARE_OPEN: &str = "{\"name\"";
 
 /// One function tool.
 #[derive(Debug, Clone)]

@@ -5,9 +5,10 @@
 //! also the non-streamed `arguments`). Text that might be the start of `<tool_call>` is held
 //! back, so no tag ever leaks into `content`.
 //!
+//! A bare `{"name": ...}` object as the very first output is a call too (see `grammar.rs`).
 //! The grammar guarantees the layout; the parser tolerates whitespace variations anyway.
 
-use super::{call_id, CALL_CLOSE, CALL_OPEN};
+use super::{call_id, BARE_OPEN, CALL_CLOSE, CALL_OPEN};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
@@ -27,12 +28,12 @@ pub struct Call {
 enum State {
     #[default]
     Content,
-    /// After `<tool_call>`, until `"arguments":`.
-    Head,
+    /// After `<tool_call>` (or at a bare call's `{`), until `"arguments":`.
+    Head { bare: bool },
     /// Inside the arguments value.
-    Args(Scan),
-    /// After the arguments, until `</tool_call>`.
-    Tail,
+    Args { scan: Scan, bare: bool },
+    /// After the arguments, until `</tool_call>` (a bare call: until its closing `}`).
+    Tail { bare: bool },
 }
 
 /// Bracket depth of a JSON value being streamed, string-aware.
@@ -77,6 +78,8 @@ pub struct CallParser {
     calls: Vec<Call>,
     /// Whitespace after a call, sent only if real content follows it.
     pending_ws: String,
+    /// Some content was sent: a bare `{"name"` can no longer be a call.
+    sent_content: bool,
 }
 
 impl CallParser {
@@ -116,6 +119,7 @@ impl CallParser {
         }
         let mut s = std::mem::take(&mut self.pending_ws);
         s.push_str(text);
+        self.sent_content = true;
         out.push(Piece::Content(s));
     }
 
@@ -123,6 +127,17 @@ impl CallParser {
     fn advance(&mut self, out: &mut Vec<Piece>) -> bool {
         match &mut self.state {
             State::Content => {
+                if !self.sent_content && self.calls.is_empty() {
+                    let start = self.buf.trim_start();
+                    if start.starts_with(BARE_OPEN) {
+                        self.buf = start.to_string();
+                        self.state = State::Head { bare: true };
+                        return true;
+                    }
+                    if BARE_OPEN.starts_with(start) {
+                        return false; // may still become a bare call
+                    }
+                }
                 if let Some(at) = self.buf.find(CALL_OPEN) {
                     let before = self.buf[..at].to_string();
                     self.buf.drain(..at + CALL_OPEN.len());
@@ -130,7 +145,7 @@ impl CallParser {
                         self.content(&before, out);
                     }
                     self.pending_ws.clear();
-                    self.state = State::Head;
+                    self.state = State::Head { bare: false };
                     return true;
                 }
                 let keep = partial_tag_len(&self.buf, CALL_OPEN);
@@ -138,16 +153,18 @@ impl CallParser {
                 self.content(&emit, out);
                 false
             }
-            State::Head => {
+            State::Head { bare } => {
+                let bare = *bare;
                 let Some((name, args_at)) = head(&self.buf) else { return false };
                 self.buf.drain(..args_at);
                 let id = call_id();
                 out.push(Piece::Start { index: self.calls.len(), id: id.clone(), name: name.clone() });
                 self.calls.push(Call { id, name, arguments: String::new() });
-                self.state = State::Args(Scan::default());
+                self.state = State::Args { scan: Scan::default(), bare };
                 true
             }
-            State::Args(scan) => {
+            State::Args { scan, bare } => {
+                let bare = *bare;
                 let mut end = None;
                 for (i, c) in self.buf.char_indices() {
                     if scan.step(c) {
@@ -163,13 +180,14 @@ impl CallParser {
                     out.push(Piece::Args { index, fragment });
                 }
                 if end.is_some() {
-                    self.state = State::Tail;
+                    self.state = State::Tail { bare };
                 }
                 end.is_some()
             }
-            State::Tail => {
-                let Some(at) = self.buf.find(CALL_CLOSE) else { return false };
-                self.buf.drain(..at + CALL_CLOSE.len());
+            State::Tail { bare } => {
+                let close = if *bare { "}" } else { CALL_CLOSE };
+                let Some(at) = self.buf.find(close) else { return false };
+                self.buf.drain(..at + close.len());
                 self.state = State::Content;
                 true
             }
@@ -236,6 +254,19 @@ mod tests {
         assert_eq!(partial_tag_len("xx<tool_", CALL_OPEN), 6);
         assert_eq!(partial_tag_len("é<", CALL_OPEN), 1);
         assert_eq!(partial_tag_len("abc", CALL_OPEN), 0);
+    }
+
+    #[test]
+    fn bare_call_at_the_start_only() {
+        let bare = "\n{\"name\": \"f\", \"arguments\": {\"a\": [1]}}";
+        let chars: Vec<String> = bare.chars().map(String::from).collect();
+        let (content, calls, _) = run(&chars.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!((content.as_str(), calls.len()), ("", 1));
+        assert_eq!(calls[0].arguments, "{\"a\": [1]}");
+        let (content, calls, _) = run(&["Here: {\"name\": \"f\"}"]);
+        assert_eq!((content.as_str(), calls.len()), ("Here: {\"name\": \"f\"}", 0));
+        let (content, calls, _) = run(&["{\"na", "me2\": 1}"]);
+        assert_eq!((content.as_str(), calls.len()), ("{\"name2\": 1}", 0));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What the chat template sees of tools and of earlier tool turns.
 //!
-//! - Native templates (they render `tools`, like Qwen2.5's) get the tool list and the
-//!   conversation as is, except that `tool_calls[].function.arguments` (a JSON string in the
+//! - Native templates (they render `tools`, like Qwen2.5's) get the tool list (not under
+//!   `tool_choice: none`: a model shown tools writes calls, which `none` forbids; vLLM's
+//!   `--exclude-tools-when-tool-choice-none` does the same) and the conversation as is, except that `tool_calls[].function.arguments` (a JSON string in the
 //!   OpenAI API) becomes the object templates expect to `tojson`.
 //! - Any other template cannot render tools, assistant `tool_calls` or `role: "tool"`: kiln adds
 //!   [`GENERIC_INSTRUCTIONS`] with the tool list to the system message and writes earlier calls
@@ -21,7 +22,8 @@ For each function call, return a json object with function name and arguments wi
 pub fn prepare(messages: Vec<Value>, plan: Option<&ToolPlan>, native: bool) -> ApiResult<(Vec<Value>, Option<Vec<Value>>)> {
     let messages = messages.into_iter().enumerate().map(|(i, m)| decode_arguments(i, m)).collect::<ApiResult<Vec<_>>>()?;
     if native {
-        return Ok((messages, plan.map(|p| p.tools.iter().map(|t| t.raw.clone()).collect())));
+        let shown = plan.filter(|p| p.calls_allowed());
+        return Ok((messages, shown.map(|p| p.tools.iter().map(|t| t.raw.clone()).collect())));
     }
     let mut out = as_text_turns(messages);
     if let Some(p) = plan.filter(|p| p.calls_allowed()) {

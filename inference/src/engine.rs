@@ -205,6 +205,9 @@ pub fn spawn(runner: Runner, tokenizer: Tokenizer, cfg: &EngineConfig) -> Result
 /// A grammar's mask for the next token: `None` while it waits for its trigger.
 type MaskResult = Result<Option<SimpleVob>, String>;
 
+/// One step's logits rows plus the masks of its constrained sequences.
+type StepOutput = (Vec<Vec<f32>>, HashMap<SeqId, MaskResult>);
+
 /// Everything the engine thread owns.
 struct Core {
     runner: Runner,
@@ -337,7 +340,7 @@ impl Core {
     /// Runs the model while a second thread computes the grammar masks of the constrained
     /// sequences that get logits this step: on a GPU the mask is then free; on a CPU it shares
     /// the cores, but only constrained sequences pay anything.
-    fn forward_and_masks(&mut self, out: &SchedulerOutput) -> Result<(Vec<Vec<f32>>, HashMap<SeqId, MaskResult>), EngineError> {
+    fn forward_and_masks(&mut self, out: &SchedulerOutput) -> Result<StepOutput, EngineError> {
         let mut lent: Vec<(SeqId, Box<SeqGrammar>)> = out
             .seqs
             .iter()

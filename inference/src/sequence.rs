@@ -7,8 +7,8 @@ use crate::grammar::{Accepted, SeqGrammar};
 use crate::params::SamplingParams;
 use crate::sampler::SeqSampler;
 use crate::stream::{Event, FinishReason};
-use std::sync::atomic::{AtomicBool, Ordering};
 use llguidance::toktrie::SimpleVob;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 

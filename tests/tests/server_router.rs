@@ -337,8 +337,15 @@ async fn bad_values_are_400_naming_the_field() {
         (json!({"stop": [""]}), "stop"),
         (json!({"stream_options": {"include_usage": true}}), "stream_options"),
         (json!({"messages": []}), "messages"),
-        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
-        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"tools": []}), "tools"),
+        (json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}), "tools[0].function.name"),
+        (json!({"tools": [{"type": "retrieval"}]}), "tools[0].type"),
+        (json!({"tool_choice": "auto"}), "tool_choice"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}), "tool_choice"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"response_format": {"type": "xml"}}), "response_format"),
+        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "if": {}}}}}), "response_format"),
+        (json!({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}), "messages[0].tool_calls[0].function.arguments"),
     ] {
         let e = post(&app, "/v1/chat/completions", chat_body(extra.clone())).await.error(StatusCode::BAD_REQUEST);
         assert_eq!(e["param"], param, "{extra}: {e}");
@@ -349,6 +356,7 @@ async fn bad_values_are_400_naming_the_field() {
         (json!({"model": MODEL, "prompt": [], "max_tokens": 1}), "prompt"),
         (json!({"model": MODEL, "prompt": [4_000_000], "max_tokens": 1}), "prompt"),
         (json!({"model": MODEL, "prompt": "Hi", "suffix": "!"}), "suffix"),
+        (json!({"model": MODEL, "prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 3, "if": {}}}}}), "response_format"),
     ] {
         let e = post(&app, "/v1/completions", body.clone()).await.error(StatusCode::BAD_REQUEST);
         assert_eq!(e["param"], param, "{body}: {e}");

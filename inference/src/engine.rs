@@ -70,6 +70,11 @@ pub struct EngineStats {
     pub free_blocks: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
+    /// Grammar masks computed, and the time they took (on the mask thread).
+    pub grammar_masks: AtomicU64,
+    pub grammar_mask_ns: AtomicU64,
+    /// Tokens appended because a grammar forced them (no sampling, no step of their own).
+    pub forced_tokens: AtomicU64,
 }
 
 pub(crate) struct AddRequest {
@@ -296,7 +301,9 @@ impl Core {
         self.next_id += 1;
         let group = Arc::new(Group { params: req.params, events: req.events, cancel: req.cancel, max_len: total });
         let mut seq = Seq::new(req.prompt, group, 0, req.grammar.map(SeqGrammar::new));
-        if let Some(reason) = seq.start() {
+        let (forced, finish) = seq.start();
+        self.stats.forced_tokens.fetch_add(forced as u64, Ordering::Relaxed);
+        if let Some(reason) = finish {
             // The grammar forced the whole output: no model step at all, for any choice.
             for index in 1..=seq.take_pending_forks() {
                 seq.fork(index).finish(reason);
@@ -353,9 +360,15 @@ impl Core {
         if lent.is_empty() {
             return Ok((self.runner.step(out, &self.seqs)?, HashMap::new()));
         }
-        let (runner, seqs) = (&mut self.runner, &self.seqs);
+        let (runner, seqs, stats) = (&mut self.runner, &self.seqs, &self.stats);
         let (logits, masks) = std::thread::scope(|scope| {
-            let worker = scope.spawn(|| lent.iter_mut().map(|(id, g)| (*id, g.mask())).collect::<HashMap<_, _>>());
+            let worker = scope.spawn(|| {
+                let t = std::time::Instant::now();
+                let masks = lent.iter_mut().map(|(id, g)| (*id, g.mask())).collect::<HashMap<_, _>>();
+                stats.grammar_mask_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                stats.grammar_masks.fetch_add(masks.len() as u64, Ordering::Relaxed);
+                masks
+            });
             let logits = runner.step(out, seqs);
             (logits, worker.join())
         });
@@ -387,6 +400,7 @@ impl Core {
         match seq.sample(&mut row, &self.eos, mask) {
             Ok(s) => {
                 self.sched.append_tokens(id, s.appended);
+                self.stats.forced_tokens.fetch_add(s.forced as u64, Ordering::Relaxed);
                 if let Some(reason) = s.finish {
                     seq.finish(reason);
                     self.sched.finish(id);

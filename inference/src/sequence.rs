@@ -38,6 +38,8 @@ pub(crate) struct Seq {
 pub(crate) struct Sampled {
     /// Tokens appended (the sampled one, a replacement, forced ones); 0 when it ended on EOS.
     pub appended: usize,
+    /// Of those, the ones the grammar forced.
+    pub forced: usize,
     pub finish: Option<FinishReason>,
 }
 
@@ -79,12 +81,10 @@ impl Seq {
     }
 
     /// Appends what the grammar forces before anything is sampled (a schema's opening
-    /// `{"name": "`); says whether that already ends the sequence.
-    pub fn start(&mut self) -> Option<FinishReason> {
-        if !self.group.params.logprobs {
-            self.push_forced();
-        }
-        self.end_reason()
+    /// `{"name": "`); returns how many, and whether that already ends the sequence.
+    pub fn start(&mut self) -> (usize, Option<FinishReason>) {
+        let forced = if self.group.params.logprobs { 0 } else { self.push_forced() };
+        (forced, self.end_reason())
     }
 
     /// Whether the next sample needs a grammar mask.
@@ -109,7 +109,7 @@ impl Seq {
         let s = self.sampler.sample(logits, mask);
         let is_stop = eos.contains(&s.token) || self.group.params.stop_token_ids.contains(&s.token);
         if is_stop && !ignore_eos {
-            return Ok(Sampled { appended: 0, finish: Some(FinishReason::Stop) });
+            return Ok(Sampled { appended: 0, forced: 0, finish: Some(FinishReason::Stop) });
         }
         let accepted = match self.grammar.as_mut() {
             Some(g) => g.accept(s.token).map_err(EngineError::Internal)?,
@@ -121,10 +121,8 @@ impl Seq {
             Accepted::Replace(tokens) => tokens.into_iter().for_each(|t| self.push(t, None)),
             _ => self.push(s.token, logprobs.then_some((s.logprob, s.top_logprobs))),
         }
-        if !complete && !logprobs {
-            self.push_forced();
-        }
-        Ok(Sampled { appended: self.tokens.len() - before, finish: self.end_reason() })
+        let forced = if !complete && !logprobs { self.push_forced() } else { 0 };
+        Ok(Sampled { appended: self.tokens.len() - before, forced, finish: self.end_reason() })
     }
 
     /// A complete grammar ends the sequence (`stop`), as do the length limits (`length`).
@@ -137,14 +135,17 @@ impl Seq {
 
     /// Appends what the grammar forces (no model step needed to pick them), within the length
     /// limits. Callers skip it when logprobs are requested: forced tokens have none to report.
-    fn push_forced(&mut self) {
-        let Some(g) = self.grammar.as_mut() else { return };
+    fn push_forced(&mut self) -> usize {
+        let Some(g) = self.grammar.as_mut() else { return 0 };
+        let mut n = 0;
         for t in g.forced() {
             if self.at_max_len() {
                 break;
             }
             self.push(t, None);
+            n += 1;
         }
+        n
     }
 
     fn at_max_len(&self) -> bool {

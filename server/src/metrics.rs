@@ -116,6 +116,10 @@ impl Metrics {
             gauge("kiln:kv_blocks_used", "KV cache blocks held by sequences.", "gauge", total - free);
             gauge("kiln:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "gauge", if total > 0.0 { (total - free) / total } else { 0.0 });
             gauge("kiln:num_preemptions_total", "Sequences preempted by recompute.", "counter", s.preemptions.load(Ordering::Relaxed) as f64);
+            gauge("kiln:grammar_masks_total", "Token masks computed for constrained sequences.", "counter", s.grammar_masks.load(Ordering::Relaxed) as f64);
+            let mask_s = s.grammar_mask_ns.load(Ordering::Relaxed) as f64 * 1e-9;
+            gauge("kiln:grammar_mask_seconds_total", "Time spent computing token masks (beside the forward pass).", "counter", mask_s);
+            gauge("kiln:grammar_forced_tokens_total", "Tokens a grammar forced, appended without sampling.", "counter", s.forced_tokens.load(Ordering::Relaxed) as f64);
         }
         gauge("kiln:prompt_tokens_total", "Prompt tokens processed.", "counter", self.prompt_tokens.load(Ordering::Relaxed) as f64);
         gauge("kiln:generation_tokens_total", "Tokens generated.", "counter", self.generation_tokens.load(Ordering::Relaxed) as f64);

@@ -2,9 +2,10 @@
 //! input (Q/K/V, gate/up) are fused into one matrix at load time when their storage types
 //! agree, so the activation is quantized and streamed once per step instead of three times.
 //!
-//! On CPU, Q4_1 and Q8_0 weights run on kiln's own kernels (`kiln_kernels::quant`: ggml's exact
-//! arithmetic, batch invariant, several times faster than candle's `QMatMul`); every other
-//! quant type (the k-quants of Qwen2.5's mix) and every device goes through candle's `QMatMul`.
+//! On CPU, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K weights run on kiln's own kernels
+//! (`kiln_kernels::quant`: the arithmetic of ggml's x86 build, batch invariant, faster than
+//! candle's `QMatMul`, which rounds like ggml's generic code); every other quant type and every
+//! device goes through candle's `QMatMul`.
 
 use crate::error::{ModelError, Result};
 use crate::weights::Weight;
@@ -15,7 +16,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 enum Part {
-    /// Q4_1 / Q8_0 on CPU, repacked for kiln's kernels.
+    /// A type kiln's kernels have, on CPU, repacked for them.
     Kiln(QuantMatrix),
     Quant(QMatMul),
     /// `[out, in]` f32.
@@ -107,7 +108,10 @@ fn kiln_forward(w: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
 fn quant_part(q: Arc<QTensor>) -> Result<Part> {
     let qtype = match q.dtype() {
         GgmlDType::Q4_1 => Some(QuantType::Q4_1),
+        GgmlDType::Q5_0 => Some(QuantType::Q5_0),
         GgmlDType::Q8_0 => Some(QuantType::Q8_0),
+        GgmlDType::Q4K => Some(QuantType::Q4_K),
+        GgmlDType::Q6K => Some(QuantType::Q6_K),
         _ => None,
     };
     match (qtype, q.device()) {

@@ -68,16 +68,20 @@ fn check_call<const R: usize>(w: &Tile<'_>, x: &[&[KActBlock]; R], lines: usize,
     nb
 }
 
-/// Q4_K weights x Q8_K activations: `[R rows][16 columns]` of one tile.
+/// Q4_K weights x Q8_K activations: `[R rows][16 columns]` of one tile (`batched`: the two
+/// fmas after every pair of sub-blocks, llama.cpp's gemm form).
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[f32; TILE]; R] {
+pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
     let nb = check_call(&w, &x, 36, 2 * TILE);
     let nib = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
     let mut accm = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let (lines, sc) = (&w.qs[36 * b..36 * (b + 1)], &w.scales[2 * TILE * b..2 * TILE * (b + 1)]);
+        let (dw, dminw) = (load_f32x16(&sc[..TILE]), load_f32x16(&sc[TILE..]));
+        let dd: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(dw, _mm512_set1_ps(x[r][b].d)));
+        let ddmin: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(dminw, _mm512_set1_ps(x[r][b].d)));
         let mut s = [_mm512_setzero_si512(); R];
         let mut m = [_mm512_setzero_si512(); R];
         for sub in 0..8 {
@@ -97,12 +101,13 @@ pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[
                 let xsum = _mm512_set1_epi32(xb.bsums[2 * sub] + xb.bsums[2 * sub + 1]);
                 m[r] = _mm512_add_epi32(m[r], _mm512_mullo_epi32(min, xsum));
             }
-        }
-        let (dw, dminw) = (load_f32x16(&sc[..TILE]), load_f32x16(&sc[TILE..]));
-        for r in 0..R {
-            let xd = _mm512_set1_ps(x[r][b].d);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), _mm512_mul_ps(dw, xd), acc[r]);
-            accm[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m[r]), _mm512_mul_ps(dminw, xd), accm[r]);
+            if (batched && high) || sub == 7 {
+                for r in 0..R {
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), dd[r], acc[r]);
+                    accm[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m[r]), ddmin[r], accm[r]);
+                    (s[r], m[r]) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                }
+            }
         }
     }
     let mut out = [[0f32; TILE]; R];
@@ -112,17 +117,20 @@ pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[
     out
 }
 
-/// Q6_K weights x Q8_K activations: `[R rows][16 columns]` of one tile.
+/// Q6_K weights x Q8_K activations: `[R rows][16 columns]` of one tile (`batched`: llama.cpp's
+/// tiled form, one integer per super-block and `acc = fma(S * dw, dx, acc)`).
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[f32; TILE]; R] {
+pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
     let nb = check_call(&w, &x, 68, TILE);
     let zero = _mm512_setzero_si512();
     let mut acc = [[_mm512_setzero_ps(); 8]; R];
+    let mut tiled = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let (lines, table) = (&w.qs[68 * b..68 * b + 64], &w.qs[68 * b + 64..68 * (b + 1)]);
         let dw = load_f32x16(&w.scales[TILE * b..TILE * (b + 1)]);
         let dd: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(_mm512_set1_ps(x[r][b].d), dw));
+        let mut total = [zero; R];
         // One ggml lane j at a time: only R integer sums live, beside the 8R float lanes.
         for j in 0..8 {
             let mut lane = [_mm512_setzero_si512(); R];
@@ -142,11 +150,27 @@ pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[
                     _mm512_mullo_epi32(s1, _mm512_set1_epi32(xb.bsums[2 * j + 1])),
                 );
                 let sum = _mm512_sub_epi32(lane[r], _mm512_slli_epi32::<5>(corr));
-                acc[r][j] = _mm512_fmadd_ps(dd[r], _mm512_cvtepi32_ps(sum), acc[r][j]);
+                if batched {
+                    total[r] = _mm512_add_epi32(total[r], sum);
+                } else {
+                    acc[r][j] = _mm512_fmadd_ps(dd[r], _mm512_cvtepi32_ps(sum), acc[r][j]);
+                }
+            }
+        }
+        if batched {
+            for r in 0..R {
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(total[r]), dw);
+                tiled[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(x[r][b].d), tiled[r]);
             }
         }
     }
     let mut out = [[0f32; TILE]; R];
+    if batched {
+        for r in 0..R {
+            store(&mut out[r], tiled[r]);
+        }
+        return out;
+    }
     for r in 0..R {
         let a = &acc[r];
         let (s0, s1) = (_mm512_add_ps(a[4], a[0]), _mm512_add_ps(a[6], a[2]));

@@ -15,13 +15,16 @@
 //! last bit, so matching llama.cpp's tokens needs its exact rounding sequence, not just an
 //! accurate sum.)
 //!
-//! Which llama.cpp path we follow: the one it takes for a single token (decode). For Q4_1, Q5_0
-//! and Q8_0 every path agrees (llamafile's tinyBLAS, used for batches of 2+, has no Q4_1 case
-//! and does vec_dot's per-element arithmetic for Q5_0/Q8_0). For the k-quants llama.cpp is not
-//! batch invariant: batches of 8+ rows send Q6_K through its "tiled" kernel (one integer per
-//! super-block, `buf += (S * dw) * dx`), and repacked Q4_K through a gemm that rounds per 64
-//! values for rows in groups of 4. We cannot follow those without becoming batch dependent
-//! ourselves, so prompt rows of a Q4_K/Q6_K model may differ from llama.cpp's in the last bits.
+//! Which llama.cpp path we follow (`Form`): by default the one it takes for a single token
+//! (decode), for every row. For Q4_1, Q5_0 and Q8_0 all its paths agree (llamafile's tinyBLAS,
+//! used for batches of 2+, has no Q4_1 case and does vec_dot's per-element arithmetic for
+//! Q5_0/Q8_0). For the k-quants llama.cpp is not batch invariant: ubatches of 8+ rows send Q6_K
+//! through its "tiled" kernel (one integer per super-block, `acc = fma(S * dw, dx, acc)`), and
+//! repacked Q4_K rows below `4 * (m / 4)` through a gemm that rounds once per 64 values. So its
+//! prompt rows differ from its decode rows in the last bits, and a Q4_K_M model's greedy output
+//! depends on llama.cpp's ubatch size (`-ub 1` and the default disagree by up to 0.14 in
+//! logprob on Qwen2.5-0.5B). `Form::LlamaCppBatch` reproduces that choice for callers that need
+//! llama.cpp's exact numbers; it is checked bit for bit against libggml-cpu's own output.
 //!
 //! Batch invariance (a hard requirement of the engine): an output element depends only on its
 //! weight row and its activation row, through a fixed sequence of float operations. The fast
@@ -59,7 +62,7 @@ use act::{ActBlock, QActs};
 use kact::{KActBlock, KActs};
 pub use matrix::QuantMatrix;
 use matrix::Tile;
-pub use reference::qmatmul_reference;
+pub use reference::{qmatmul_reference, qmatmul_reference_form};
 pub(crate) use reference::hsum8;
 
 /// Values per ggml block (Q4_1, Q5_0, Q8_0, Q8_1 all use 32).
@@ -116,6 +119,29 @@ impl std::fmt::Display for QuantError {
 
 impl std::error::Error for QuantError {}
 
+/// Which of llama.cpp's CPU code paths a call follows. Only the k-quants care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Form {
+    /// One arithmetic per weight type, whatever the batch: llama.cpp's single-token (decode)
+    /// path. Batch invariant; what the engine runs.
+    #[default]
+    Invariant,
+    /// What llama.cpp's CPU backend does with a ubatch of m rows: Q6_K through its tiled kernel
+    /// when m >= 8, repacked Q4_K through its gemm for rows below `4 * (m / 4)` (the rest, and
+    /// everything when m < 4, as in `Invariant`). Not batch invariant, on purpose: it exists to
+    /// reproduce llama.cpp's numbers (its prompt processing) bit for bit.
+    LlamaCppBatch,
+}
+
+/// Whether row `row` of an m-row call takes llama.cpp's batched k-quant arithmetic.
+pub(crate) fn k_batched(qtype: QuantType, form: Form, row: usize, m: usize) -> bool {
+    match (form, qtype) {
+        (Form::LlamaCppBatch, QuantType::Q6_K) => m >= 8,
+        (Form::LlamaCppBatch, QuantType::Q4_K) => row < 4 * (m / 4),
+        _ => false,
+    }
+}
+
 /// Which kernel family runs. Detected at runtime; never depends on the call's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
@@ -144,8 +170,13 @@ impl Isa {
 /// (see the module docs). Small decode calls are cheapest from inside a rayon worker: waking the
 /// pool from an outside thread costs ~10 us, so from outside they run on the caller alone.
 pub fn qmatmul(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    qmatmul_form(w, x, m, out, Form::Invariant)
+}
+
+/// `qmatmul` in a chosen `Form` (bit-identical to `qmatmul_reference_form`).
+pub fn qmatmul_form(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32], form: Form) {
     let isa = Isa::detect();
-    qmatmul_with(w, x, m, out, isa, Plan::new(w, m))
+    qmatmul_with(w, x, m, out, isa, Plan::new(w, m), form)
 }
 
 pub(crate) fn check_shapes(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
@@ -201,7 +232,7 @@ enum Acts<'a> {
 
 /// The driver behind `qmatmul`, with the kernel family and the work split chosen by the caller
 /// (tests use this to check that neither changes a single bit).
-pub(crate) fn qmatmul_with(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32], isa: Isa, plan: Plan) {
+pub(crate) fn qmatmul_with(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32], isa: Isa, plan: Plan, form: Form) {
     check_shapes(w, x, m, out);
     if m == 0 || w.rows() == 0 {
         return;
@@ -222,7 +253,7 @@ pub(crate) fn qmatmul_with(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]
         let (tu, ru) = (u / row_units, u % row_units);
         let tiles = tu * tpu..((tu + 1) * tpu).min(n_tiles);
         let rows = ru * rpu..((ru + 1) * rpu).min(m);
-        run_unit(w, acts, isa, tiles, rows, &sink);
+        run_unit(Call { w, acts, isa, form, m }, tiles, rows, &sink);
     };
     if tile_units * row_units == 1 {
         unit(0);
@@ -235,7 +266,8 @@ pub(crate) fn qmatmul_with(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]
 /// All (tile, row) outputs of one unit: per tile, the rows in groups of up to `ROWS` so the
 /// tile's weights come from L1 after the first group. Which group a row lands in (and so which
 /// kernel shape computes it) changes no bit: every kernel does the same per-lane arithmetic.
-fn run_unit(w: &QuantMatrix, acts: Acts<'_>, isa: Isa, tiles: Range<usize>, rows: Range<usize>, sink: &OutSink) {
+fn run_unit(call: Call<'_>, tiles: Range<usize>, rows: Range<usize>, sink: &OutSink) {
+    let Call { w, acts, isa, form, m } = call;
     let mut scales = Vec::new();
     for t in tiles {
         let stored = w.tile(t);
@@ -244,11 +276,11 @@ fn run_unit(w: &QuantMatrix, acts: Acts<'_>, isa: Isa, tiles: Range<usize>, rows
         let cols = t * TILE..((t + 1) * TILE).min(w.rows());
         let mut r = rows.start;
         while r < rows.end {
-            let g = Group { w, tile, acts, isa, row0: r, cols: cols.clone(), sink };
-            r += match rows.end - r {
-                1 => g.run::<1>(),
-                _ => g.run::<ROWS>(),
-            };
+            let batched = k_batched(w.qtype(), form, r, m);
+            let g = Group { w, tile, acts, isa, row0: r, cols: cols.clone(), sink, batched };
+            // Both rows of a pair must take the same k-quant arithmetic.
+            let pair = rows.end - r >= 2 && k_batched(w.qtype(), form, r + 1, m) == batched;
+            r += if pair { g.run::<ROWS>() } else { g.run::<1>() };
         }
     }
 }
@@ -264,6 +296,17 @@ fn widen_scales(isa: Isa, bits: &[u16], out: &mut Vec<f32>) {
     }
 }
 
+/// What every unit of one `qmatmul_with` call shares.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    w: &'a QuantMatrix,
+    acts: Acts<'a>,
+    isa: Isa,
+    form: Form,
+    /// Rows of the whole call (llama.cpp's batched forms depend on it).
+    m: usize,
+}
+
 /// One kernel call: R activation rows x one tile.
 struct Group<'a> {
     w: &'a QuantMatrix,
@@ -273,6 +316,8 @@ struct Group<'a> {
     row0: usize,
     cols: Range<usize>,
     sink: &'a OutSink,
+    /// k-quants: llama.cpp's batched arithmetic for these rows (see `Form`).
+    batched: bool,
 }
 
 impl Group<'_> {
@@ -307,12 +352,12 @@ impl Group<'_> {
         match (self.isa, self.w.qtype()) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
-            (Isa::Avx512Vnni, QuantType::Q4_K) => unsafe { avx512_k::q4_k_tile::<R>(self.tile, x) },
+            (Isa::Avx512Vnni, QuantType::Q4_K) => unsafe { avx512_k::q4_k_tile::<R>(self.tile, x, self.batched) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            (Isa::Avx512Vnni, QuantType::Q6_K) => unsafe { avx512_k::q6_k_tile::<R>(self.tile, x) },
-            (Isa::Portable, QuantType::Q4_K) => portable_k::q4_k_tile::<R>(self.tile, x),
-            (Isa::Portable, QuantType::Q6_K) => portable_k::q6_k_tile::<R>(self.tile, x),
+            (Isa::Avx512Vnni, QuantType::Q6_K) => unsafe { avx512_k::q6_k_tile::<R>(self.tile, x, self.batched) },
+            (Isa::Portable, QuantType::Q4_K) => portable_k::q4_k_tile::<R>(self.tile, x, self.batched),
+            (Isa::Portable, QuantType::Q6_K) => portable_k::q6_k_tile::<R>(self.tile, x, self.batched),
             (_, QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0) => unreachable!("32-blocks meet Q8_0/Q8_1"),
         }
     }

@@ -14,8 +14,8 @@ fn meta(lines: &[Line], at: usize) -> u8 {
     lines[at / 64].0[at % 64]
 }
 
-/// Q4_K weights x Q8_K activations: `[R rows][16 columns]`.
-pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[f32; TILE]; R] {
+/// Q4_K weights x Q8_K activations: `[R rows][16 columns]` (`batched`: llama.cpp's gemm form).
+pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
     let mut out = [[0f32; TILE]; R];
     for (r, xr) in x.iter().enumerate() {
         for (lane, o) in out[r].iter_mut().enumerate() {
@@ -34,9 +34,12 @@ pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[
                     }
                     s += meta(&lines[32..], 16 * sub + lane) as i32 * dot;
                     m += meta(&lines[32..], 128 + 16 * sub + lane) as i32 * (xb.bsums[2 * sub] + xb.bsums[2 * sub + 1]);
+                    if (batched && sub % 2 == 1) || sub == 7 {
+                        acc = (s as f32).mul_add(sc[lane] * xb.d, acc);
+                        accm = (m as f32).mul_add(sc[TILE + lane] * xb.d, accm);
+                        (s, m) = (0, 0);
+                    }
                 }
-                acc = (s as f32).mul_add(sc[lane] * xb.d, acc);
-                accm = (m as f32).mul_add(sc[TILE + lane] * xb.d, accm);
             }
             *o = acc - accm;
         }
@@ -44,16 +47,17 @@ pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[
     out
 }
 
-/// Q6_K weights x Q8_K activations: `[R rows][16 columns]`.
-pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[f32; TILE]; R] {
+/// Q6_K weights x Q8_K activations: `[R rows][16 columns]` (`batched`: llama.cpp's tiled form).
+pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
     let mut out = [[0f32; TILE]; R];
     for (r, xr) in x.iter().enumerate() {
         for (lane, o) in out[r].iter_mut().enumerate() {
-            let mut acc = [0f32; 8];
+            let (mut acc, mut tiled) = ([0f32; 8], 0f32);
             let blocks = w.qs.chunks_exact(68).zip(w.scales.chunks_exact(TILE));
             for ((lines, d), xb) in blocks.zip(xr.iter()) {
                 let sc = |s: usize| meta(&lines[64..], 16 * s + lane) as i8 as i32;
                 let dd = xb.d * d[lane];
+                let mut total = 0i32;
                 for (j, a) in acc.iter_mut().enumerate() {
                     let mut sum = 0i32;
                     for v in 0..8 {
@@ -63,9 +67,11 @@ pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R]) -> [[
                     }
                     sum -= 32 * (xb.bsums[2 * j] * sc(2 * j) + xb.bsums[2 * j + 1] * sc(2 * j + 1));
                     *a = dd.mul_add(sum as f32, *a);
+                    total += sum;
                 }
+                tiled = (total as f32 * d[lane]).mul_add(xb.d, tiled);
             }
-            *o = hsum8(acc);
+            *o = if batched { tiled } else { hsum8(acc) };
         }
     }
     out

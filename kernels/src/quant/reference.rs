@@ -15,10 +15,15 @@
 use super::act::{ActBlock, QActs};
 use super::kact::{KActBlock, KActs};
 use super::matrix::{k4_scales, q5_0_values, q6_k_values};
-use super::{check_shapes, QuantMatrix, QuantType};
+use super::{check_shapes, k_batched, Form, QuantMatrix, QuantType};
 
-/// `out[m, n] = x[m, k] * W^T`, scalar, on `w.to_ggml_bytes()`.
+/// `out[m, n] = x[m, k] * W^T`, scalar, on `w.to_ggml_bytes()`, in `Form::Invariant`.
 pub fn qmatmul_reference(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    qmatmul_reference_form(w, x, m, out, Form::Invariant)
+}
+
+/// `qmatmul_reference` in either form.
+pub fn qmatmul_reference_form(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32], form: Form) {
     let (n, k) = (w.rows(), w.cols());
     check_shapes(w, x, m, out);
     let row_bytes = (k / w.qtype().block_values()) * w.qtype().block_bytes();
@@ -29,9 +34,10 @@ pub fn qmatmul_reference(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) 
         acts.quantize(x, m, k);
         for i in 0..m {
             for j in 0..n {
+                let batched = k_batched(w.qtype(), form, i, m);
                 out[i * n + j] = match w.qtype() {
-                    QuantType::Q4_K => ref_dot_q4_k(wrow(j), acts.row(i)),
-                    _ => ref_dot_q6_k(wrow(j), acts.row(i)),
+                    QuantType::Q4_K => ref_dot_q4_k(wrow(j), acts.row(i), batched),
+                    _ => ref_dot_q6_k(wrow(j), acts.row(i), batched),
                 };
             }
         }
@@ -113,8 +119,9 @@ fn ref_dot_q5_0(wrow: &[u8], x: &[ActBlock]) -> f32 {
 /// `ggml_gemv_q4_K_8x8_q8_K` (x86 AVX2) for one output: per super-block the exact integers
 /// `S = sum_s scale_s * dot(q_s, x_s)` and `M = sum_s min_s * (sum of x_s)` (32-value
 /// sub-blocks s), then `acc = fma(S, dw * dx, acc)`, `accm = fma(M, dminw * dx, accm)`, and
-/// the result `acc - accm`.
-fn ref_dot_q4_k(wrow: &[u8], x: &[KActBlock]) -> f32 {
+/// the result `acc - accm`. `batched`: `ggml_gemm_q4_K_8x8_q8_K` (AVX-512), the same but with
+/// the two fmas once per pair of sub-blocks (64 values) instead of once per super-block.
+fn ref_dot_q4_k(wrow: &[u8], x: &[KActBlock], batched: bool) -> f32 {
     let (mut acc, mut accm) = (0f32, 0f32);
     for (blk, xb) in wrow.chunks_exact(144).zip(x) {
         let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
@@ -127,9 +134,16 @@ fn ref_dot_q4_k(wrow: &[u8], x: &[KActBlock]) -> f32 {
                 .sum();
             s += sc[sub] as i32 * dot;
             m += mn[sub] as i32 * (xb.bsums[2 * sub] + xb.bsums[2 * sub + 1]);
+            if batched && sub % 2 == 1 {
+                acc = (s as f32).mul_add(d * xb.d, acc);
+                accm = (m as f32).mul_add(dmin * xb.d, accm);
+                (s, m) = (0, 0);
+            }
         }
-        acc = (s as f32).mul_add(d * xb.d, acc);
-        accm = (m as f32).mul_add(dmin * xb.d, accm);
+        if !batched {
+            acc = (s as f32).mul_add(d * xb.d, acc);
+            accm = (m as f32).mul_add(dmin * xb.d, accm);
+        }
     }
     acc - accm
 }
@@ -139,13 +153,16 @@ fn ref_dot_q4_k(wrow: &[u8], x: &[KActBlock]) -> f32 {
 /// unsigned 6-bit value, scale that of its 16-group), minus `32 * (bsum[2j] * scale[2j] +
 /// bsum[2j + 1] * scale[2j + 1])` (the -32 offset, by `_mm256_madd_epi16` of the bsums and
 /// scales, so lane j's correction is for the values of run j); then
-/// `acc_j = fma(dx * dw, lane_j, acc_j)` and `hsum8` at the end.
-fn ref_dot_q6_k(wrow: &[u8], x: &[KActBlock]) -> f32 {
-    let mut acc = [0f32; 8];
+/// `acc_j = fma(dx * dw, lane_j, acc_j)` and `hsum8` at the end. `batched`: llama.cpp's tiled
+/// kernel (`tiled_run_micro_vnni_8x16`), one integer per super-block (the sum of the 8 lanes,
+/// exact) and `acc = fma(S * dw, dx, acc)` with one accumulator.
+fn ref_dot_q6_k(wrow: &[u8], x: &[KActBlock], batched: bool) -> f32 {
+    let (mut acc, mut tiled) = ([0f32; 8], 0f32);
     for (blk, xb) in wrow.chunks_exact(210).zip(x) {
         let (q, d) = (q6_k_values(blk), f16_at(blk, 208));
         let sc = |s: usize| blk[192 + s] as i8 as i32;
         let dd = xb.d * d;
+        let mut total = 0i32;
         for (j, a) in acc.iter_mut().enumerate() {
             let mut lane = 0i32;
             for v in 0..8 {
@@ -155,7 +172,13 @@ fn ref_dot_q6_k(wrow: &[u8], x: &[KActBlock]) -> f32 {
             }
             lane -= 32 * (xb.bsums[2 * j] * sc(2 * j) + xb.bsums[2 * j + 1] * sc(2 * j + 1));
             *a = dd.mul_add(lane as f32, *a);
+            total += lane;
         }
+        tiled = (total as f32 * d).mul_add(xb.d, tiled);
     }
-    hsum8(acc)
+    if batched {
+        tiled
+    } else {
+        hsum8(acc)
+    }
 }

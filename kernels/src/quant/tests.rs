@@ -44,7 +44,7 @@ pub(super) fn random_acts(rng: &mut TestRng, len: usize) -> Vec<f32> {
 
 pub(super) fn run(w: &QuantMatrix, x: &[f32], m: usize, isa: Isa, plan: Option<Plan>) -> Vec<f32> {
     let mut out = vec![f32::NAN; m * w.rows()];
-    qmatmul_with(w, x, m, &mut out, isa, plan.unwrap_or_else(|| Plan::new(w, m)));
+    qmatmul_with(w, x, m, &mut out, isa, plan.unwrap_or_else(|| Plan::new(w, m)), Form::Invariant);
     out
 }
 

@@ -178,3 +178,32 @@ fn dequant_row(qtype: QuantType, row: &[u8]) -> Vec<f64> {
     }
     y
 }
+
+/// llama.cpp's batched forms: every kernel family and work split equals the reference, rows
+/// take the batched arithmetic exactly where `k_batched` says, and `Form::Invariant` rows are
+/// those of a one-row call.
+#[test]
+fn k_llama_cpp_batch_form_matches_reference() {
+    let mut rng = TestRng::new(15);
+    let (n, k) = (40, 512);
+    for qtype in K_TYPES {
+        let w = QuantMatrix::from_ggml_bytes(qtype, n, k, &random_weights(&mut rng, qtype, n, k)).unwrap();
+        for m in [1, 3, 4, 5, 7, 8, 9, 17] {
+            let x = random_acts(&mut rng, m * k);
+            let mut want = vec![f32::NAN; m * n];
+            qmatmul_reference_form(&w, &x, m, &mut want, Form::LlamaCppBatch);
+            for isa in isas() {
+                for plan in [Plan::new(&w, m), Plan { tiles_per_unit: 1, rows_per_unit: 3 }] {
+                    let mut got = vec![f32::NAN; m * n];
+                    qmatmul_with(&w, &x, m, &mut got, isa, plan, Form::LlamaCppBatch);
+                    assert_bits_eq(&got, &want, &format!("{qtype:?} {isa:?} m={m} {plan:?}"));
+                }
+            }
+            let single = reference(&w, &x, m);
+            for i in 0..m {
+                let same = want[i * n..(i + 1) * n].iter().zip(&single[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert_eq!(!same, k_batched(qtype, Form::LlamaCppBatch, i, m), "{qtype:?} m={m} row {i}");
+            }
+        }
+    }
+}

@@ -10,6 +10,11 @@
 //!   values `32v + 4j..+4` of every run v), each a sum of `vpdpbusd` results (the 6-bit values
 //!   are unsigned) times their 16-group scale, minus the -32 offset's correction; then one fma
 //!   per lane and super-block, and `hsum_float_8`'s order at the end.
+//!
+//! With `batched` (llama.cpp's prompt-batch arithmetic, `super::Form::LlamaCppBatch`), Q4_K
+//! does its two fmas after every pair of sub-blocks, and Q6_K adds its 8 lanes into one integer
+//! per super-block and accumulates `fma(S * dw, dx, acc)` in a single float.
+//!
 //! Integer sums are exact in any order (no i32 overflow: |sum| < 2^31 for any valid block), so
 //! only the float steps need care, and they are one IEEE operation each, as in ggml.
 

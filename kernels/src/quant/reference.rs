@@ -156,6 +156,8 @@ fn ref_dot_q4_k(wrow: &[u8], x: &[KActBlock], batched: bool) -> f32 {
 /// `acc_j = fma(dx * dw, lane_j, acc_j)` and `hsum8` at the end. `batched`: llama.cpp's tiled
 /// kernel (`tiled_run_micro_vnni_8x16`), one integer per super-block (the sum of the 8 lanes,
 /// exact) and `acc = fma(S * dw, dx, acc)` with one accumulator.
+// Value index `e` picks the weight, the activation and (e / 16) the scale: clearer than zips.
+#[allow(clippy::needless_range_loop)]
 fn ref_dot_q6_k(wrow: &[u8], x: &[KActBlock], batched: bool) -> f32 {
     let (mut acc, mut tiled) = ([0f32; 8], 0f32);
     for (blk, xb) in wrow.chunks_exact(210).zip(x) {

@@ -10,7 +10,14 @@
 //! - Q6_K: `ggml_vec_dot_q6_K_q8_K`.
 //! - Q4_K: `ggml_gemv_q4_K_8x8_q8_K`: llama.cpp repacks Q4_K weights with 8 | rows on AVX2
 //!   machines, and the repacked gemv rounds differently from `ggml_vec_dot_q4_K_q8_K` (one
-//!   float accumulator per output and one for the mins, not 8 lanes plus 4).
+//!   float accumulator per output and one for the mins, not 8 lanes plus 4). A Q4_K matrix
+//!   whose row count is not a multiple of 8 stays unrepacked in llama.cpp and goes through
+//!   `ggml_vec_dot_q4_K_q8_K` (and, for 8+ rows, its tiled kernel); we do not follow those, so
+//!   such a matrix would differ in the last bits (none in the models kiln ships tests for).
+//!
+//! `Form::LlamaCppBatch` rows follow llama.cpp's batched k-quant kernels instead (see `super`):
+//! `ggml_gemm_q4_K_8x8_q8_K` (its AVX-512 part, i.e. 16 | rows) and `tiled_run_micro_vnni_8x16`
+//! for Q6_K. Checked against libggml-cpu's own output on random matrices, bit for bit.
 
 use super::act::{ActBlock, QActs};
 use super::kact::{KActBlock, KActs};

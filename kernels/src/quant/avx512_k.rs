@@ -7,9 +7,10 @@
 //!   sub-block's 6-bit scale and summed over the super-block in int32, the mins times the
 //!   activation sums likewise; then one fma each into `acc` and `accm` per super-block.
 //! - Q6_K (`ggml_vec_dot_q6_K_q8_K`): ggml's 8 int32 lanes per super-block become 8 zmm (lane j:
-//!   values `32v + 4j..+4` of every run v), each a sum of `vpdpbusd` results (the 6-bit values
-//!   are unsigned) times their 16-group scale, minus the -32 offset's correction; then one fma
-//!   per lane and super-block, and `hsum_float_8`'s order at the end.
+//!   values `32v + 4j..+4` of every run v), each a sum of 4-value dot products (`vpmaddubsw`,
+//!   the 6-bit values unsigned, then `vpdpwssd` by their 16-group scale), minus the -32
+//!   offset's correction; then one fma per lane and super-block, and `hsum_float_8`'s order at
+//!   the end.
 //!
 //! With `batched` (llama.cpp's prompt-batch arithmetic, `super::Form::LlamaCppBatch`), Q4_K
 //! does its two fmas after every pair of sub-blocks, and Q6_K adds its 8 lanes into one integer
@@ -136,15 +137,22 @@ pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batch
         let dw = load_f32x16(&w.scales[TILE * b..TILE * (b + 1)]);
         let dd: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(_mm512_set1_ps(x[r][b].d), dw));
         let mut total = [zero; R];
+        // Each 16-group's scale as an i16 pair per column (both halves of an i32 lane), so one
+        // `vpdpwssd` multiplies a column's two i16 pair sums by it and accumulates: cheaper than
+        // `vpdpbusd` + `vpmulld` + add. (u8 6-bit x i8 pairs are at most 2 * 63 * 127, so
+        // `vpmaddubsw` never saturates; `vpdpwssd` is exact.)
+        let pairs: [__m512i; 16] = std::array::from_fn(|g| {
+            let s = table16(table, 16 * g, true);
+            _mm512_or_si512(_mm512_and_si512(s, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32::<16>(s))
+        });
         // One ggml lane j at a time: only R integer sums live, beside the 8R float lanes.
         for j in 0..8 {
             let mut lane = [_mm512_setzero_si512(); R];
             for v in 0..8 {
                 let q = load_line(&lines[8 * v + j]);
-                let scale = table16(table, 16 * (2 * v + j / 4), true);
                 for r in 0..R {
-                    let dot = _mm512_dpbusd_epi32(zero, q, bcast4(&x[r][b].qs, 32 * v + 4 * j));
-                    lane[r] = _mm512_add_epi32(lane[r], _mm512_mullo_epi32(dot, scale));
+                    let dot2 = _mm512_maddubs_epi16(q, bcast4(&x[r][b].qs, 32 * v + 4 * j));
+                    lane[r] = _mm512_dpwssd_epi32(lane[r], dot2, pairs[2 * v + j / 4]);
                 }
             }
             let (s0, s1) = (table16(table, 16 * (2 * j), true), table16(table, 16 * (2 * j + 1), true));

@@ -78,8 +78,8 @@ fn check_call<const R: usize>(w: &Tile<'_>, x: &[&[KActBlock]; R], lines: usize,
 /// fmas after every pair of sub-blocks, llama.cpp's gemm form).
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
-    let nb = check_call(&w, &x, 36, 2 * TILE);
+pub(crate) fn q4_k_tile<const R: usize>(w: &Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
+    let nb = check_call(w, &x, 36, 2 * TILE);
     let nib = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); R];
     let mut accm = [_mm512_setzero_ps(); R];
@@ -127,8 +127,8 @@ pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batch
 /// tiled form, one integer per super-block and `acc = fma(S * dw, dx, acc)`).
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
-    let nb = check_call(&w, &x, 68, TILE);
+pub(crate) fn q6_k_tile<const R: usize>(w: &Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
+    let nb = check_call(w, &x, 68, TILE);
     let zero = _mm512_setzero_si512();
     let mut acc = [[_mm512_setzero_ps(); 8]; R];
     let mut tiled = [_mm512_setzero_ps(); R];

@@ -338,12 +338,12 @@ impl Group<'_> {
         match (self.isa, self.w.qtype()) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
-            (Isa::Avx512Vnni, QuantType::Q4_1) => unsafe { avx512::q4_1_tile::<R>(self.tile, x) },
+            (Isa::Avx512Vnni, QuantType::Q4_1) => unsafe { avx512::q4_1_tile::<R>(&self.tile, x) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above. Q5_0 is packed as Q8_0 (see `matrix.rs`).
-            (Isa::Avx512Vnni, QuantType::Q8_0 | QuantType::Q5_0) => unsafe { avx512::q8_0_tile::<R>(self.tile, x) },
-            (Isa::Portable, QuantType::Q4_1) => portable::q4_1_tile::<R>(self.tile, x),
-            (Isa::Portable, QuantType::Q8_0 | QuantType::Q5_0) => portable::q8_0_tile::<R>(self.tile, x),
+            (Isa::Avx512Vnni, QuantType::Q8_0 | QuantType::Q5_0) => unsafe { avx512::q8_0_tile::<R>(&self.tile, x) },
+            (Isa::Portable, QuantType::Q4_1) => portable::q4_1_tile::<R>(&self.tile, x),
+            (Isa::Portable, QuantType::Q8_0 | QuantType::Q5_0) => portable::q8_0_tile::<R>(&self.tile, x),
             (_, QuantType::Q4_K | QuantType::Q6_K) => unreachable!("k-quants meet Q8_K activations"),
         }
     }
@@ -352,12 +352,12 @@ impl Group<'_> {
         match (self.isa, self.w.qtype()) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
-            (Isa::Avx512Vnni, QuantType::Q4_K) => unsafe { avx512_k::q4_k_tile::<R>(self.tile, x, self.batched) },
+            (Isa::Avx512Vnni, QuantType::Q4_K) => unsafe { avx512_k::q4_k_tile::<R>(&self.tile, x, self.batched) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            (Isa::Avx512Vnni, QuantType::Q6_K) => unsafe { avx512_k::q6_k_tile::<R>(self.tile, x, self.batched) },
-            (Isa::Portable, QuantType::Q4_K) => portable_k::q4_k_tile::<R>(self.tile, x, self.batched),
-            (Isa::Portable, QuantType::Q6_K) => portable_k::q6_k_tile::<R>(self.tile, x, self.batched),
+            (Isa::Avx512Vnni, QuantType::Q6_K) => unsafe { avx512_k::q6_k_tile::<R>(&self.tile, x, self.batched) },
+            (Isa::Portable, QuantType::Q4_K) => portable_k::q4_k_tile::<R>(&self.tile, x, self.batched),
+            (Isa::Portable, QuantType::Q6_K) => portable_k::q6_k_tile::<R>(&self.tile, x, self.batched),
             (_, QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0) => unreachable!("32-blocks meet Q8_0/Q8_1"),
         }
     }

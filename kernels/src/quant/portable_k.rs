@@ -15,7 +15,7 @@ fn meta(lines: &[Line], at: usize) -> u8 {
 }
 
 /// Q4_K weights x Q8_K activations: `[R rows][16 columns]` (`batched`: llama.cpp's gemm form).
-pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
+pub(crate) fn q4_k_tile<const R: usize>(w: &Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
     let mut out = [[0f32; TILE]; R];
     for (r, xr) in x.iter().enumerate() {
         for (lane, o) in out[r].iter_mut().enumerate() {
@@ -48,7 +48,7 @@ pub(crate) fn q4_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batch
 }
 
 /// Q6_K weights x Q8_K activations: `[R rows][16 columns]` (`batched`: llama.cpp's tiled form).
-pub(crate) fn q6_k_tile<const R: usize>(w: Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
+pub(crate) fn q6_k_tile<const R: usize>(w: &Tile<'_>, x: [&[KActBlock]; R], batched: bool) -> [[f32; TILE]; R] {
     let mut out = [[0f32; TILE]; R];
     for (r, xr) in x.iter().enumerate() {
         for (lane, o) in out[r].iter_mut().enumerate() {

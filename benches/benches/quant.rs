@@ -19,11 +19,15 @@ use candle_core::{Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use kiln_kernels::quant::{qmatmul, QuantMatrix, QuantType};
 
-const SHAPES: [(&str, usize, usize, QuantType); 4] = [
+/// SmolLM2-135M's shapes, then Qwen2.5-0.5B's (Q4_K_M mix: Q5_0 projections, Q4_K / Q6_K down).
+const SHAPES: [(&str, usize, usize, QuantType); 7] = [
     ("qkv", 960, 576, QuantType::Q4_1),
     ("gate_up", 3072, 576, QuantType::Q4_1),
     ("down", 576, 1536, QuantType::Q4_1),
     ("lm_head", 49152, 576, QuantType::Q8_0),
+    ("qwen_gate_up", 9728, 896, QuantType::Q5_0),
+    ("qwen_down", 896, 4864, QuantType::Q4_K),
+    ("qwen_down", 896, 4864, QuantType::Q6_K),
 ];
 const MS: [usize; 5] = [1, 4, 16, 128, 512];
 
@@ -78,7 +82,10 @@ struct Row {
 fn bench_shape(c: &mut Criterion, (name, n, k, qtype): (&'static str, usize, usize, QuantType), rows: &mut Vec<Row>) {
     let dtype = match qtype {
         QuantType::Q4_1 => GgmlDType::Q4_1,
+        QuantType::Q5_0 => GgmlDType::Q5_0,
         QuantType::Q8_0 => GgmlDType::Q8_0,
+        QuantType::Q4_K => GgmlDType::Q4K,
+        QuantType::Q6_K => GgmlDType::Q6K,
     };
     let wf = Tensor::from_vec(random_vec(n as u64, n * k), (n, k), &Device::Cpu).unwrap();
     let qt = QTensor::quantize(&wf, dtype).unwrap();

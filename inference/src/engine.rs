@@ -36,6 +36,10 @@ pub struct EngineConfig {
     pub max_model_len: Option<usize>,
     /// Exact number of KV blocks, ignoring `kv_cache_memory` (tests, experiments).
     pub num_blocks_override: Option<usize>,
+    /// Round k-quant matmuls as llama.cpp's CPU backend does for each step's batch size
+    /// (reproduces its outputs bit for bit, e.g. against reference files), at the price of
+    /// batch invariance: a sequence's numbers then depend on what shares its steps.
+    pub llama_cpp_batch_arithmetic: bool,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +53,7 @@ impl Default for EngineConfig {
             queue_capacity: 1024,
             max_model_len: None,
             num_blocks_override: None,
+            llama_cpp_batch_arithmetic: false,
         }
     }
 }

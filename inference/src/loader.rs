@@ -6,7 +6,7 @@ use crate::engine::{spawn, EngineConfig, EngineHandle};
 use crate::error::EngineError;
 use crate::runner::Runner;
 use crate::tokenizer::Tokenizer;
-use kiln_models::{Device, ModelFormat};
+use kiln_models::{Device, LoadOptions, ModelFormat, QuantForm};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
@@ -21,7 +21,8 @@ pub struct LoadedEngine {
 pub fn start_engine(model: &str, cfg: &EngineConfig, device: &Device) -> Result<LoadedEngine, EngineError> {
     let format = resolve(model)?;
     let tokenizer = load_tokenizer(&format)?;
-    let model = kiln_models::load(&format, device)?;
+    let quant_form = if cfg.llama_cpp_batch_arithmetic { QuantForm::LlamaCppBatch } else { QuantForm::Invariant };
+    let model = kiln_models::load_with(&format, device, LoadOptions { quant_form, ..LoadOptions::default() })?;
     let runner = Runner::new(model, cfg)?;
     let (handle, thread) = spawn(runner, tokenizer, cfg)?;
     Ok(LoadedEngine { handle, thread, format })

@@ -15,6 +15,7 @@ pub use batch::ForwardBatch;
 pub use candle_core::{Device, Tensor};
 pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, Result};
+pub use kiln_kernels::quant::Form as QuantForm;
 pub use kv_cache::{KvDType, PagedKvCache};
 
 use std::path::Path;
@@ -69,6 +70,10 @@ impl ModelFormat {
 pub struct LoadOptions {
     /// Dequantize GGUF blocks to f32 at load (exact float math; 4-8x the memory).
     pub dequantize: bool,
+    /// `Invariant` (default): every matmul row gets the same arithmetic whatever the batch.
+    /// `LlamaCppBatch`: k-quant matmuls round like llama.cpp's CPU backend for the step's batch
+    /// size, to reproduce its prompt processing bit for bit; not batch invariant.
+    pub quant_form: kiln_kernels::quant::Form,
 }
 
 /// Loads the model at `format` onto `device`, choosing the architecture from its metadata.
@@ -82,6 +87,7 @@ pub fn load_with(format: &ModelFormat, device: &Device, opts: LoadOptions) -> Re
         ModelFormat::Safetensors(d) => WeightStore::open_safetensors(d, device)?,
     };
     store.set_dequantize(opts.dequantize);
+    store.set_quant_form(opts.quant_form);
     Ok(match cfg.arch {
         Arch::Llama => Box::new(llama::Llama::load(cfg, &mut store)?),
         Arch::Qwen2 => Box::new(qwen2::load(cfg, &mut store)?),

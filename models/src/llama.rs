@@ -36,7 +36,8 @@ impl Llama {
         let lm_head = match store.try_get_shaped("output.weight", &[cfg.vocab_size, cfg.hidden_size])? {
             Some(w) => Linear::new(w, None)?,
             None => Linear::new(embed_w.clone(), None)?, // tied output
-        };
+        }
+        .with_form(store.quant_form());
         let blocks = (0..cfg.num_layers).map(|i| load_block(&cfg, store, i)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(store.get_shaped("output_norm.weight", &[cfg.hidden_size])?.to_f32(&device)?, cfg.rms_norm_eps);
         let rope = RopeTable::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta);
@@ -45,7 +46,7 @@ impl Llama {
 }
 
 fn load_block(cfg: &ModelConfig, store: &mut WeightStore, i: usize) -> Result<Block> {
-    let device = store.device().clone();
+    let (device, form) = (store.device().clone(), store.quant_form());
     let (hidden, q_n, kv_n, ffn) =
         (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
     let mut w = |name: &str, shape: &[usize]| store.get_shaped(&format!("blk.{i}.{name}"), shape);
@@ -59,7 +60,7 @@ fn load_block(cfg: &ModelConfig, store: &mut WeightStore, i: usize) -> Result<Bl
     } else {
         None
     };
-    let o = Linear::new(w("attn_output.weight", &[hidden, q_n])?, None)?;
+    let o = Linear::new(w("attn_output.weight", &[hidden, q_n])?, None)?.with_form(form);
     let shape = AttnShape {
         num_heads: cfg.num_heads,
         num_kv_heads: cfg.num_kv_heads,
@@ -67,9 +68,10 @@ fn load_block(cfg: &ModelConfig, store: &mut WeightStore, i: usize) -> Result<Bl
         block_size: 0, // set per forward from the cache
         scale: 1.0 / (cfg.head_dim as f32).sqrt(),
     };
-    let attn = Attention::new(Linear::fused(qkv_w, qkv_b)?, o, shape, cfg.rope_style);
+    let attn = Attention::new(Linear::fused(qkv_w, qkv_b)?.with_form(form), o, shape, cfg.rope_style);
     let gate_up = Linear::fused(vec![w("ffn_gate.weight", &[ffn, hidden])?, w("ffn_up.weight", &[ffn, hidden])?], None)?;
-    let mlp = Mlp::new(gate_up, Linear::new(w("ffn_down.weight", &[hidden, ffn])?, None)?, cfg.intermediate_size);
+    let down = Linear::new(w("ffn_down.weight", &[hidden, ffn])?, None)?;
+    let mlp = Mlp::new(gate_up.with_form(form), down.with_form(form), cfg.intermediate_size);
     Ok(Block { attn_norm, attn, ffn_norm, mlp })
 }
 

@@ -6,6 +6,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use kiln_kernels::quant::Form as QuantForm;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
@@ -46,6 +47,8 @@ pub struct WeightStore {
     source: Source,
     device: Device,
     dequantize: bool,
+    /// Which of llama.cpp's code paths the quantized matmuls follow (see `LoadOptions`).
+    quant_form: QuantForm,
 }
 
 impl WeightStore {
@@ -63,7 +66,7 @@ impl WeightStore {
             other => other,
         })?;
         let source = Source::Gguf { content, file, path: path.to_path_buf() };
-        Ok((Self { source, device: device.clone(), dequantize: false }, cfg))
+        Ok((Self { source, device: device.clone(), dequantize: false, quant_form: QuantForm::default() }, cfg))
     }
 
     /// A directory with `config.json` and one or more `*.safetensors` files.
@@ -75,12 +78,21 @@ impl WeightStore {
             other => other,
         })?;
         let tensors = read_safetensors_dir(dir, device)?;
-        Ok((Self { source: Source::Safetensors { tensors }, device: device.clone(), dequantize: false }, cfg))
+        let store = Self { source: Source::Safetensors { tensors }, device: device.clone(), dequantize: false, quant_form: QuantForm::default() };
+        Ok((store, cfg))
     }
 
     /// Hand out quantized GGUF tensors as f32 from now on.
     pub fn set_dequantize(&mut self, on: bool) {
         self.dequantize = on;
+    }
+
+    pub fn set_quant_form(&mut self, form: QuantForm) {
+        self.quant_form = form;
+    }
+
+    pub fn quant_form(&self) -> QuantForm {
+        self.quant_form
     }
 
     pub fn device(&self) -> &Device {

@@ -26,7 +26,7 @@ fn prefill_and_decode_match_candle_quantized_llama() -> Result<()> {
     let mut file = std::fs::File::open(&path)?;
     let content = gguf_file::Content::read(&mut file)?;
     let mut oracle = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
-    let model = kiln_models::load_with(&ModelFormat::Gguf(path), &Device::Cpu, LoadOptions { dequantize: true })?;
+    let model = kiln_models::load_with(&ModelFormat::Gguf(path), &Device::Cpu, LoadOptions { dequantize: true, ..LoadOptions::default() })?;
     let mut cache = PagedKvCache::new(model.config(), 16, BS, KvDType::F32);
     let table: Vec<u32> = vec![7, 3, 11]; // deliberately scattered blocks
     let mut run = |tokens: &[u32], start: usize| -> Result<Tensor> {
@@ -40,15 +40,13 @@ fn prefill_and_decode_match_candle_quantized_llama() -> Result<()> {
     let d = max_diff(&want.flatten_all()?, &got.flatten_all()?)?;
     assert!(d < 1e-3, "prefill logits differ by {d}");
 
-    let mut pos = PROMPT.len();
     let mut next = argmax(&want)?;
-    for step in 0..27 {
+    for (step, pos) in (PROMPT.len()..PROMPT.len() + 27).enumerate() {
         let want = oracle.forward(&Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?, pos)?;
         let got = run(&[next], pos)?;
         let d = max_diff(&want.flatten_all()?, &got.flatten_all()?)?;
         assert!(d < 1e-3, "decode step {step} (crossing block boundaries) logits differ by {d}");
         next = argmax(&want)?;
-        pos += 1;
     }
     Ok(())
 }

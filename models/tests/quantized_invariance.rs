@@ -1,6 +1,7 @@
 //! The quantized path on the real SmolLM2 GGUF: close to candle's `quantized_llama` where no
 //! attention sum is involved (a first token), and bit-identical logits for a sequence whatever
 //! the batching: whole vs chunked prefill, alone vs beside other sequences, any block placement.
+//! The same invariance on Qwen2.5's Q5_0 / Q8_0 / Q4_K / Q6_K mix when it is fetched.
 //!
 //! Not bit-identical to candle any more: our activation quantization follows ggml's x86 build
 //! (`id = 127 / amax`, ties to even), candle's follows ggml's generic reference (`1 / d`, half
@@ -14,7 +15,7 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 use kiln_models::{CausalLM, ForwardBatch, KvDType, ModelFormat, PagedKvCache};
 
 mod common;
-use common::{max_diff, smollm2, BS, PROMPT};
+use common::{max_diff, qwen25, smollm2, BS, PROMPT};
 
 struct Ours {
     model: Box<dyn CausalLM>,
@@ -23,7 +24,11 @@ struct Ours {
 
 impl Ours {
     fn new(dtype: KvDType) -> Result<Self> {
-        let model = kiln_models::load(&ModelFormat::Gguf(smollm2()?), &Device::Cpu)?;
+        Self::load(smollm2()?, dtype)
+    }
+
+    fn load(path: std::path::PathBuf, dtype: KvDType) -> Result<Self> {
+        let model = kiln_models::load(&ModelFormat::Gguf(path), &Device::Cpu)?;
         let cache = PagedKvCache::new(model.config(), 32, BS, dtype);
         Ok(Self { model, cache })
     }
@@ -64,7 +69,16 @@ fn first_token_matches_candle_quantized_llama() -> Result<()> {
 
 #[test]
 fn chunked_prefill_and_batching_do_not_change_logits() -> Result<()> {
-    let mut ours = Ours::new(KvDType::F16)?;
+    batch_invariance(Ours::new(KvDType::F16)?)
+}
+
+#[test]
+fn qwen25_chunked_prefill_and_batching_do_not_change_logits() -> Result<()> {
+    let Some(p) = qwen25() else { return Ok(()) };
+    batch_invariance(Ours::load(p, KvDType::F16)?)
+}
+
+fn batch_invariance(mut ours: Ours) -> Result<()> {
     let whole = ours.run(&[(PROMPT, 0, &[1])])?;
     // Same prompt in chunks of 2, into another block.
     ours.run(&[(&PROMPT[..2], 0, &[5])])?;

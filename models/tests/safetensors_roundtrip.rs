@@ -172,7 +172,7 @@ fn roundtrip(gguf: &Path, tag: &str) -> Result<f32> {
 
     assert_eq!(ModelFormat::detect(&dir.0)?, ModelFormat::Safetensors(dir.0.clone()));
     assert_eq!(ModelFormat::detect(gguf)?, ModelFormat::Gguf(gguf.to_path_buf()));
-    let from_gguf = kiln_models::load_with(&ModelFormat::Gguf(gguf.to_path_buf()), &Device::Cpu, LoadOptions { dequantize: true })?;
+    let from_gguf = kiln_models::load_with(&ModelFormat::Gguf(gguf.to_path_buf()), &Device::Cpu, LoadOptions { dequantize: true, ..LoadOptions::default() })?;
     let from_dir = kiln_models::load(&ModelFormat::Safetensors(dir.0.clone()), &Device::Cpu)?;
     let (g, s) = (from_gguf.config(), from_dir.config());
     let tied = !content.tensor_infos.contains_key("output.weight");

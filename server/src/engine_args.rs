@@ -30,6 +30,10 @@ pub struct EngineArgs {
     /// Cap on prompt + generated tokens (default: the model's context length).
     #[arg(long, env = "KILN_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// Round k-quant matmuls as llama.cpp does for each step's batch size, to reproduce its
+    /// outputs bit for bit; gives up batch invariance (results depend on what shares a step).
+    #[arg(long, env = "KILN_LLAMA_CPP_BATCH_ARITHMETIC")]
+    pub llama_cpp_batch_arithmetic: bool,
 }
 
 impl EngineArgs {
@@ -45,6 +49,7 @@ impl EngineArgs {
             },
             kv_dtype: if self.kv_cache_dtype == "f32" { KvDType::F32 } else { KvDType::F16 },
             max_model_len: self.max_model_len,
+            llama_cpp_batch_arithmetic: self.llama_cpp_batch_arithmetic,
             ..EngineConfig::default()
         })
     }

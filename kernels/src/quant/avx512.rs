@@ -93,8 +93,8 @@ fn check_call<const R: usize>(w: &Tile<'_>, x: &[&[ActBlock]; R], lines: usize, 
 // Block index `b` walks the tile and R activation rows in lockstep; an iterator cannot.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q4_1_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
-    let nb = check_call(&w, &x, 4, 2 * TILE);
+pub(crate) fn q4_1_tile<const R: usize>(w: &Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+    let nb = check_call(w, &x, 4, 2 * TILE);
     let nib = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
     let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
@@ -129,8 +129,8 @@ pub(crate) fn q4_1_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f
 /// Q8_0 weights x Q8_0 activations: `[R rows][16 columns]` of one tile.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) fn q8_0_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
-    let nb = check_call(&w, &x, 8, TILE);
+pub(crate) fn q8_0_tile<const R: usize>(w: &Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+    let nb = check_call(w, &x, 8, TILE);
     let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
     for b in 0..nb {
         let (lines, sc) = (&w.qs[8 * b..8 * b + 8], &w.scales[TILE * b..TILE * (b + 1)]);

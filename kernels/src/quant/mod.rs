@@ -1,18 +1,30 @@
-//! Quantized matrix multiply on CPU: `out[m, n] = x[m, k] * W^T` with W in ggml Q4_1 or Q8_0.
+//! Quantized matrix multiply on CPU: `out[m, n] = x[m, k] * W^T` with W in ggml Q4_1, Q5_0,
+//! Q8_0, Q4_K or Q6_K.
 //!
 //! Owns the weight repacking (`matrix.rs`), activation quantization (`act.rs`, vectorized in
-//! `avx512_act.rs`), the tile kernels (`avx512.rs`: AVX-512 VNNI, `portable.rs`: every other
-//! CPU), the parallel driver and the plain reference. Semantics are those of ggml's x86 build
-//! (what llama.cpp runs on this kind of machine), bit for bit: Q4_1 weights meet Q8_1
-//! activations and Q8_0 weights meet Q8_0 activations (ggml's `vec_dot_type`), each activation
-//! row is quantized in 32-blocks on its own, and one output is `ggml_vec_dot_q4_1_q8_1` /
-//! `ggml_vec_dot_q8_0_q8_0` of `arch/x86/quants.c` as GCC compiled them: 8 f32 partial sums, one
-//! per 4-byte group of the block (the int32 lanes of a ymm `vpdpbusd`), each updated per block
-//! by `fma(dw * dx, group_sum, acc)`; then `hsum_float_8` and, for Q4_1, `+ summs` where
+//! `avx512_act.rs`; `kact.rs` for Q8_K), the tile kernels (`avx512.rs`, `avx512_k.rs`: AVX-512
+//! VNNI; `portable.rs`, `portable_k.rs`: every other CPU), the parallel driver and the plain
+//! reference (`reference.rs`). Semantics are those of ggml's x86 build (what llama.cpp runs on
+//! this kind of machine), bit for bit: Q4_1 weights meet Q8_1 activations, Q5_0 and Q8_0 meet
+//! Q8_0, Q4_K and Q6_K meet Q8_K (ggml's `vec_dot_type`); each activation row is quantized on
+//! its own; one output follows the x86 dot product of its type as GCC compiled it (listed in
+//! `reference.rs`). For the 32-blocks that is 8 f32 partial sums, one per 4-byte group of the
+//! block (the int32 lanes of a ymm `vpdpbusd`), each updated per block by
+//! `fma(dw * dx, group_sum, acc)`; then `hsum_float_8` and, for Q4_1, `+ summs` where
 //! `summs = fma(mw, sx, summs)` per block. (With Q8 activations the model is chaotic at the
 //! last bit, so matching llama.cpp's tokens needs its exact rounding sequence, not just an
-//! accurate sum.) llamafile's sgemm never runs for these shapes in llama.cpp: it has no Q4_1
-//! case, and the Q8_0 output matrix only ever sees one row per sequence.
+//! accurate sum.)
+//!
+//! Which llama.cpp path we follow (`Form`): by default the one it takes for a single token
+//! (decode), for every row. For Q4_1, Q5_0 and Q8_0 all its paths agree (llamafile's tinyBLAS,
+//! used for batches of 2+, has no Q4_1 case and does vec_dot's per-element arithmetic for
+//! Q5_0/Q8_0). For the k-quants llama.cpp is not batch invariant: ubatches of 8+ rows send Q6_K
+//! through its "tiled" kernel (one integer per super-block, `acc = fma(S * dw, dx, acc)`), and
+//! repacked Q4_K rows below `4 * (m / 4)` through a gemm that rounds once per 64 values. So its
+//! prompt rows differ from its decode rows in the last bits, and a Q4_K_M model's greedy output
+//! depends on llama.cpp's ubatch size (`-ub 1` and the default disagree by up to 0.14 in
+//! logprob on Qwen2.5-0.5B). `Form::LlamaCppBatch` reproduces that choice for callers that need
+//! llama.cpp's exact numbers; it is checked bit for bit against libggml-cpu's own output.
 //!
 //! Batch invariance (a hard requirement of the engine): an output element depends only on its
 //! weight row and its activation row, through a fixed sequence of float operations. The fast
@@ -28,10 +40,17 @@ mod act;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_act;
+#[cfg(target_arch = "x86_64")]
+mod avx512_k;
+mod kact;
 mod matrix;
 mod portable;
+mod portable_k;
+mod reference;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_k;
 
 use std::ops::Range;
 
@@ -40,11 +59,16 @@ use rayon::prelude::*;
 use crate::sink::OutSink;
 
 use act::{ActBlock, QActs};
+use kact::{KActBlock, KActs};
 pub use matrix::QuantMatrix;
 use matrix::Tile;
+pub use reference::{qmatmul_reference, qmatmul_reference_form};
+pub(crate) use reference::hsum8;
 
-/// Values per ggml block (Q4_1, Q8_0, Q8_1 all use 32).
+/// Values per ggml block (Q4_1, Q5_0, Q8_0, Q8_1 all use 32).
 const QK: usize = 32;
+/// Values per k-quant super-block (Q4_K, Q6_K, Q8_K).
+const QK_K: usize = 256;
 /// Output columns per tile: one zmm of f32 / i32 lanes.
 const TILE: usize = 16;
 /// Activation rows per kernel call (at most): each loaded weight tile is reused this many times.
@@ -57,13 +81,22 @@ const ROWS: usize = 2;
 pub enum QuantType {
     /// 32 weights per block: `d: f16, m: f16, qs: [u8; 16]` (two nibbles each); `w = d * q + m`.
     Q4_1,
+    /// 32 weights per block: `d: f16, qh: u32, qs: [u8; 16]`; `w = d * (q - 16)`, q 5 bits.
+    Q5_0,
     /// 32 weights per block: `d: f16, qs: [i8; 32]`; `w = d * q`.
     Q8_0,
+    /// 256 weights per block: `d, dmin: f16`, 12 bytes of eight 6-bit scales and mins, 128 bytes
+    /// of nibbles; `w = d * scale_s * q - dmin * min_s` in 32-value sub-block s.
+    Q4_K,
+    /// 256 weights per block: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
+    /// `w = d * scale_g * (q - 32)`, q 6 bits, in 16-value group g.
+    Q6_K,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuantError {
-    KNotMultipleOf32 { k: usize },
+    /// k is not a whole number of the type's blocks (32 values; 256 for k-quants).
+    KNotMultipleOfBlock { k: usize, block: usize },
     /// `expected` is `None` when n * k overflows.
     ByteLength { expected: Option<usize>, got: usize },
 }
@@ -71,7 +104,9 @@ pub enum QuantError {
 impl std::fmt::Display for QuantError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            QuantError::KNotMultipleOf32 { k } => write!(f, "quantized matrix: k = {k} is not a multiple of 32"),
+            QuantError::KNotMultipleOfBlock { k, block } => {
+                write!(f, "quantized matrix: k = {k} is not a multiple of {block}")
+            }
             QuantError::ByteLength { expected: Some(e), got } => {
                 write!(f, "quantized matrix: expected {e} bytes of blocks, got {got}")
             }
@@ -83,6 +118,29 @@ impl std::fmt::Display for QuantError {
 }
 
 impl std::error::Error for QuantError {}
+
+/// Which of llama.cpp's CPU code paths a call follows. Only the k-quants care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Form {
+    /// One arithmetic per weight type, whatever the batch: llama.cpp's single-token (decode)
+    /// path. Batch invariant; what the engine runs.
+    #[default]
+    Invariant,
+    /// What llama.cpp's CPU backend does with a ubatch of m rows: Q6_K through its tiled kernel
+    /// when m >= 8, repacked Q4_K through its gemm for rows below `4 * (m / 4)` (the rest, and
+    /// everything when m < 4, as in `Invariant`). Not batch invariant, on purpose: it exists to
+    /// reproduce llama.cpp's numbers (its prompt processing) bit for bit.
+    LlamaCppBatch,
+}
+
+/// Whether row `row` of an m-row call takes llama.cpp's batched k-quant arithmetic.
+pub(crate) fn k_batched(qtype: QuantType, form: Form, row: usize, m: usize) -> bool {
+    match (form, qtype) {
+        (Form::LlamaCppBatch, QuantType::Q6_K) => m >= 8,
+        (Form::LlamaCppBatch, QuantType::Q4_K) => row < 4 * (m / 4),
+        _ => false,
+    }
+}
 
 /// Which kernel family runs. Detected at runtime; never depends on the call's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,77 +170,16 @@ impl Isa {
 /// (see the module docs). Small decode calls are cheapest from inside a rayon worker: waking the
 /// pool from an outside thread costs ~10 us, so from outside they run on the caller alone.
 pub fn qmatmul(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    qmatmul_form(w, x, m, out, Form::Invariant)
+}
+
+/// `qmatmul` in a chosen `Form` (bit-identical to `qmatmul_reference_form`).
+pub fn qmatmul_form(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32], form: Form) {
     let isa = Isa::detect();
-    qmatmul_with(w, x, m, out, isa, Plan::new(w, m))
+    qmatmul_with(w, x, m, out, isa, Plan::new(w, m), form)
 }
 
-/// The plain reference: ggml's quantization and x86 `ggml_vec_dot_*` arithmetic written as
-/// scalar code on the original ggml blocks, one output element at a time.
-pub fn qmatmul_reference(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
-    let (n, k) = (w.rows(), w.cols());
-    check_shapes(w, x, m, out);
-    let acts = QActs::quantize_ref(x, m, k);
-    let bb = w.qtype().block_bytes();
-    let bytes = w.to_ggml_bytes();
-    for i in 0..m {
-        let xr = acts.row(i);
-        for j in 0..n {
-            let wrow = &bytes[j * (k / QK) * bb..][..(k / QK) * bb];
-            out[i * n + j] = match w.qtype() {
-                QuantType::Q4_1 => ref_dot_q4_1(wrow, xr),
-                QuantType::Q8_0 => ref_dot_q8_0(wrow, xr),
-            };
-        }
-    }
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// ggml's `hsum_float_8`: `((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))`.
-pub(crate) fn hsum8(a: [f32; 8]) -> f32 {
-    ((a[4] + a[0]) + (a[6] + a[2])) + ((a[5] + a[1]) + (a[7] + a[3]))
-}
-
-/// `ggml_vec_dot_q4_1_q8_1` (x86, AVX2 + VNNI) on one ggml Q4_1 row. Group g < 4 holds the low
-/// nibbles of bytes 4g..4g+4 times x[4g..], group 4 + g their high nibbles times x[16 + 4g..]
-/// (`bytes_from_nibbles_32` puts low nibbles in bytes 0..16, high ones in 16..32).
-fn ref_dot_q4_1(wrow: &[u8], x: &[ActBlock]) -> f32 {
-    let (mut acc, mut summs) = ([0f32; 8], 0f32);
-    for (blk, xb) in wrow.chunks_exact(20).zip(x) {
-        let (dw, mw, qs) = (f16_at(blk, 0), f16_at(blk, 2), &blk[4..20]);
-        summs = mw.mul_add(xb.s, summs);
-        let dd = dw * xb.d;
-        for (g, a) in acc.iter_mut().enumerate() {
-            let (c, high) = (g % 4, g >= 4);
-            let xs = if high { &xb.qs[16 + 4 * c..20 + 4 * c] } else { &xb.qs[4 * c..4 * c + 4] };
-            let sumi: i32 = qs[4 * c..4 * c + 4]
-                .iter()
-                .zip(xs)
-                .map(|(&q, &xq)| if high { q >> 4 } else { q & 0x0F } as i32 * xq as i32)
-                .sum();
-            *a = dd.mul_add(sumi as f32, *a);
-        }
-    }
-    hsum8(acc) + summs
-}
-
-/// `ggml_vec_dot_q8_0_q8_0` (x86, AVX2) on one ggml Q8_0 row: group g = bytes 4g..4g+4.
-fn ref_dot_q8_0(wrow: &[u8], x: &[ActBlock]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (blk, xb) in wrow.chunks_exact(34).zip(x) {
-        let (dw, qs) = (f16_at(blk, 0), &blk[2..34]);
-        let dd = dw * xb.d;
-        for (g, a) in acc.iter_mut().enumerate() {
-            let sumi: i32 = (4 * g..4 * g + 4).map(|j| qs[j] as i8 as i32 * xb.qs[j] as i32).sum();
-            *a = dd.mul_add(sumi as f32, *a);
-        }
-    }
-    hsum8(acc)
-}
-
-fn check_shapes(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+pub(crate) fn check_shapes(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     assert_eq!(x.len(), m * w.cols(), "qmatmul: x must be [m, k] = [{m}, {}]", w.cols());
     assert_eq!(out.len(), m * w.rows(), "qmatmul: out must be [m, n] = [{m}, {}]", w.rows());
 }
@@ -224,15 +221,30 @@ impl Plan {
     }
 }
 
+/// Quantized activations of one call, in the form the weight type meets.
+#[derive(Clone, Copy)]
+enum Acts<'a> {
+    /// Q8_0 / Q8_1 (32-value blocks).
+    Q8(&'a QActs),
+    /// Q8_K (256-value blocks) for the k-quants.
+    K(&'a KActs),
+}
+
 /// The driver behind `qmatmul`, with the kernel family and the work split chosen by the caller
 /// (tests use this to check that neither changes a single bit).
-pub(crate) fn qmatmul_with(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32], isa: Isa, plan: Plan) {
+pub(crate) fn qmatmul_with(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32], isa: Isa, plan: Plan, form: Form) {
     check_shapes(w, x, m, out);
     if m == 0 || w.rows() == 0 {
         return;
     }
-    let mut acts = take_scratch();
-    acts.quantize(x, m, w.cols(), isa);
+    let mut scratch = take_scratch();
+    let acts = if w.qtype().is_k() {
+        scratch.k.quantize(x, m, w.cols());
+        Acts::K(&scratch.k)
+    } else {
+        scratch.q8.quantize(x, m, w.cols(), isa);
+        Acts::Q8(&scratch.q8)
+    };
     let (n_tiles, tpu, rpu) = (w.n_tiles(), plan.tiles_per_unit.max(1), plan.rows_per_unit.max(1));
     let (tile_units, row_units) = (n_tiles.div_ceil(tpu), m.div_ceil(rpu));
     let sink = OutSink::new(out, w.rows());
@@ -241,20 +253,21 @@ pub(crate) fn qmatmul_with(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]
         let (tu, ru) = (u / row_units, u % row_units);
         let tiles = tu * tpu..((tu + 1) * tpu).min(n_tiles);
         let rows = ru * rpu..((ru + 1) * rpu).min(m);
-        run_unit(w, &acts, isa, tiles, rows, &sink);
+        run_unit(Call { w, acts, isa, form, m }, tiles, rows, &sink);
     };
     if tile_units * row_units == 1 {
         unit(0);
     } else {
         (0..tile_units * row_units).into_par_iter().for_each(unit);
     }
-    put_scratch(acts);
+    put_scratch(scratch);
 }
 
 /// All (tile, row) outputs of one unit: per tile, the rows in groups of up to `ROWS` so the
 /// tile's weights come from L1 after the first group. Which group a row lands in (and so which
 /// kernel shape computes it) changes no bit: every kernel does the same per-lane arithmetic.
-fn run_unit(w: &QuantMatrix, acts: &QActs, isa: Isa, tiles: Range<usize>, rows: Range<usize>, sink: &OutSink) {
+fn run_unit(call: Call<'_>, tiles: Range<usize>, rows: Range<usize>, sink: &OutSink) {
+    let Call { w, acts, isa, form, m } = call;
     let mut scales = Vec::new();
     for t in tiles {
         let stored = w.tile(t);
@@ -263,11 +276,11 @@ fn run_unit(w: &QuantMatrix, acts: &QActs, isa: Isa, tiles: Range<usize>, rows: 
         let cols = t * TILE..((t + 1) * TILE).min(w.rows());
         let mut r = rows.start;
         while r < rows.end {
-            let g = Group { w, tile, acts, isa, row0: r, cols: cols.clone(), sink };
-            r += match rows.end - r {
-                1 => g.run::<1>(),
-                _ => g.run::<ROWS>(),
-            };
+            let batched = k_batched(w.qtype(), form, r, m);
+            let g = Group { w, tile, acts, isa, row0: r, cols: cols.clone(), sink, batched };
+            // Both rows of a pair must take the same k-quant arithmetic.
+            let pair = rows.end - r >= 2 && k_batched(w.qtype(), form, r + 1, m) == batched;
+            r += if pair { g.run::<ROWS>() } else { g.run::<1>() };
         }
     }
 }
@@ -283,29 +296,35 @@ fn widen_scales(isa: Isa, bits: &[u16], out: &mut Vec<f32>) {
     }
 }
 
+/// What every unit of one `qmatmul_with` call shares.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    w: &'a QuantMatrix,
+    acts: Acts<'a>,
+    isa: Isa,
+    form: Form,
+    /// Rows of the whole call (llama.cpp's batched forms depend on it).
+    m: usize,
+}
+
 /// One kernel call: R activation rows x one tile.
 struct Group<'a> {
     w: &'a QuantMatrix,
     tile: Tile<'a>,
-    acts: &'a QActs,
+    acts: Acts<'a>,
     isa: Isa,
     row0: usize,
     cols: Range<usize>,
     sink: &'a OutSink,
+    /// k-quants: llama.cpp's batched arithmetic for these rows (see `Form`).
+    batched: bool,
 }
 
 impl Group<'_> {
     fn run<const R: usize>(&self) -> usize {
-        let x: [&[ActBlock]; R] = std::array::from_fn(|i| self.acts.row(self.row0 + i));
-        let res = match (self.isa, self.w.qtype()) {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
-            (Isa::Avx512Vnni, QuantType::Q4_1) => unsafe { avx512::q4_1_tile::<R>(self.tile, x) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            (Isa::Avx512Vnni, QuantType::Q8_0) => unsafe { avx512::q8_0_tile::<R>(self.tile, x) },
-            (Isa::Portable, QuantType::Q4_1) => portable::q4_1_tile::<R>(self.tile, x),
-            (Isa::Portable, QuantType::Q8_0) => portable::q8_0_tile::<R>(self.tile, x),
+        let res = match self.acts {
+            Acts::Q8(a) => self.run_q8::<R>(std::array::from_fn(|i| a.row(self.row0 + i))),
+            Acts::K(a) => self.run_k::<R>(std::array::from_fn(|i| a.row(self.row0 + i))),
         };
         for (i, vals) in res.iter().enumerate() {
             // SAFETY: units partition [rows] x [tiles], so (row0 + i, cols) is written by this
@@ -314,18 +333,53 @@ impl Group<'_> {
         }
         R
     }
+
+    fn run_q8<const R: usize>(&self, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+        match (self.isa, self.w.qtype()) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
+            (Isa::Avx512Vnni, QuantType::Q4_1) => unsafe { avx512::q4_1_tile::<R>(&self.tile, x) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above. Q5_0 is packed as Q8_0 (see `matrix.rs`).
+            (Isa::Avx512Vnni, QuantType::Q8_0 | QuantType::Q5_0) => unsafe { avx512::q8_0_tile::<R>(&self.tile, x) },
+            (Isa::Portable, QuantType::Q4_1) => portable::q4_1_tile::<R>(&self.tile, x),
+            (Isa::Portable, QuantType::Q8_0 | QuantType::Q5_0) => portable::q8_0_tile::<R>(&self.tile, x),
+            (_, QuantType::Q4_K | QuantType::Q6_K) => unreachable!("k-quants meet Q8_K activations"),
+        }
+    }
+
+    fn run_k<const R: usize>(&self, x: [&[KActBlock]; R]) -> [[f32; TILE]; R] {
+        match (self.isa, self.w.qtype()) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512Vnni` is only constructed after detecting avx512f/bw/vnni.
+            (Isa::Avx512Vnni, QuantType::Q4_K) => unsafe { avx512_k::q4_k_tile::<R>(&self.tile, x, self.batched) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Isa::Avx512Vnni, QuantType::Q6_K) => unsafe { avx512_k::q6_k_tile::<R>(&self.tile, x, self.batched) },
+            (Isa::Portable, QuantType::Q4_K) => portable_k::q4_k_tile::<R>(&self.tile, x, self.batched),
+            (Isa::Portable, QuantType::Q6_K) => portable_k::q6_k_tile::<R>(&self.tile, x, self.batched),
+            (_, QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0) => unreachable!("32-blocks meet Q8_0/Q8_1"),
+        }
+    }
+}
+
+/// Per-thread activation buffers of both forms.
+#[derive(Default)]
+struct Scratch {
+    q8: QActs,
+    k: KActs,
 }
 
 thread_local! {
     /// Reused activation buffers, so a decode step does not allocate. Taken (not borrowed) for
     /// the call, so a nested call on the same thread (rayon work stealing) simply allocates.
-    static SCRATCH: std::cell::Cell<QActs> = std::cell::Cell::new(QActs::default());
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
 }
 
-fn take_scratch() -> QActs {
+fn take_scratch() -> Scratch {
     SCRATCH.with(|s| s.take())
 }
 
-fn put_scratch(a: QActs) {
+fn put_scratch(a: Scratch) {
     SCRATCH.with(|s| s.set(a));
 }

@@ -27,7 +27,7 @@ fn finish<const R: usize>(acc: &Partials<R>, summs: Option<&[[f32; TILE]; R]>) -
 }
 
 /// Q4_1 weights x Q8_1 activations. Returns `[R rows][16 columns]`.
-pub(crate) fn q4_1_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+pub(crate) fn q4_1_tile<const R: usize>(w: &Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("fma") {
         // SAFETY: fma was detected just above.
@@ -37,7 +37,7 @@ pub(crate) fn q4_1_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f
 }
 
 /// Q8_0 weights x Q8_0 activations. Returns `[R rows][16 columns]`.
-pub(crate) fn q8_0_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+pub(crate) fn q8_0_tile<const R: usize>(w: &Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("fma") {
         // SAFETY: fma was detected just above.
@@ -52,18 +52,18 @@ mod fma {
     use super::*;
 
     #[target_feature(enable = "fma")]
-    pub(super) fn q4_1_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+    pub(super) fn q4_1_tile<const R: usize>(w: &Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
         q4_1_body(w, x)
     }
 
     #[target_feature(enable = "fma")]
-    pub(super) fn q8_0_tile<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+    pub(super) fn q8_0_tile<const R: usize>(w: &Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
         q8_0_body(w, x)
     }
 }
 
 #[inline(always)]
-fn q4_1_body<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+fn q4_1_body<const R: usize>(w: &Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
     let mut acc: Partials<R> = [[[0f32; TILE]; 8]; R];
     let mut summs = [[0f32; TILE]; R];
     let blocks = w.qs.chunks_exact(4).zip(w.scales.chunks_exact(2 * TILE));
@@ -91,7 +91,7 @@ fn q4_1_body<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; 
 }
 
 #[inline(always)]
-fn q8_0_body<const R: usize>(w: Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
+fn q8_0_body<const R: usize>(w: &Tile<'_>, x: [&[ActBlock]; R]) -> [[f32; TILE]; R] {
     let mut acc: Partials<R> = [[[0f32; TILE]; 8]; R];
     let blocks = w.qs.chunks_exact(8).zip(w.scales.chunks_exact(TILE));
     for (b, (lines, dw)) in blocks.enumerate() {

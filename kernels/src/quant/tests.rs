@@ -8,43 +8,53 @@ use super::act::{quantize_block_ref, QActs};
 use super::*;
 use crate::testutil::{max_abs_diff, TestRng};
 
-/// Random valid ggml blocks for an `[n, k]` matrix, with realistic scales.
-fn random_weights(rng: &mut TestRng, qtype: QuantType, n: usize, k: usize) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(n * k / QK * qtype.block_bytes());
-    for _ in 0..n * k / QK {
-        // d in ~[1e-3, 3e-2] like real checkpoints, either sign for Q8_0; Q4_1's m ~ -8 d.
-        let d = f16::from_f32((0.001 + 0.03 * rng.f32().abs()) * if rng.f32() < 0.0 { -1.0 } else { 1.0 });
-        bytes.extend_from_slice(&d.to_le_bytes());
+pub(super) const ALL: [QuantType; 5] = [QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0, QuantType::Q4_K, QuantType::Q6_K];
+
+/// Random valid ggml blocks for an `[n, k]` matrix, with realistic scales (every bit pattern
+/// of the quant bytes is a valid block; the f16 fields get plausible magnitudes).
+pub(super) fn random_weights(rng: &mut TestRng, qtype: QuantType, n: usize, k: usize) -> Vec<u8> {
+    let bb = qtype.block_bytes();
+    let mut bytes: Vec<u8> = (0..n * k / qtype.block_values() * bb).map(|_| rng.next_u64() as u8).collect();
+    for blk in bytes.chunks_exact_mut(bb) {
+        // d in ~[1e-3, 3e-2] like real checkpoints, either sign except where ggml's are >= 0.
+        let mag = 0.001 + 0.03 * rng.f32().abs();
+        let sign = if rng.f32() < 0.0 && !qtype.is_k() { -1.0 } else { 1.0 };
+        let d = f16::from_f32(mag * sign);
+        let put = |blk: &mut [u8], at: usize, v: f16| blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
         match qtype {
             QuantType::Q4_1 => {
-                let m = f16::from_f32(-8.0 * d.to_f32().abs() * (0.5 + rng.f32().abs()));
-                bytes.extend_from_slice(&m.to_le_bytes());
-                bytes.extend((0..16).map(|_| rng.next_u64() as u8));
+                put(blk, 0, d);
+                put(blk, 2, f16::from_f32(-8.0 * mag * (0.5 + rng.f32().abs())));
             }
-            QuantType::Q8_0 => bytes.extend((0..32).map(|_| rng.next_u64() as u8)),
+            QuantType::Q5_0 | QuantType::Q8_0 => put(blk, 0, d),
+            QuantType::Q4_K => {
+                put(blk, 0, f16::from_f32(mag / 40.0));
+                put(blk, 2, f16::from_f32(mag / 60.0 * rng.f32().abs()));
+            }
+            QuantType::Q6_K => put(blk, 208, f16::from_f32(mag / 100.0)),
         }
     }
     bytes
 }
 
 /// Activations like a real hidden state: mostly O(1), a few outliers, never zero.
-fn random_acts(rng: &mut TestRng, len: usize) -> Vec<f32> {
+pub(super) fn random_acts(rng: &mut TestRng, len: usize) -> Vec<f32> {
     (0..len).map(|_| if rng.below(50) == 0 { 20.0 * rng.f32() } else { 2.0 * rng.f32() } + 1e-3).collect()
 }
 
-fn run(w: &QuantMatrix, x: &[f32], m: usize, isa: Isa, plan: Option<Plan>) -> Vec<f32> {
+pub(super) fn run(w: &QuantMatrix, x: &[f32], m: usize, isa: Isa, plan: Option<Plan>) -> Vec<f32> {
     let mut out = vec![f32::NAN; m * w.rows()];
-    qmatmul_with(w, x, m, &mut out, isa, plan.unwrap_or_else(|| Plan::new(w, m)));
+    qmatmul_with(w, x, m, &mut out, isa, plan.unwrap_or_else(|| Plan::new(w, m)), Form::Invariant);
     out
 }
 
-fn reference(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
+pub(super) fn reference(w: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
     let mut out = vec![f32::NAN; m * w.rows()];
     qmatmul_reference(w, x, m, &mut out);
     out
 }
 
-fn isas() -> Vec<Isa> {
+pub(super) fn isas() -> Vec<Isa> {
     let mut v = vec![Isa::Portable];
     if Isa::detect() != Isa::Portable {
         v.push(Isa::detect());
@@ -52,7 +62,7 @@ fn isas() -> Vec<Isa> {
     v
 }
 
-fn assert_bits_eq(a: &[f32], b: &[f32], what: &str) {
+pub(super) fn assert_bits_eq(a: &[f32], b: &[f32], what: &str) {
     assert_eq!(a.len(), b.len());
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         assert_eq!(x.to_bits(), y.to_bits(), "{what}: element {i}: {x} vs {y}");
@@ -62,7 +72,7 @@ fn assert_bits_eq(a: &[f32], b: &[f32], what: &str) {
 #[test]
 fn pack_round_trips_ggml_bytes() {
     let mut rng = TestRng::new(1);
-    for qtype in [QuantType::Q4_1, QuantType::Q8_0] {
+    for qtype in [QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0] {
         for (n, k) in [(1, 32), (15, 64), (16, 96), (17, 576), (40, 32)] {
             let bytes = random_weights(&mut rng, qtype, n, k);
             let w = QuantMatrix::from_ggml_bytes(qtype, n, k, &bytes).unwrap();
@@ -75,7 +85,9 @@ fn pack_round_trips_ggml_bytes() {
 #[test]
 fn construction_rejects_bad_shapes() {
     let e = QuantMatrix::from_ggml_bytes(QuantType::Q8_0, 2, 48, &[0; 68]).err();
-    assert_eq!(e, Some(QuantError::KNotMultipleOf32 { k: 48 }));
+    assert_eq!(e, Some(QuantError::KNotMultipleOfBlock { k: 48, block: 32 }));
+    let e = QuantMatrix::from_ggml_bytes(QuantType::Q6_K, 2, 96, &[0; 68]).err();
+    assert_eq!(e, Some(QuantError::KNotMultipleOfBlock { k: 96, block: 256 }));
     let e = QuantMatrix::from_ggml_bytes(QuantType::Q4_1, 2, 64, &[0; 79]).err();
     assert_eq!(e, Some(QuantError::ByteLength { expected: Some(80), got: 79 }));
 }
@@ -158,7 +170,7 @@ fn activation_quantization_simd_matches_scalar() {
 fn kernels_match_reference_bit_for_bit() {
     let mut rng = TestRng::new(3);
     let ms: Vec<usize> = (1..=9).chain([64]).collect();
-    for qtype in [QuantType::Q4_1, QuantType::Q8_0] {
+    for qtype in [QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0] {
         for k in [32, 64, 576, 1536] {
             for n in [1, 7, 16, 17, 40, 100] {
                 let w = QuantMatrix::from_ggml_bytes(qtype, n, k, &random_weights(&mut rng, qtype, n, k)).unwrap();
@@ -195,8 +207,8 @@ fn q8_0_extreme_weights_are_exact() {
 #[test]
 fn batch_and_split_invariance() {
     let mut rng = TestRng::new(5);
-    for qtype in [QuantType::Q4_1, QuantType::Q8_0] {
-        let (n, k, m) = (75, 576, 37);
+    for qtype in ALL {
+        let (n, k, m) = (75, if qtype.is_k() { 512 } else { 576 }, 37);
         let w = QuantMatrix::from_ggml_bytes(qtype, n, k, &random_weights(&mut rng, qtype, n, k)).unwrap();
         let x = random_acts(&mut rng, m * k);
         let isa = Isa::detect();
@@ -221,11 +233,12 @@ fn batch_and_split_invariance() {
 #[test]
 fn zero_activation_block_and_degenerate_shapes() {
     let mut rng = TestRng::new(6);
-    let (n, k, m) = (20, 128, 3);
-    for qtype in [QuantType::Q4_1, QuantType::Q8_0] {
+    let (n, k, m) = (20, 256, 3);
+    for qtype in ALL {
         let w = QuantMatrix::from_ggml_bytes(qtype, n, k, &random_weights(&mut rng, qtype, n, k)).unwrap();
         let mut x = random_acts(&mut rng, m * k);
-        x[k + 32..k + 64].fill(0.0); // d = 0 block in row 1
+        x[k + 256 - 32..k + 256].fill(0.0); // d = 0 block in row 1 (32-blocks)
+        x[2 * k..2 * k + 256].fill(0.0); // d = 0 block in row 2 (all types)
         let want = reference(&w, &x, m);
         for isa in isas() {
             assert_bits_eq(&run(&w, &x, m, isa, None), &want, &format!("{qtype:?} {isa:?}"));
@@ -246,7 +259,7 @@ fn zero_activation_block_and_degenerate_shapes() {
 fn reference_is_a_matmul() {
     let mut rng = TestRng::new(7);
     let (n, k, m) = (9, 576, 3);
-    for qtype in [QuantType::Q4_1, QuantType::Q8_0] {
+    for qtype in [QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0] {
         let bytes = random_weights(&mut rng, qtype, n, k);
         let w = QuantMatrix::from_ggml_bytes(qtype, n, k, &bytes).unwrap();
         let x = random_acts(&mut rng, m * k);
@@ -277,6 +290,12 @@ fn dequant_dot(qtype: QuantType, wrow: &[u8], acts: &QActs, i: usize) -> f64 {
                     d * q as f64 * xv
                 }
                 QuantType::Q8_0 => d * blk[2 + j] as i8 as f64 * xv,
+                QuantType::Q5_0 => {
+                    let nib = if j < 16 { blk[6 + j] & 0xF } else { blk[6 + j - 16] >> 4 };
+                    let hi = (u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]) >> j) & 1;
+                    d * ((nib as i32 | (hi as i32) << 4) - 16) as f64 * xv
+                }
+                QuantType::Q4_K | QuantType::Q6_K => unreachable!("see tests_k"),
             };
         }
         if qtype == QuantType::Q4_1 {

@@ -2,20 +2,21 @@
 //! input (Q/K/V, gate/up) are fused into one matrix at load time when their storage types
 //! agree, so the activation is quantized and streamed once per step instead of three times.
 //!
-//! On CPU, Q4_1 and Q8_0 weights run on kiln's own kernels (`kiln_kernels::quant`: ggml's exact
-//! arithmetic, batch invariant, several times faster than candle's `QMatMul`); every other
-//! quant type (the k-quants of Qwen2.5's mix) and every device goes through candle's `QMatMul`.
+//! On CPU, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K weights run on kiln's own kernels
+//! (`kiln_kernels::quant`: the arithmetic of ggml's x86 build, batch invariant, faster than
+//! candle's `QMatMul`, which rounds like ggml's generic code); every other quant type and every
+//! device goes through candle's `QMatMul`.
 
 use crate::error::{ModelError, Result};
 use crate::weights::Weight;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor, D};
-use kiln_kernels::quant::{qmatmul, QuantMatrix, QuantType};
+use kiln_kernels::quant::{qmatmul_form, Form, QuantMatrix, QuantType};
 use std::borrow::Cow;
 use std::sync::Arc;
 
 enum Part {
-    /// Q4_1 / Q8_0 on CPU, repacked for kiln's kernels.
+    /// A type kiln's kernels have, on CPU, repacked for them.
     Kiln(QuantMatrix),
     Quant(QMatMul),
     /// `[out, in]` f32.
@@ -23,9 +24,9 @@ enum Part {
 }
 
 impl Part {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, form: Form) -> Result<Tensor> {
         Ok(match self {
-            Part::Kiln(w) => kiln_forward(w, x)?,
+            Part::Kiln(w) => kiln_forward(w, x, form)?,
             Part::Quant(m) => m.forward(x)?,
             Part::Float(w) => x.matmul(&w.t()?)?,
         })
@@ -37,6 +38,8 @@ pub struct Linear {
     parts: Vec<Part>,
     /// `[out]`
     bias: Option<Tensor>,
+    /// Which of llama.cpp's code paths kiln's kernels follow (`Form::Invariant` unless asked).
+    form: Form,
 }
 
 impl Linear {
@@ -65,15 +68,20 @@ impl Linear {
         if !pending.is_empty() {
             parts.push(stack(pending)?);
         }
-        Ok(Self { parts, bias })
+        Ok(Self { parts, bias, form: Form::Invariant })
+    }
+
+    /// The same layer with its quantized matmuls in `form` (see `kiln_kernels::quant::Form`).
+    pub fn with_form(self, form: Form) -> Self {
+        Self { form, ..self }
     }
 
     /// `x`: `[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if self.parts.len() == 1 {
-            self.parts[0].forward(x)?
+            self.parts[0].forward(x, self.form)?
         } else {
-            let ys = self.parts.iter().map(|p| p.forward(x)).collect::<Result<Vec<_>>>()?;
+            let ys = self.parts.iter().map(|p| p.forward(x, self.form)).collect::<Result<Vec<_>>>()?;
             Tensor::cat(&ys, D::Minus1)?
         };
         Ok(match &self.bias {
@@ -92,14 +100,14 @@ fn same_storage(a: &Weight, b: &Weight) -> bool {
 }
 
 /// `x`: `[rows, in]` f32 on the CPU.
-fn kiln_forward(w: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
+fn kiln_forward(w: &QuantMatrix, x: &Tensor, form: Form) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if k != w.cols() {
         return Err(ModelError::Invalid(format!("linear: input has {k} features, weight expects {}", w.cols())));
     }
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; m * w.rows()];
-    qmatmul(w, &xs, m, &mut out);
+    qmatmul_form(w, &xs, m, &mut out, form);
     Ok(Tensor::from_vec(out, (m, w.rows()), &Device::Cpu)?)
 }
 
@@ -107,7 +115,10 @@ fn kiln_forward(w: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
 fn quant_part(q: Arc<QTensor>) -> Result<Part> {
     let qtype = match q.dtype() {
         GgmlDType::Q4_1 => Some(QuantType::Q4_1),
+        GgmlDType::Q5_0 => Some(QuantType::Q5_0),
         GgmlDType::Q8_0 => Some(QuantType::Q8_0),
+        GgmlDType::Q4K => Some(QuantType::Q4_K),
+        GgmlDType::Q6K => Some(QuantType::Q6_K),
         _ => None,
     };
     match (qtype, q.device()) {

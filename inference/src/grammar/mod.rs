@@ -63,14 +63,15 @@ impl Constraint {
     }
 }
 
-/// Adds llguidance's JSON formatting options to a schema: compact separators, no free
-/// whitespace. Free whitespace lets a small model loop on newlines until `max_tokens`; fixed
-/// `", "` / `": "` separators are also what models see in training data.
+/// Adds llguidance's JSON formatting options to a schema: whitespace between tokens is at most
+/// one short run (a space, or a newline plus indentation), never free. Unbounded whitespace lets a
+/// small model loop on newlines until `max_tokens`; forbidding it entirely derails models that
+/// were trained to pretty-print (SmolLM2 writes `{\n    "name": ...`).
 pub fn compact_json_schema(mut schema: Value) -> Value {
     if let Value::Object(m) = &mut schema {
         m.insert(
             "x-guidance".into(),
-            serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+            serde_json::json!({"item_separator": ",", "key_separator": ":", "whitespace_pattern": "[\\x20\\x0A]{1,12}"}),
         );
     }
     schema

@@ -70,7 +70,10 @@ impl ToolPlan {
             }
         }
         let choice = parse_choice(tool_choice, &tools)?;
-        Ok(Some(Self { tools, choice, parallel: parallel.unwrap_or(true) }))
+        // A named choice asks for that one call (vLLM does the same); a small model otherwise
+        // repeats it until max_tokens.
+        let parallel = parallel.unwrap_or(true) && !matches!(choice, Choice::Named(_));
+        Ok(Some(Self { tools, choice, parallel }))
     }
 
     /// Whether the model may call a tool at all (`none` forbids it).

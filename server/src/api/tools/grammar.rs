@@ -4,12 +4,12 @@
 //!
 //! - `required` / named: the whole output is `<tool_call>` + calls.
 //! - `auto`: free text until the model itself starts a call, then the grammar (the engine's
-//!   triggers): `<tool_call>` anywhere, or a bare `{"name"` object as the very first output,
-//!   which small models such as Qwen2.5-Coder-0.5B write instead of the tag (llama.cpp accepts
-//!   that form too). A bare call is a single call.
+//!   triggers): `<tool_call>` anywhere, or, as the very first output, a bare `{"name"` object
+//!   or a ```` ```json ```` block, which small models such as Qwen2.5-Coder-0.5B write instead of
+//!   the tag (llama.cpp accepts those forms too). A bare or fenced call is a single call.
 //! - `parallel_tool_calls: false`: exactly one call, then the turn ends.
 
-use super::{Choice, ToolPlan, BARE_OPEN, CALL_CLOSE, CALL_OPEN};
+use super::{Choice, ToolPlan, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
 use kiln_inference::grammar::compact_json_schema;
 use kiln_inference::{Constraint, Trigger};
 use std::fmt::Write;
@@ -22,6 +22,7 @@ pub fn constraint(plan: &ToolPlan) -> Option<Constraint> {
             let triggers = vec![
                 Trigger { text: CALL_OPEN.to_string(), at_start: false },
                 Trigger { text: BARE_OPEN.to_string(), at_start: true },
+                Trigger { text: FENCE_OPEN.to_string(), at_start: true },
             ];
             Some(Constraint { triggers, ..Constraint::lark(lark(plan, true)) })
         }
@@ -36,7 +37,7 @@ fn lit(s: &str) -> String {
 fn lark(plan: &ToolPlan, allow_bare: bool) -> String {
     let mut g = String::from("start: tagged");
     if allow_bare {
-        g.push_str(" | body");
+        let _ = write!(g, " | body | {} body {}", lit(&format!("{FENCE_OPEN}\n")), lit(&format!("\n{FENCE_CLOSE}")));
     }
     let _ = write!(g, "\ntagged: {} call", lit(CALL_OPEN));
     if plan.parallel {
@@ -69,8 +70,8 @@ mod tests {
         assert!(g.contains("args_0: %json {"), "{g}");
         let auto = ToolPlan { choice: Choice::Auto, parallel: true, ..plan };
         let c = constraint(&auto).unwrap();
-        assert_eq!(c.triggers.len(), 2);
-        assert!(matches!(&c.grammar, kiln_inference::Grammar::Lark(g) if g.starts_with("start: tagged | body\n")));
+        assert_eq!(c.triggers.len(), 3);
+        assert!(matches!(&c.grammar, kiln_inference::Grammar::Lark(g) if g.starts_with("start: tagged | body | \"```json\\n\" body \"\\n```\"\n")));
         let none = ToolPlan { choice: Choice::None, ..auto };
         assert!(constraint(&none).is_none());
     }

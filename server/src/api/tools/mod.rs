@@ -22,6 +22,9 @@ pub const CALL_OPEN: &str = "<tool_call>";
 pub const CALL_CLOSE: &str = "</tool_call>";
 /// A call written as a bare JSON object at the start of the output (no tag).
 pub const BARE_OPEN: &str = "{\"name\"";
+/// A call in a fenced JSON block at the start of the output (Qwen2.5-Coder's habit).
+pub const FENCE_OPEN: &str = "```json";
+pub const FENCE_CLOSE: &str = "```";
 
 /// One function tool.
 #[derive(Debug, Clone)]

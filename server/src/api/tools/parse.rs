@@ -5,10 +5,11 @@
 //! also the non-streamed `arguments`). Text that might be the start of `<tool_call>` is held
 //! back, so no tag ever leaks into `content`.
 //!
-//! A bare `{"name": ...}` object as the very first output is a call too (see `grammar.rs`).
+//! A bare `{"name": ...}` object, or one in a ```` ```json ```` block, as the very first output is a
+//! call too (see `grammar.rs`).
 //! The grammar guarantees the layout; the parser tolerates whitespace variations anyway.
 
-use super::{call_id, BARE_OPEN, CALL_CLOSE, CALL_OPEN};
+use super::{call_id, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
@@ -28,12 +29,13 @@ pub struct Call {
 enum State {
     #[default]
     Content,
-    /// After `<tool_call>` (or at a bare call's `{`), until `"arguments":`.
-    Head { bare: bool },
+    /// After `<tool_call>` (or at a bare call's `{`), until `"arguments":`. `close` ends the
+    /// call: `</tool_call>`, a bare call's `}` or a fenced call's closing fence.
+    Head { close: &'static str },
     /// Inside the arguments value.
-    Args { scan: Scan, bare: bool },
-    /// After the arguments, until `</tool_call>` (a bare call: until its closing `}`).
-    Tail { bare: bool },
+    Args { scan: Scan, close: &'static str },
+    /// After the arguments, until `close`.
+    Tail { close: &'static str },
 }
 
 /// Bracket depth of a JSON value being streamed, string-aware.
@@ -78,7 +80,7 @@ pub struct CallParser {
     calls: Vec<Call>,
     /// Whitespace after a call, sent only if real content follows it.
     pending_ws: String,
-    /// Some content was sent: a bare `{"name"` can no longer be a call.
+    /// Some content was sent: a bare or fenced call can no longer start.
     sent_content: bool,
 }
 
@@ -129,13 +131,15 @@ impl CallParser {
             State::Content => {
                 if !self.sent_content && self.calls.is_empty() {
                     let start = self.buf.trim_start();
-                    if start.starts_with(BARE_OPEN) {
-                        self.buf = start.to_string();
-                        self.state = State::Head { bare: true };
-                        return true;
+                    for (open, keep, close) in [(BARE_OPEN, 0, "}"), (FENCE_OPEN, FENCE_OPEN.len(), FENCE_CLOSE)] {
+                        if start.starts_with(open) {
+                            self.buf = start[keep..].to_string();
+                            self.state = State::Head { close };
+                            return true;
+                        }
                     }
-                    if BARE_OPEN.starts_with(start) {
-                        return false; // may still become a bare call
+                    if BARE_OPEN.starts_with(start) || FENCE_OPEN.starts_with(start) {
+                        return false; // may still become a bare or fenced call
                     }
                 }
                 if let Some(at) = self.buf.find(CALL_OPEN) {
@@ -145,7 +149,7 @@ impl CallParser {
                         self.content(&before, out);
                     }
                     self.pending_ws.clear();
-                    self.state = State::Head { bare: false };
+                    self.state = State::Head { close: CALL_CLOSE };
                     return true;
                 }
                 let keep = partial_tag_len(&self.buf, CALL_OPEN);
@@ -153,18 +157,18 @@ impl CallParser {
                 self.content(&emit, out);
                 false
             }
-            State::Head { bare } => {
-                let bare = *bare;
+            State::Head { close } => {
+                let close = *close;
                 let Some((name, args_at)) = head(&self.buf) else { return false };
                 self.buf.drain(..args_at);
                 let id = call_id();
                 out.push(Piece::Start { index: self.calls.len(), id: id.clone(), name: name.clone() });
                 self.calls.push(Call { id, name, arguments: String::new() });
-                self.state = State::Args { scan: Scan::default(), bare };
+                self.state = State::Args { scan: Scan::default(), close };
                 true
             }
-            State::Args { scan, bare } => {
-                let bare = *bare;
+            State::Args { scan, close } => {
+                let close = *close;
                 let mut end = None;
                 for (i, c) in self.buf.char_indices() {
                     if scan.step(c) {
@@ -180,12 +184,12 @@ impl CallParser {
                     out.push(Piece::Args { index, fragment });
                 }
                 if end.is_some() {
-                    self.state = State::Tail { bare };
+                    self.state = State::Tail { close };
                 }
                 end.is_some()
             }
-            State::Tail { bare } => {
-                let close = if *bare { "}" } else { CALL_CLOSE };
+            State::Tail { close } => {
+                let close = *close;
                 let Some(at) = self.buf.find(close) else { return false };
                 self.buf.drain(..at + close.len());
                 self.state = State::Content;
@@ -265,6 +269,12 @@ mod tests {
         assert_eq!(calls[0].arguments, "{\"a\": [1]}");
         let (content, calls, _) = run(&["Here: {\"name\": \"f\"}"]);
         assert_eq!((content.as_str(), calls.len()), ("Here: {\"name\": \"f\"}", 0));
+        let fenced = "```json\n{\"name\": \"f\", \"arguments\": {}}\n```";
+        let chars: Vec<String> = fenced.chars().map(String::from).collect();
+        let (content, calls, _) = run(&chars.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!((content.as_str(), calls.len(), calls[0].arguments.as_str()), ("", 1, "{}"));
+        let (content, calls, _) = run(&["```python\nx = 1\n```"]);
+        assert_eq!((content.as_str(), calls.len()), ("```python\nx = 1\n```", 0));
         let (content, calls, _) = run(&["{\"na", "me2\": 1}"]);
         assert_eq!((content.as_str(), calls.len()), ("{\"name2\": 1}", 0));
     }

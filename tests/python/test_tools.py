@@ -513,7 +513,10 @@ def test_response_format_with_tool_calls_is_400(client):
         assert bad_request(client, tools=[WEATHER], tool_choice=choice, response_format=rf).param == "response_format"
     assert bad_request(client, tools=[WEATHER], response_format=rf).param == "response_format"  # auto by default
     # tool_choice "none" leaves response_format in charge (and the generic template gets no tools).
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object with the name and age of a person."}], response_format=rf, max_tokens=150, temperature=0)
+    person = {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "required": ["name", "age"], "additionalProperties": False}}}
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object with the name and age of a person."}], response_format=person, max_tokens=150, temperature=0)
     r = client.chat.completions.create(tools=[WEATHER], tool_choice="none", **kw)
     assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
     assert not r.choices[0].message.tool_calls

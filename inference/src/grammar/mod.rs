@@ -63,16 +63,25 @@ impl Constraint {
     }
 }
 
-/// Adds llguidance's JSON formatting options to a schema: whitespace between tokens is at most
-/// one short run (a space, or a newline plus indentation), never free. Unbounded whitespace lets a
-/// small model loop on newlines until `max_tokens`; forbidding it entirely derails models that
-/// were trained to pretty-print (SmolLM2 writes `{\n    "name": ...`).
-pub fn compact_json_schema(mut schema: Value) -> Value {
+/// Adds llguidance's JSON formatting options to a schema for free-standing JSON output
+/// (`response_format`): whitespace between tokens is at most one short run (a space, or a newline
+/// plus indentation), never free. Unbounded whitespace lets a small model loop on newlines until
+/// `max_tokens`; forbidding it entirely derails models trained to pretty-print (SmolLM2 writes
+/// `{\n    "name": ...`; json_object went from 32/50 to 38/50 complete objects with this).
+pub fn compact_json_schema(schema: Value) -> Value {
+    with_json_options(schema, serde_json::json!({"item_separator": ",", "key_separator": ":", "whitespace_pattern": "[\\x20\\x0A]{1,12}"}))
+}
+
+/// As [`compact_json_schema`] but with no whitespace choice at all (`", "` / `": "`): tool-call
+/// arguments, written on one line in every tool format models are trained on (and `{}` for a
+/// parameterless tool, never `{\n  }`).
+pub fn inline_json_schema(schema: Value) -> Value {
+    with_json_options(schema, serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}))
+}
+
+fn with_json_options(mut schema: Value, options: Value) -> Value {
     if let Value::Object(m) = &mut schema {
-        m.insert(
-            "x-guidance".into(),
-            serde_json::json!({"item_separator": ",", "key_separator": ":", "whitespace_pattern": "[\\x20\\x0A]{1,12}"}),
-        );
+        m.insert("x-guidance".into(), options);
     }
     schema
 }

@@ -10,7 +10,7 @@
 //! - `parallel_tool_calls: false`: exactly one call, then the turn ends.
 
 use super::{Choice, ToolPlan, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
-use kiln_inference::grammar::compact_json_schema;
+use kiln_inference::grammar::inline_json_schema;
 use kiln_inference::{Constraint, Trigger};
 use std::fmt::Write;
 
@@ -50,7 +50,7 @@ fn lark(plan: &ToolPlan, allow_bare: bool) -> String {
     for (i, t) in tools.iter().enumerate() {
         let head = format!("{{\"name\": \"{}\", \"arguments\": ", t.name);
         let _ = writeln!(g, "fn_{i}: {} args_{i} {}", lit(&head), lit("}"));
-        let _ = writeln!(g, "args_{i}: %json {}", compact_json_schema(t.parameters.clone()));
+        let _ = writeln!(g, "args_{i}: %json {}", inline_json_schema(t.parameters.clone()));
     }
     g
 }

@@ -168,13 +168,19 @@ fn activation_quantization_simd_matches_scalar() {
 
 #[test]
 fn kernels_match_reference_bit_for_bit() {
-    let mut rng = TestRng::new(3);
     let ms: Vec<usize> = (1..=9).chain([64]).collect();
-    for qtype in [QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0] {
-        for k in [32, 64, 576, 1536] {
-            for n in [1, 7, 16, 17, 40, 100] {
+    sweep_against_reference(3, &[QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0], &[32, 64, 576, 1536], &[1, 7, 16, 17, 40, 100], &ms);
+}
+
+/// Every kernel family on random weights and activations of every shape in the grid equals the
+/// reference bit for bit.
+pub(super) fn sweep_against_reference(seed: u64, qtypes: &[QuantType], ks: &[usize], ns: &[usize], ms: &[usize]) {
+    let mut rng = TestRng::new(seed);
+    for &qtype in qtypes {
+        for &k in ks {
+            for &n in ns {
                 let w = QuantMatrix::from_ggml_bytes(qtype, n, k, &random_weights(&mut rng, qtype, n, k)).unwrap();
-                for &m in &ms {
+                for &m in ms {
                     let x = random_acts(&mut rng, m * k);
                     let want = reference(&w, &x, m);
                     for isa in isas() {

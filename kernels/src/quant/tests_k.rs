@@ -5,7 +5,7 @@
 use half::f16;
 
 use super::kact::{quantize_block_k, KActs};
-use super::tests::{assert_bits_eq, isas, random_acts, random_weights, reference, run};
+use super::tests::{assert_bits_eq, isas, random_acts, random_weights, reference, run, sweep_against_reference};
 use super::*;
 use crate::testutil::TestRng;
 
@@ -61,23 +61,8 @@ fn q8_k_quantization_hand_checked() {
 
 #[test]
 fn k_kernels_match_reference_bit_for_bit() {
-    let mut rng = TestRng::new(12);
     let ms: Vec<usize> = (1..=5).chain([17]).collect();
-    for qtype in K_TYPES {
-        for k in [256, 512, 1280] {
-            for n in [1, 7, 16, 17, 40] {
-                let w = QuantMatrix::from_ggml_bytes(qtype, n, k, &random_weights(&mut rng, qtype, n, k)).unwrap();
-                for &m in &ms {
-                    let x = random_acts(&mut rng, m * k);
-                    let want = reference(&w, &x, m);
-                    for isa in isas() {
-                        let got = run(&w, &x, m, isa, None);
-                        assert_bits_eq(&got, &want, &format!("{qtype:?} {isa:?} m={m} n={n} k={k}"));
-                    }
-                }
-            }
-        }
-    }
+    sweep_against_reference(12, &K_TYPES, &[256, 512, 1280], &[1, 7, 16, 17, 40], &ms);
 }
 
 /// Extreme but valid blocks: all-max quants and scales, so the integer sums are at their

@@ -8,7 +8,7 @@ use super::generation::{collect, submit, unix_now, usage, ChoiceOut};
 use super::request::{body_bytes, parse_with_sampling, ChatRequest};
 use super::response_format::{self, grammar_error};
 use super::sse::{self, Kind, Part, StreamCtx};
-use super::tools::parse::{CallParser, Piece};
+use super::tools::parse::{finish_reason, CallParser, Piece};
 use super::tools::{self, prompt, ToolPlan};
 use super::{logprobs, Shared};
 use axum::body::Bytes;
@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_inference::engine::Prompt;
 use kiln_inference::tokenizer::Tokenizer;
-use kiln_inference::{FinishReason, SamplingParams};
+use kiln_inference::SamplingParams;
 use serde_json::{json, Value};
 
 pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -88,11 +88,7 @@ fn with_tool_calls(o: &ChoiceOut) -> (Value, Option<&'static str>) {
         .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
         .collect();
     let content = if content.is_empty() { Value::Null } else { Value::String(content) };
-    let finish = match o.finish {
-        Some(FinishReason::Stop) => Some("tool_calls"),
-        other => other.map(|r| r.as_str()),
-    };
-    (json!({"role": "assistant", "content": content, "tool_calls": tool_calls}), finish)
+    (json!({"role": "assistant", "content": content, "tool_calls": tool_calls}), o.finish.map(|r| finish_reason(true, r)))
 }
 
 /// `tool_choice: "none"`: when the call tag is one token (Qwen's `<tool_call>`), the model may

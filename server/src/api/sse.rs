@@ -13,8 +13,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, StreamExt};
 use kiln_inference::tokenizer::Tokenizer;
-use super::tools::parse::{CallParser, Piece};
-use kiln_inference::{Delta, FinishReason};
+use super::tools::parse::{finish_reason, CallParser, Piece};
+use kiln_inference::Delta;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -203,8 +203,7 @@ impl PartState {
             self.push(json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null}));
         }
         if let Some(r) = d.finish_reason {
-            let reason = if has_calls && r == FinishReason::Stop { "tool_calls" } else { r.as_str() };
-            self.push(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}));
+            self.push(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(has_calls, r)}));
         }
     }
 

@@ -10,6 +10,17 @@
 //! The grammar guarantees the layout; the parser tolerates whitespace variations anyway.
 
 use super::{call_id, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
+use kiln_inference::FinishReason;
+
+/// OpenAI's finish reason of a turn that may call tools: calls that ended normally are
+/// `tool_calls`; a cut-off turn stays `length`.
+pub fn finish_reason(has_calls: bool, r: FinishReason) -> &'static str {
+    if has_calls && r == FinishReason::Stop {
+        "tool_calls"
+    } else {
+        r.as_str()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {

@@ -32,6 +32,9 @@ pub(crate) struct Seq {
     pending_forks: usize,
     /// Constrained decoding state; `None` for free generation.
     grammar: Option<Box<SeqGrammar>>,
+    /// The grammar's mask was narrowed to close the JSON before the budget ends: however the
+    /// output now ends, it was the budget that ended it (`length`).
+    closing: bool,
 }
 
 /// What one sample did to a sequence.
@@ -48,7 +51,7 @@ impl Seq {
         let sampler = SeqSampler::new(&group.params, index as u64, &prompt);
         let pending_forks = if index == 0 { group.params.n - 1 } else { 0 };
         let grammar = grammar.map(Box::new);
-        Self { prompt_len: prompt.len(), tokens: prompt, group, index, sampler, pending_forks, grammar }
+        Self { prompt_len: prompt.len(), tokens: prompt, group, index, sampler, pending_forks, grammar, closing: false }
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -106,10 +109,16 @@ impl Seq {
     /// does. An EOS / stop token ends it without being emitted.
     pub fn sample(&mut self, logits: &mut [f32], eos: &[u32], mask: Option<&SimpleVob>) -> Result<Sampled, EngineError> {
         let (logprobs, ignore_eos) = (self.group.params.logprobs, self.group.params.ignore_eos);
-        let s = self.sampler.sample(logits, mask);
+        let remaining = self.remaining();
+        let closing = match (mask, self.grammar.as_deref_mut()) {
+            (Some(m), Some(g)) => g.closing_mask(remaining, m),
+            _ => None,
+        };
+        self.closing |= closing.is_some();
+        let s = self.sampler.sample(logits, closing.as_ref().or(mask));
         let is_stop = eos.contains(&s.token) || self.group.params.stop_token_ids.contains(&s.token);
         if is_stop && !ignore_eos {
-            return Ok(Sampled { appended: 0, forced: 0, finish: Some(FinishReason::Stop) });
+            return Ok(Sampled { appended: 0, forced: 0, finish: Some(self.stop_reason()) });
         }
         let accepted = match self.grammar.as_mut() {
             Some(g) => g.accept(s.token).map_err(EngineError::Internal)?,
@@ -128,9 +137,19 @@ impl Seq {
     /// A complete grammar ends the sequence (`stop`), as do the length limits (`length`).
     fn end_reason(&self) -> Option<FinishReason> {
         if self.grammar.as_ref().is_some_and(|g| g.is_complete()) {
-            return Some(FinishReason::Stop);
+            return Some(self.stop_reason());
         }
         self.at_max_len().then_some(FinishReason::Length)
+    }
+
+    /// Why an EOS or a complete grammar ends the output: the model's choice, or the budget's
+    /// once closing narrowed the grammar.
+    fn stop_reason(&self) -> FinishReason {
+        if self.closing {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        }
     }
 
     /// Appends what the grammar forces (no model step needed to pick them), within the length
@@ -149,8 +168,14 @@ impl Seq {
     }
 
     fn at_max_len(&self) -> bool {
+        self.remaining() == 0
+    }
+
+    /// Tokens this sequence may still generate (`max_tokens`, then the context length).
+    fn remaining(&self) -> usize {
         let generated = self.tokens.len() - self.prompt_len;
-        self.group.params.max_tokens.is_some_and(|m| generated >= m) || self.tokens.len() >= self.group.max_len
+        let by_request = self.group.params.max_tokens.map_or(usize::MAX, |m| m.saturating_sub(generated));
+        by_request.min(self.group.max_len.saturating_sub(self.tokens.len()))
     }
 
     fn push(&mut self, token: u32, logprob: Option<(f32, Vec<(u32, f32)>)>) {

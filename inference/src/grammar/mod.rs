@@ -4,16 +4,19 @@
 //! Owns: the request-side [`Constraint`] (a JSON schema or a Lark grammar, optionally engaged only
 //! at a trigger string such as `<tool_call>`), compiling it once per distinct grammar (an LRU
 //! of compiled parsers; each sequence gets a cheap clone), and, in `state.rs`, the per-sequence
-//! matcher that yields token masks and forced tokens.
+//! matcher that yields token masks and forced tokens; in `closing.rs`, ending the JSON before
+//! the token budget runs out.
 //! Must not: know about OpenAI request shapes (the server turns `response_format` and `tools`
 //! into a `Constraint`), or compute anything for unconstrained sequences.
 
+mod closing;
 mod state;
 mod tokenv;
 
 pub(crate) use state::{apply_mask, Accepted, SeqGrammar};
 
 use crate::error::EngineError;
+use closing::Closers;
 use crate::tokenizer::Tokenizer;
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::TokEnv;
@@ -91,7 +94,7 @@ pub(crate) struct GrammarCompiler {
     tokenizer: Tokenizer,
     vocab_size: usize,
     /// Built on first use: the token trie costs ~0.1 s for a 150k vocabulary.
-    factory: OnceLock<Result<Arc<ParserFactory>, String>>,
+    factory: OnceLock<Result<(Arc<ParserFactory>, Arc<Closers>), String>>,
     cache: Mutex<Lru>,
 }
 
@@ -100,6 +103,7 @@ pub(crate) struct Compiled {
     pub parser: TokenParser,
     pub triggers: Vec<Trigger>,
     pub env: TokEnv,
+    pub closers: Arc<Closers>,
 }
 
 impl GrammarCompiler {
@@ -107,12 +111,12 @@ impl GrammarCompiler {
         Self { tokenizer, vocab_size, factory: OnceLock::new(), cache: Mutex::new(Lru::default()) }
     }
 
-    fn factory(&self) -> Result<Arc<ParserFactory>, EngineError> {
+    fn factory(&self) -> Result<(Arc<ParserFactory>, Arc<Closers>), EngineError> {
         let f = self.factory.get_or_init(|| {
             let env: TokEnv = Arc::new(KilnTokEnv::new(&self.tokenizer, self.vocab_size));
             let mut f = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
             f.quiet();
-            Ok(Arc::new(f))
+            Ok((Arc::new(f), Arc::new(Closers::new(env.tok_trie()))))
         });
         f.clone().map_err(|e| EngineError::Internal(format!("cannot build the grammar engine's token trie: {e}")))
     }
@@ -120,7 +124,7 @@ impl GrammarCompiler {
     /// Compiles `c` (or clones the cached parser of an identical grammar). An invalid or
     /// unsupported grammar is [`EngineError::Grammar`] naming the problem.
     pub fn compile(&self, c: &Constraint) -> Result<Compiled, EngineError> {
-        let factory = self.factory()?;
+        let (factory, closers) = self.factory()?;
         let key = match &c.grammar {
             Grammar::JsonSchema(v) => format!("json:{v}"),
             Grammar::Lark(t) => format!("lark:{t}"),
@@ -141,7 +145,7 @@ impl GrammarCompiler {
         if c.triggers.iter().any(|t| t.text.is_empty()) {
             return Err(EngineError::Grammar("a grammar trigger must not be empty".into()));
         }
-        Ok(Compiled { parser, triggers: c.triggers.clone(), env: factory.tok_env().clone() })
+        Ok(Compiled { parser, triggers: c.triggers.clone(), env: factory.tok_env().clone(), closers })
     }
 }
 

@@ -5,12 +5,17 @@
 
 use llguidance::toktrie::{SimpleVob, TokEnv, TokTrie};
 use llguidance::{Matcher, TokenParser};
+use std::sync::Arc;
 
+use super::closing::{self, Closers, Progress};
 use super::{Compiled, Trigger};
 
 pub(crate) struct SeqGrammar {
     env: TokEnv,
     phase: Phase,
+    closers: Arc<Closers>,
+    /// How far the output since the grammar engaged is from an end.
+    progress: Progress,
 }
 
 enum Phase {
@@ -47,7 +52,7 @@ impl SeqGrammar {
         } else {
             Phase::Waiting(Box::new(Waiting { triggers: c.triggers, proto: c.parser, tail: Vec::new(), head: Vec::new() }))
         };
-        Self { env: c.env, phase }
+        Self { env: c.env, phase, closers: c.closers, progress: Progress::default() }
     }
 
     /// An independent copy for a sibling choice (`n > 1`).
@@ -61,7 +66,7 @@ impl SeqGrammar {
             })),
             Phase::Engaged(m) => Phase::Engaged(Box::new(m.deep_clone())),
         };
-        Self { env: self.env.clone(), phase }
+        Self { env: self.env.clone(), phase, closers: self.closers.clone(), progress: self.progress.clone() }
     }
 
     /// Whether the next token needs a mask.
@@ -85,12 +90,15 @@ impl SeqGrammar {
         match &mut self.phase {
             Phase::Engaged(m) => {
                 m.consume_token(token).map_err(|e| format!("grammar engine rejected token {token}: {e}"))?;
+                self.progress.feed(output_bytes(self.env.tok_trie(), token));
                 Ok(if m.is_stopped() { Accepted::Complete } else { Accepted::Continue })
             }
             Phase::Waiting(w) => {
                 let bytes = output_bytes(self.env.tok_trie(), token);
                 let Some((replay, trigger_len)) = w.watch(bytes) else { return Ok(Accepted::Continue) };
                 let (matcher, accepted) = engage(&self.env, &w.proto, &replay, trigger_len, bytes)?;
+                let engaged = if matches!(accepted, Accepted::Replace(_)) { &replay[..trigger_len] } else { &replay[..] };
+                self.progress.feed(engaged);
                 self.phase = Phase::Engaged(Box::new(matcher));
                 Ok(accepted)
             }
@@ -99,10 +107,44 @@ impl SeqGrammar {
 
     /// Tokens the grammar now forces, already consumed by it (empty when a choice remains).
     pub fn forced(&mut self) -> Vec<u32> {
-        match &mut self.phase {
+        let forced = match &mut self.phase {
             Phase::Engaged(m) => m.consume_ff_tokens(),
             Phase::Waiting(_) => Vec::new(),
+        };
+        for &t in &forced {
+            self.progress.feed(output_bytes(self.env.tok_trie(), t));
         }
+        forced
+    }
+
+    /// With `remaining` tokens of budget left, the engaged grammar's mask narrowed to the token
+    /// that best closes the output (see `closing.rs`); `None` while there is room, or when no
+    /// allowed token gets closer (the model picks within `mask`).
+    pub fn closing_mask(&mut self, remaining: usize, mask: &SimpleVob) -> Option<SimpleVob> {
+        if !self.is_engaged() || remaining > self.progress.reserve() {
+            return None;
+        }
+        self.closers.narrow(&self.progress, mask).or_else(|| self.step_to_end(mask))
+    }
+
+    /// Among a few allowed tokens, one after which the grammar may end. The JSON is closed but
+    /// text remains (a tool call's `</tool_call>`, which the model may spell in pieces): without
+    /// this a `>\n` could begin the next call where `>` would have ended the output.
+    fn step_to_end(&mut self, mask: &SimpleVob) -> Option<SimpleVob> {
+        const MAX_CANDIDATES: usize = 16;
+        let Phase::Engaged(m) = &mut self.phase else { return None };
+        if mask.num_set() > MAX_CANDIDATES {
+            return None;
+        }
+        let ends = mask.iter().find(|&t| {
+            let ok = m.try_consume_tokens(&[t]).is_ok_and(|n| n == 1);
+            let ends = ok && m.is_accepting().unwrap_or(false);
+            if ok {
+                let _ = m.rollback(1);
+            }
+            ends
+        })?;
+        Some(closing::single(mask.len(), ends))
     }
 
     pub fn is_complete(&self) -> bool {

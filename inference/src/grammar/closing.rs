@@ -1,0 +1,234 @@
+//! Ending constrained JSON before the token budget does: when a sequence's remaining budget
+//! (`max_tokens`, or the context) nears what it takes to close the value it is writing, the mask
+//! is narrowed to the one allowed token that brings the JSON closest to complete (EOS once the
+//! grammar accepts, else `"`, `}`, `]`, `"}}`, a minimal value such as `0` or `""`, ...). So a
+//! response cut by `max_tokens` is still parseable JSON and the last tool call is whole; the
+//! finish reason stays `length`, the honest word for it.
+//!
+//! Why a byte-level scan and not the grammar: llguidance answers "which tokens may come next",
+//! not "how far is the end"; every grammar kiln builds is JSON (or JSON inside a tool-call tag),
+//! so the nesting of the bytes written so far is a faithful distance to the end. When no allowed
+//! token gets closer (a required key still missing, an enum value to pick), the model chooses
+//! within the grammar's mask as usual.
+
+use llguidance::toktrie::{SimpleVob, TokTrie};
+
+/// Budget kept for a tool call's closing tag and EOS, beyond the JSON itself.
+const SLACK: usize = 6;
+
+/// What the output since the grammar engaged needs to end: its JSON nesting, and how long the
+/// values it already completed took (parallel tool calls: do not begin one the budget cannot
+/// hold).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Progress {
+    depth: JsonDepth,
+    /// Tokens of the value being written, and of the longest one completed.
+    value_tokens: usize,
+    longest_value: usize,
+}
+
+impl Progress {
+    /// One token's (or one replayed trigger's) bytes.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let was_open = self.depth.is_open();
+        self.depth.feed(bytes);
+        if was_open || self.depth.is_open() {
+            self.value_tokens += 1;
+        }
+        if was_open && !self.depth.is_open() {
+            self.longest_value = self.longest_value.max(self.value_tokens);
+            self.value_tokens = 0;
+        }
+    }
+
+    /// Tokens of budget below which closing starts. Inside a value each piece still to write
+    /// (see [`JsonDepth::cost`]) can take a token or two (`"` then `}`); between values, another
+    /// value as long as the longest so far must fit, else the output ends here.
+    pub fn reserve(&self) -> usize {
+        let inside = 2 * self.depth.cost();
+        let next = if self.depth.is_open() { 0 } else { self.longest_value };
+        inside.max(next) + SLACK
+    }
+}
+
+/// The tokens that can bring JSON closer to its end, found once per vocabulary.
+pub(crate) struct Closers {
+    eos: Vec<u32>,
+    /// Tokens made only of `"`, `]`, `}` and JSON whitespace, or spelling one minimal value.
+    tokens: Vec<(u32, Box<[u8]>)>,
+}
+
+const MINIMAL_VALUES: [&[u8]; 5] = [b"0", b"\"\"", b"null", b"[]", b"{}"];
+
+impl Closers {
+    pub fn new(trie: &TokTrie) -> Self {
+        let tokens = (0..trie.vocab_size() as u32)
+            .filter_map(|id| {
+                let b = trie.token(id);
+                let structural = b.len() <= 8
+                    && b.iter().all(|c| matches!(c, b'"' | b']' | b'}' | b' ' | b'\n'))
+                    && b.iter().any(|c| matches!(c, b'"' | b']' | b'}'));
+                (structural || MINIMAL_VALUES.contains(&b)).then(|| (id, b.into()))
+            })
+            .collect();
+        Self { eos: trie.eos_tokens().to_vec(), tokens }
+    }
+
+    /// The mask narrowed to the single token that ends (EOS) or most shortens the JSON, if one
+    /// of the allowed tokens does.
+    pub fn narrow(&self, progress: &Progress, mask: &SimpleVob) -> Option<SimpleVob> {
+        let depth = &progress.depth;
+        let only = |t: u32| single(mask.len(), t);
+        if let Some(&e) = self.eos.iter().find(|&&e| mask.is_allowed(e)) {
+            return Some(only(e));
+        }
+        let now = depth.cost();
+        let best = self
+            .tokens
+            .iter()
+            .filter(|(t, _)| mask.is_allowed(*t))
+            .map(|(t, b)| {
+                let mut d = depth.clone();
+                d.feed(b);
+                (d.cost(), b.len(), *t)
+            })
+            .filter(|&(cost, ..)| cost < now)
+            .min()?;
+        Some(only(best.2))
+    }
+}
+
+/// A mask that allows `token` alone.
+pub(crate) fn single(len: usize, token: u32) -> SimpleVob {
+    let mut m = SimpleVob::alloc(len);
+    m.allow_token(token);
+    m
+}
+
+/// Where the JSON written so far stands, from its bytes (text around it, such as a tool-call tag,
+/// leaves it at rest).
+#[derive(Clone, Debug)]
+pub(crate) struct JsonDepth {
+    /// Open `{` / `[`, innermost last.
+    stack: Vec<u8>,
+    in_string: bool,
+    escaped: bool,
+    /// The open (or just closed) string is an object key.
+    key: bool,
+    /// The last byte outside strings and whitespace; `:` at the start (a value is due).
+    last: u8,
+}
+
+impl Default for JsonDepth {
+    fn default() -> Self {
+        Self { stack: Vec::new(), in_string: false, escaped: false, key: false, last: b':' }
+    }
+}
+
+impl JsonDepth {
+    /// Inside a container or a string (a top-level scalar ends without a closer).
+    fn is_open(&self) -> bool {
+        self.in_string || !self.stack.is_empty()
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.in_string {
+                match b {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => {
+                        self.in_string = false;
+                        self.last = b'"';
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b' ' | b'\n' | b'\r' | b'\t' => continue,
+                b'"' => {
+                    self.in_string = true;
+                    self.key = self.stack.last() == Some(&b'{') && matches!(self.last, b'{' | b',');
+                }
+                b'{' | b'[' => self.stack.push(b),
+                b'}' | b']' => {
+                    self.stack.pop();
+                }
+                _ => {}
+            }
+            if b != b'"' {
+                self.key = false;
+            }
+            self.last = b;
+        }
+    }
+
+    /// A lower bound on the JSON pieces still to write: the open string, a key's `:` and value,
+    /// a value after `:` or `,`, and one closer per open container.
+    pub fn cost(&self) -> usize {
+        let pending = if self.in_string {
+            1 + if self.key { 2 } else { 0 }
+        } else if self.last == b'"' && self.key {
+            2
+        } else {
+            match self.last {
+                b':' => 1,
+                b',' if self.stack.last() == Some(&b'{') => 3,
+                b',' => 1,
+                _ => 0,
+            }
+        };
+        pending + self.stack.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cost(text: &str) -> usize {
+        let mut d = JsonDepth::default();
+        d.feed(text.as_bytes());
+        d.cost()
+    }
+
+    #[test]
+    fn cost_counts_what_is_left_to_write() {
+        assert_eq!(cost(""), 1, "a value is due");
+        assert_eq!(cost("{}"), 0);
+        assert_eq!(cost("{"), 1);
+        assert_eq!(cost(r#"{"a"#), 1 + 2 + 1, "key: close it, colon, value, brace");
+        assert_eq!(cost(r#"{"a""#), 2 + 1);
+        assert_eq!(cost(r#"{"a": "#), 1 + 1);
+        assert_eq!(cost(r#"{"a": "x"#), 1 + 1);
+        assert_eq!(cost(r#"{"a": "x \" } ]"#), 1 + 1, "escaped quote and brackets inside a string");
+        assert_eq!(cost(r#"{"a": "x","#), 3 + 1);
+        assert_eq!(cost(r#"{"a": [1,"#), 1 + 2);
+        assert_eq!(cost(r#"{"a": [1"#), 2);
+        assert_eq!(cost(r#"{"a": {"b": 12}}"#), 0);
+        assert_eq!(cost("<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>"), 0, "text around the JSON");
+        assert_eq!(cost("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": \"ab"), 3);
+    }
+
+    #[test]
+    fn between_values_the_longest_one_must_fit() {
+        let mut p = Progress::default();
+        assert_eq!(p.reserve(), 2 + SLACK, "a value is due");
+        for t in ["<tool_call>", "\n", "{\"", "name", "\": \"", "f", "\", \"", "arguments", "\": {}}", "\n", "</tool_call>"] {
+            p.feed(t.as_bytes());
+        }
+        assert_eq!(p.reserve(), 7 + SLACK, "the call's JSON took 7 tokens");
+        p.feed(b"<tool_call>\n{");
+        assert_eq!(p.reserve(), 2 + SLACK, "inside the next call: its own nesting");
+    }
+
+    #[test]
+    fn cost_after_a_closing_token_is_lower() {
+        let mut d = JsonDepth::default();
+        d.feed(br#"{"a": {"b": "text"#);
+        let before = d.cost();
+        d.feed(br#""}}"#);
+        assert_eq!((before, d.cost()), (3, 0));
+    }
+}

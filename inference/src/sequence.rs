@@ -32,7 +32,7 @@ pub(crate) struct Seq {
     pending_forks: usize,
     /// Constrained decoding state; `None` for free generation.
     grammar: Option<Box<SeqGrammar>>,
-    /// The grammar's mask was narrowed to close the JSON before the budget ends: however the
+    /// A token closing the JSON before the budget ends replaced the model's pick: however the
     /// output now ends, it was the budget that ended it (`length`).
     closing: bool,
 }
@@ -110,12 +110,13 @@ impl Seq {
     pub fn sample(&mut self, logits: &mut [f32], eos: &[u32], mask: Option<&SimpleVob>) -> Result<Sampled, EngineError> {
         let (logprobs, ignore_eos) = (self.group.params.logprobs, self.group.params.ignore_eos);
         let remaining = self.remaining();
-        let closing = match (mask, self.grammar.as_deref_mut()) {
-            (Some(m), Some(g)) => g.closing_mask(remaining, m),
+        let closer = match (mask, self.grammar.as_deref_mut()) {
+            (Some(m), Some(g)) => g.closing_token(remaining, m),
             _ => None,
         };
-        self.closing |= closing.is_some();
-        let s = self.sampler.sample(logits, closing.as_ref().or(mask));
+        let (s, overruled) = self.sampler.sample_or(logits, mask, closer);
+        // Once the budget overrules the model's own pick, it is what ends the output.
+        self.closing |= overruled;
         let is_stop = eos.contains(&s.token) || self.group.params.stop_token_ids.contains(&s.token);
         if is_stop && !ignore_eos {
             return Ok(Sampled { appended: 0, forced: 0, finish: Some(self.stop_reason()) });
@@ -143,7 +144,7 @@ impl Seq {
     }
 
     /// Why an EOS or a complete grammar ends the output: the model's choice, or the budget's
-    /// once closing narrowed the grammar.
+    /// once a closing token overruled the model.
     fn stop_reason(&self) -> FinishReason {
         if self.closing {
             FinishReason::Length

@@ -300,16 +300,17 @@ def test_qwen_stream_matches_non_stream(qwen):
 
 
 def test_qwen_sdk_stream_helper_accumulates_tool_calls(qwen):
-    for seed in range(2):
-        kw = dict(
-            model=QWEN_MODEL,
-            messages=[{"role": "user", "content": PROMPTS[seed % 5]}],
-            tools=TOOLS,
-            tool_choice="required",
-            temperature=1.0,
-            seed=seed,
-            max_tokens=200,
-        )
+    # Two calls each at temperature 0, and sampled single calls. (Sampled parallel calls can
+    # chain until max_tokens, which the helper rightly refuses: LengthFinishReasonError.)
+    cases = [
+        dict(messages=[{"role": "user", "content": "What's the weather in Paris and in Tokyo?"}], temperature=0),
+        dict(messages=[{"role": "user", "content": "Get the weather in Paris and the stock price of AAPL."}], temperature=0),
+    ] + [
+        dict(messages=[{"role": "user", "content": PROMPTS[seed]}], temperature=1.0, seed=seed, parallel_tool_calls=False)
+        for seed in range(2)
+    ]
+    for case in cases:
+        kw = dict(model=QWEN_MODEL, tools=TOOLS, tool_choice="required", max_tokens=200, **case)
         done = []
         with qwen.chat.completions.stream(**kw) as stream:
             for event in stream:
@@ -320,39 +321,68 @@ def test_qwen_sdk_stream_helper_accumulates_tool_calls(qwen):
         got = [(c.function.name, c.function.arguments) for c in final.choices[0].message.tool_calls]
         assert got == [(c.function.name, c.function.arguments) for c in plain.choices[0].message.tool_calls]
         assert done == got
+        assert len(got) == (1 if "parallel_tool_calls" in case else 2), got
         assert final.choices[0].finish_reason == "tool_calls"
         check_calls(final)
 
 
+def tool_results(msgs, message, content):
+    """Appends an assistant message with tool calls and one `tool` result per call."""
+    msgs.append(assistant_turn(message))
+    for c in message.tool_calls:
+        msgs.append({"role": "tool", "tool_call_id": c.id, "content": content})
+
+
+def check_turn(r):
+    """A turn after tool results: a plain answer (`stop`) or further valid calls."""
+    ch = r.choices[0]
+    if ch.message.tool_calls:
+        return check_calls(r)
+    assert ch.finish_reason == "stop" and ch.message.content, ch
+    return []
+
+
 def test_qwen_three_turn_round_trip(qwen):
-    msgs = [{"role": "user", "content": "What's the weather in Paris?"}]
+    """user -> call -> tool result -> reply -> user -> call -> tool result -> reply, every turn
+    through the template with the whole history (ids, results in order). Whether a reply after a
+    result is text is the model's choice: see the xfail test below."""
     kw = dict(model=QWEN_MODEL, tools=TOOLS, temperature=0, max_tokens=200)
-    # Turn 1: a call.
+    msgs = [{"role": "user", "content": "What's the weather in Paris?"}]
     r1 = qwen.chat.completions.create(messages=msgs, tool_choice="required", **kw)
-    [(name, args)] = check_calls(r1)[:1]
-    assert name == "get_weather"
-    call = r1.choices[0].message.tool_calls[0]
-    msgs.append(assistant_turn(r1.choices[0].message))
-    for extra in r1.choices[0].message.tool_calls:
-        msgs.append({"role": "tool", "tool_call_id": extra.id, "content": json.dumps({"city": args.get("city"), "temperature": 18, "unit": "celsius", "sky": "sunny"})})
-    # Turn 2: the answer from the tool result.
+    [(name, args)] = check_calls(r1)
+    assert name == "get_weather" and args["city"] == "Paris", args
+    tool_results(msgs, r1.choices[0].message, '{"temperature": 18, "unit": "celsius", "sky": "sunny"}')
     r2 = qwen.chat.completions.create(messages=msgs, tool_choice="auto", **kw)
-    assert r2.choices[0].finish_reason == "stop", r2.choices[0]
-    assert not r2.choices[0].message.tool_calls and r2.choices[0].message.content
-    assert "18" in r2.choices[0].message.content, r2.choices[0].message.content
-    msgs.append(assistant_turn(r2.choices[0].message))
-    # Turn 3: another question that needs a call, then its answer.
+    if check_turn(r2):
+        tool_results(msgs, r2.choices[0].message, '{"temperature": 18, "unit": "celsius", "sky": "sunny"}')
+    else:
+        msgs.append(assistant_turn(r2.choices[0].message))
     msgs.append({"role": "user", "content": "And what is the weather in Tokyo?"})
     r3 = qwen.chat.completions.create(messages=msgs, tool_choice="auto", **kw)
     calls = check_calls(r3)
     assert calls[0][0] == "get_weather" and "tokyo" in calls[0][1]["city"].lower(), calls
-    msgs.append(assistant_turn(r3.choices[0].message))
-    for c in r3.choices[0].message.tool_calls:
-        msgs.append({"role": "tool", "tool_call_id": c.id, "content": '{"temperature": 22, "unit": "celsius", "sky": "rain"}'})
-    r4 = qwen.chat.completions.create(messages=msgs, tool_choice="auto", **kw)
-    assert r4.choices[0].finish_reason == "stop", r4.choices[0]
-    assert r4.choices[0].message.content and not r4.choices[0].message.tool_calls
-    assert call.id != r3.choices[0].message.tool_calls[0].id
+    tool_results(msgs, r3.choices[0].message, '{"temperature": 22, "unit": "celsius", "sky": "rain"}')
+    check_turn(qwen.chat.completions.create(messages=msgs, tool_choice="auto", **kw))
+    ids = [c["id"] for m in msgs if m["role"] == "assistant" for c in m.get("tool_calls", [])]
+    assert len(set(ids)) == len(ids), ids
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="Qwen2.5-Coder-0.5B re-emits the call after a tool result (its first token {\" at "
+    "p=0.93; 0 of 5 tool conversations answered in text under 4 system prompts); the rendering "
+    "equals Jinja2's (tokenizer_reference.rs). A model that answers makes this XPASS: drop the mark.",
+)
+def test_qwen_answers_from_the_tool_result(qwen):
+    msgs = [{"role": "user", "content": "What's the weather in Paris?"}]
+    kw = dict(model=QWEN_MODEL, tools=TOOLS, temperature=0, max_tokens=200)
+    r1 = qwen.chat.completions.create(messages=msgs, tool_choice="required", **kw)
+    check_calls(r1)
+    tool_results(msgs, r1.choices[0].message, '{"temperature": 18, "unit": "celsius", "sky": "sunny"}')
+    r2 = qwen.chat.completions.create(messages=msgs, tool_choice="auto", **kw)
+    assert r2.choices[0].finish_reason == "stop" and not r2.choices[0].message.tool_calls, r2.choices[0]
+    assert "18" in r2.choices[0].message.content
 
 
 def test_qwen_parallel_tool_calls_false_gives_one_call(qwen):

@@ -1,7 +1,8 @@
 //! Constrained decoding in the engine, on the real SmolLM2 model and tokenizer: JSON-schema
 //! output is valid for every seed, forced text costs no sampling, a trigger leaves the text before
 //! it untouched, grammars survive `n > 1`, concurrency and preemption, and a schema the grammar
-//! engine cannot honour is a typed error. Every block is free afterwards.
+//! engine cannot honour is a typed error, an output the token budget would cut is closed as JSON.
+//! Every block is free afterwards.
 
 use anyhow::Result;
 use kiln_inference::engine::{EngineConfig, EngineHandle, Prompt};
@@ -122,6 +123,32 @@ fn forced_text_trigger_forks_and_errors() -> Result<()> {
         other => panic!("expected a grammar error, got {:?}", other.map(|_| ())),
     }
     assert!(matches!(h.generate(Prompt::Text(CHAT.into()), constrained(Constraint::lark("start: ("), None, 10)), Err(EngineError::Grammar(_))));
+    wait_all_blocks_free(h)?;
+    Ok(())
+}
+
+#[test]
+fn the_budget_closes_the_json() -> Result<()> {
+    let model = smollm2()?;
+    let e = start(&model, &test_config())?;
+    let h = &e.handle;
+    let any_object = Constraint::json_schema(compact_json_schema(json!({"type": "object"})));
+    let prompt = "<|im_start|>user\nWrite a JSON object describing a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n";
+    let mut closed = 0;
+    for max_tokens in [10, 16, 24, 40] {
+        for seed in 0..6u64 {
+            let o = one(h, prompt, constrained(any_object.clone(), Some(seed), max_tokens))?;
+            let v: Value = serde_json::from_str(&o.text).map_err(|err| anyhow::anyhow!("max_tokens {max_tokens} seed {seed}: {err}: {:?}", o.text))?;
+            assert!(v.is_object() && o.tokens.len() <= max_tokens, "{:?}", o.text);
+            closed += usize::from(o.finish_reason == Some("length"));
+        }
+    }
+    // Most of these budgets are too short for the model's own object: the closing did the work,
+    // and said so (`length`).
+    assert!(closed >= 12, "only {closed}/24 closed at the budget");
+    // Free generation is untouched by any of it.
+    let free = one(h, prompt, SamplingParams { temperature: 0.0, max_tokens: Some(10), ..SamplingParams::default() })?;
+    assert_eq!((free.tokens.len(), free.finish_reason), (10, Some("length")));
     wait_all_blocks_free(h)?;
     Ok(())
 }

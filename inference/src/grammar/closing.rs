@@ -1,9 +1,10 @@
 //! Ending constrained JSON before the token budget does: when a sequence's remaining budget
-//! (`max_tokens`, or the context) nears what it takes to close the value it is writing, the mask
-//! is narrowed to the one allowed token that brings the JSON closest to complete (EOS once the
-//! grammar accepts, else `"`, `}`, `]`, `"}}`, a minimal value such as `0` or `""`, ...). So a
-//! response cut by `max_tokens` is still parseable JSON and the last tool call is whole; the
-//! finish reason stays `length`, the honest word for it.
+//! (`max_tokens`, or the context) nears what it takes to close the value it is writing, the
+//! model's pick is replaced by the allowed token that brings the JSON closest to complete (EOS
+//! once the grammar accepts, else `"`, `}`, `]`, `"}}`, a minimal value such as `0` or `""`, ...)
+//! unless it picked that token itself. So a response cut by `max_tokens` is still parseable JSON
+//! and the last tool call is whole; once the budget overruled the model, the finish reason is
+//! `length`, the honest word for it.
 //!
 //! Why a byte-level scan and not the grammar: llguidance answers "which tokens may come next",
 //! not "how far is the end"; every grammar kiln builds is JSON (or JSON inside a tool-call tag),
@@ -74,13 +75,11 @@ impl Closers {
         Self { eos: trie.eos_tokens().to_vec(), tokens }
     }
 
-    /// The mask narrowed to the single token that ends (EOS) or most shortens the JSON, if one
-    /// of the allowed tokens does.
-    pub fn narrow(&self, progress: &Progress, mask: &SimpleVob) -> Option<SimpleVob> {
+    /// The allowed token that ends the output (EOS) or most shortens the JSON, if one does.
+    pub fn pick(&self, progress: &Progress, mask: &SimpleVob) -> Option<u32> {
         let depth = &progress.depth;
-        let only = |t: u32| single(mask.len(), t);
         if let Some(&e) = self.eos.iter().find(|&&e| mask.is_allowed(e)) {
-            return Some(only(e));
+            return Some(e);
         }
         let now = depth.cost();
         let best = self
@@ -94,15 +93,8 @@ impl Closers {
             })
             .filter(|&(cost, ..)| cost < now)
             .min()?;
-        Some(only(best.2))
+        Some(best.2)
     }
-}
-
-/// A mask that allows `token` alone.
-pub(crate) fn single(len: usize, token: u32) -> SimpleVob {
-    let mut m = SimpleVob::alloc(len);
-    m.allow_token(token);
-    m
 }
 
 /// Where the JSON written so far stands, from its bytes (text around it, such as a tool-call tag,

@@ -7,7 +7,7 @@ use llguidance::toktrie::{SimpleVob, TokEnv, TokTrie};
 use llguidance::{Matcher, TokenParser};
 use std::sync::Arc;
 
-use super::closing::{self, Closers, Progress};
+use super::closing::{Closers, Progress};
 use super::{Compiled, Trigger};
 
 pub(crate) struct SeqGrammar {
@@ -117,34 +117,33 @@ impl SeqGrammar {
         forced
     }
 
-    /// With `remaining` tokens of budget left, the engaged grammar's mask narrowed to the token
-    /// that best closes the output (see `closing.rs`); `None` while there is room, or when no
-    /// allowed token gets closer (the model picks within `mask`).
-    pub fn closing_mask(&mut self, remaining: usize, mask: &SimpleVob) -> Option<SimpleVob> {
+    /// With `remaining` tokens of budget left, the allowed token that best closes the output
+    /// (see `closing.rs`); `None` while there is room, or when no allowed token gets closer (the
+    /// model picks within `mask`).
+    pub fn closing_token(&mut self, remaining: usize, mask: &SimpleVob) -> Option<u32> {
         if !self.is_engaged() || remaining > self.progress.reserve() {
             return None;
         }
-        self.closers.narrow(&self.progress, mask).or_else(|| self.step_to_end(mask))
+        self.closers.pick(&self.progress, mask).or_else(|| self.step_to_end(mask))
     }
 
     /// Among a few allowed tokens, one after which the grammar may end. The JSON is closed but
     /// text remains (a tool call's `</tool_call>`, which the model may spell in pieces): without
     /// this a `>\n` could begin the next call where `>` would have ended the output.
-    fn step_to_end(&mut self, mask: &SimpleVob) -> Option<SimpleVob> {
+    fn step_to_end(&mut self, mask: &SimpleVob) -> Option<u32> {
         const MAX_CANDIDATES: usize = 16;
         let Phase::Engaged(m) = &mut self.phase else { return None };
         if mask.num_set() > MAX_CANDIDATES {
             return None;
         }
-        let ends = mask.iter().find(|&t| {
+        mask.iter().find(|&t| {
             let ok = m.try_consume_tokens(&[t]).is_ok_and(|n| n == 1);
             let ends = ok && m.is_accepting().unwrap_or(false);
             if ok {
                 let _ = m.rollback(1);
             }
             ends
-        })?;
-        Some(closing::single(mask.len(), ends))
+        })
     }
 
     pub fn is_complete(&self) -> bool {

@@ -111,7 +111,7 @@ impl Seq {
         let (logprobs, ignore_eos) = (self.group.params.logprobs, self.group.params.ignore_eos);
         let remaining = self.remaining();
         let closer = match (mask, self.grammar.as_deref_mut()) {
-            (Some(m), Some(g)) => g.closing_token(remaining, m),
+            (Some(m), Some(g)) => g.closing_token(remaining, m).map_err(EngineError::Internal)?,
             _ => None,
         };
         let (s, overruled) = self.sampler.sample_or(logits, mask, closer);

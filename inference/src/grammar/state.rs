@@ -78,7 +78,7 @@ impl SeqGrammar {
     /// waiting for the trigger.
     pub fn mask(&mut self) -> Result<Option<SimpleVob>, String> {
         let Phase::Engaged(m) = &mut self.phase else { return Ok(None) };
-        let mask = m.compute_mask().map_err(|e| format!("grammar engine: {e}"))?;
+        let mask = m.compute_mask().map_err(engine)?;
         if mask.is_zero() {
             return Err("the grammar allows no token here".into());
         }
@@ -120,30 +120,35 @@ impl SeqGrammar {
     /// With `remaining` tokens of budget left, the allowed token that best closes the output
     /// (see `closing.rs`); `None` while there is room, or when no allowed token gets closer (the
     /// model picks within `mask`).
-    pub fn closing_token(&mut self, remaining: usize, mask: &SimpleVob) -> Option<u32> {
+    pub fn closing_token(&mut self, remaining: usize, mask: &SimpleVob) -> Result<Option<u32>, String> {
         if !self.is_engaged() || remaining > self.progress.reserve() {
-            return None;
+            return Ok(None);
         }
-        self.closers.pick(&self.progress, mask).or_else(|| self.step_to_end(mask))
+        match self.closers.pick(&self.progress, mask) {
+            Some(t) => Ok(Some(t)),
+            None => self.step_to_end(mask),
+        }
     }
 
     /// Among a few allowed tokens, one after which the grammar may end. The JSON is closed but
     /// text remains (a tool call's `</tool_call>`, which the model may spell in pieces): without
     /// this a `>\n` could begin the next call where `>` would have ended the output.
-    fn step_to_end(&mut self, mask: &SimpleVob) -> Option<u32> {
+    fn step_to_end(&mut self, mask: &SimpleVob) -> Result<Option<u32>, String> {
         const MAX_CANDIDATES: usize = 16;
-        let Phase::Engaged(m) = &mut self.phase else { return None };
+        let Phase::Engaged(m) = &mut self.phase else { return Ok(None) };
         if mask.num_set() > MAX_CANDIDATES {
-            return None;
+            return Ok(None);
         }
-        mask.iter().find(|&t| {
-            let ok = m.try_consume_tokens(&[t]).is_ok_and(|n| n == 1);
-            let ends = ok && m.is_accepting().unwrap_or(false);
-            if ok {
-                let _ = m.rollback(1);
+        for t in mask.iter() {
+            if m.try_consume_tokens(&[t]).map_err(engine)? == 1 {
+                let ends = m.is_accepting().map_err(engine)?;
+                m.rollback(1).map_err(engine)?;
+                if ends {
+                    return Ok(Some(t));
+                }
             }
-            ends
-        })
+        }
+        Ok(None)
     }
 
     pub fn is_complete(&self) -> bool {
@@ -185,7 +190,7 @@ impl Waiting {
 fn engage(env: &TokEnv, proto: &TokenParser, replay: &[u8], trigger_len: usize, token: &[u8]) -> Result<(Matcher, Accepted), String> {
     let mut m = Matcher::new(Ok(proto.deep_clone()));
     let all = env.tokenize_bytes(replay);
-    if m.try_consume_tokens(&all).map_err(|e| format!("grammar engine: {e}"))? == all.len() {
+    if m.try_consume_tokens(&all).map_err(engine)? == all.len() {
         return Ok((m, Accepted::Continue));
     }
     let mut m = Matcher::new(Ok(proto.deep_clone()));
@@ -193,6 +198,10 @@ fn engage(env: &TokEnv, proto: &TokenParser, replay: &[u8], trigger_len: usize, 
     m.consume_tokens(&trigger).map_err(|e| format!("the grammar does not begin with its trigger: {e}"))?;
     let extra = replay.len() - trigger_len;
     Ok((m, Accepted::Replace(env.tokenize_bytes(&token[..token.len() - extra]))))
+}
+
+fn engine(e: impl std::fmt::Display) -> String {
+    format!("grammar engine: {e}")
 }
 
 /// The bytes a token adds to the text (special tokens are stored behind toktrie's 0xFF marker).

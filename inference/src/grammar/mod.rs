@@ -54,15 +54,19 @@ pub struct Constraint {
     /// contains one of these; the grammar then engages *at* the trigger, so it must begin with
     /// the trigger's text (lazy tool calls in `auto` mode: `<tool_call>`, or `{"name"` first).
     pub triggers: Vec<Trigger>,
+    /// The output is JSON (or JSON in tool-call tags): close it before the token budget ends
+    /// rather than let `max_tokens` cut it (`closing.rs`). Never for free text.
+    pub closes_json: bool,
 }
 
 impl Constraint {
     pub fn json_schema(schema: Value) -> Self {
-        Self { grammar: Grammar::JsonSchema(schema), triggers: Vec::new() }
+        Self { grammar: Grammar::JsonSchema(schema), triggers: Vec::new(), closes_json: true }
     }
 
+    /// A Lark grammar; set `closes_json` when its output is JSON.
     pub fn lark(text: impl Into<String>) -> Self {
-        Self { grammar: Grammar::Lark(text.into()), triggers: Vec::new() }
+        Self { grammar: Grammar::Lark(text.into()), triggers: Vec::new(), closes_json: false }
     }
 }
 
@@ -103,7 +107,8 @@ pub(crate) struct Compiled {
     pub parser: TokenParser,
     pub triggers: Vec<Trigger>,
     pub env: TokEnv,
-    pub closers: Arc<Closers>,
+    /// `None` unless the constraint closes its JSON at the budget.
+    pub closers: Option<Arc<Closers>>,
 }
 
 impl GrammarCompiler {
@@ -145,6 +150,7 @@ impl GrammarCompiler {
         if c.triggers.iter().any(|t| t.text.is_empty()) {
             return Err(EngineError::Grammar("a grammar trigger must not be empty".into()));
         }
+        let closers = c.closes_json.then_some(closers);
         Ok(Compiled { parser, triggers: c.triggers.clone(), env: factory.tok_env().clone(), closers })
     }
 }

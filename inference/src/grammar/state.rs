@@ -13,7 +13,8 @@ use super::{Compiled, Trigger};
 pub(crate) struct SeqGrammar {
     env: TokEnv,
     phase: Phase,
-    closers: Arc<Closers>,
+    /// Set when the output is JSON to close at the end of the budget.
+    closers: Option<Arc<Closers>>,
     /// How far the output since the grammar engaged is from an end.
     progress: Progress,
 }
@@ -121,10 +122,10 @@ impl SeqGrammar {
     /// (see `closing.rs`); `None` while there is room, or when no allowed token gets closer (the
     /// model picks within `mask`).
     pub fn closing_token(&mut self, remaining: usize, mask: &SimpleVob) -> Result<Option<u32>, String> {
-        if !self.is_engaged() || remaining > self.progress.reserve() {
+        let Some(closers) = self.closers.as_ref().filter(|_| self.is_engaged() && remaining <= self.progress.reserve()) else {
             return Ok(None);
-        }
-        match self.closers.pick(&self.progress, mask) {
+        };
+        match closers.pick(&self.progress, mask) {
             Some(t) => Ok(Some(t)),
             None => self.step_to_end(mask),
         }

@@ -14,20 +14,30 @@ use kiln_inference::grammar::inline_json_schema;
 use kiln_inference::{Constraint, Trigger};
 use std::fmt::Write;
 
-/// The constraint for a plan; `None` when calls are forbidden (the text is free).
+/// The constraint for a plan: for `none`, free text that does not open with a call.
 pub fn constraint(plan: &ToolPlan) -> Option<Constraint> {
     match plan.choice {
-        Choice::None => None,
+        Choice::None => Some(Constraint::lark(no_call_lark())),
         Choice::Auto => {
             let triggers = vec![
                 Trigger { text: CALL_OPEN.to_string(), at_start: false },
                 Trigger { text: BARE_OPEN.to_string(), at_start: true },
                 Trigger { text: FENCE_OPEN.to_string(), at_start: true },
             ];
-            Some(Constraint { triggers, ..Constraint::lark(lark(plan, true)) })
+            Some(Constraint { triggers, closes_json: true, ..Constraint::lark(lark(plan, true)) })
         }
-        Choice::Required | Choice::Named(_) => Some(Constraint::lark(lark(plan, false))),
+        Choice::Required | Choice::Named(_) => Some(Constraint { closes_json: true, ..Constraint::lark(lark(plan, false)) }),
     }
+}
+
+/// `none`: any text except one that opens the way `auto` takes for a call, a bare `{"name`...
+/// object or one in a ```` ```json ```` block (the tag itself is a banned token, see chat.rs).
+/// Without this a model that answers tool results with another call (Qwen2.5-Coder-0.5B does,
+/// at p = 0.93) writes that call as content instead of the answer `none` asks for. `"name` and
+/// not `"name"`: barred from the latter, that model wrote `{"name}: "get_weather", ...`.
+fn no_call_lark() -> String {
+    let ws = "[ \\t\\r\\n]*";
+    format!("start: TEXT\nTEXT: /(?s:.*)/ & ~/{ws}(```json{ws})?\\{{{ws}\"name(?s:.*)/\n")
 }
 
 fn lit(s: &str) -> String {
@@ -72,7 +82,9 @@ mod tests {
         let c = constraint(&auto).unwrap();
         assert_eq!(c.triggers.len(), 3);
         assert!(matches!(&c.grammar, kiln_inference::Grammar::Lark(g) if g.starts_with("start: tagged | body | \"```json\\n\" body \"\\n```\"\n")));
-        let none = ToolPlan { choice: Choice::None, ..auto };
-        assert!(constraint(&none).is_none());
+        let none = constraint(&ToolPlan { choice: Choice::None, ..auto }).unwrap();
+        assert!(none.triggers.is_empty() && !none.closes_json);
+        let expected = "start: TEXT\nTEXT: /(?s:.*)/ & ~/[ \\t\\r\\n]*(```json[ \\t\\r\\n]*)?\\{[ \\t\\r\\n]*\"name(?s:.*)/\n";
+        assert_eq!(none.grammar, kiln_inference::Grammar::Lark(expected.into()));
     }
 }

@@ -48,7 +48,7 @@ pub(super) fn load_f32x16(x: &[f32]) -> __m512 {
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn store_f32x16(dst: &mut [f32; TILE], v: __m512) {
+pub(super) fn store_f32x16(dst: &mut [f32; TILE], v: __m512) {
     // SAFETY: `dst` is 16 writable f32; the store is unaligned.
     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
 }
@@ -77,10 +77,11 @@ fn hsum8(a: &[__m512; GROUPS]) -> __m512 {
     _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))
 }
 
-/// Block count of a tile call, with every slice checked once here so the loops run unchecked.
+/// Block count of a tile call (`lines` weight lines and `scales` scales per block of `B`), with
+/// every slice checked once here so the loops run unchecked.
 #[inline]
-fn check_call<const R: usize>(w: &Tile<'_>, x: &[&[ActBlock]; R], lines: usize, scales: usize) -> usize {
-    assert!(R <= 2, "8 accumulators per row: at most 2 rows fit the registers");
+pub(super) fn check_call<B, const R: usize>(w: &Tile<'_>, x: &[&[B]; R], lines: usize, scales: usize) -> usize {
+    assert!(R <= 2, "at most 2 rows of accumulators fit the registers");
     let nb = w.qs.len() / lines;
     assert!(w.qs.len() == nb * lines && w.scales.len() == nb * scales);
     for xr in x {

@@ -21,7 +21,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx512::load_f32x16;
+use super::avx512::{check_call, load_f32x16, store_f32x16 as store};
 use super::kact::KActBlock;
 use super::matrix::{Line, Tile};
 use super::TILE;
@@ -53,25 +53,6 @@ fn table16(lines: &[Line], at: usize, signed: bool) -> __m512i {
 fn bcast4(q: &[i8], at: usize) -> __m512i {
     let b = &q[at..at + 4];
     _mm512_set1_epi32(i32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]))
-}
-
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn store(dst: &mut [f32; TILE], v: __m512) {
-    // SAFETY: `dst` is 16 writable f32; the store is unaligned.
-    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
-}
-
-/// Super-block count of a call, with the slices checked once.
-#[inline]
-fn check_call<const R: usize>(w: &Tile<'_>, x: &[&[KActBlock]; R], lines: usize, scales: usize) -> usize {
-    assert!(R <= 2, "at most 2 rows per call");
-    let nb = w.qs.len() / lines;
-    assert!(w.qs.len() == nb * lines && w.scales.len() == nb * scales);
-    for xr in x {
-        assert_eq!(xr.len(), nb);
-    }
-    nb
 }
 
 /// Q4_K weights x Q8_K activations: `[R rows][16 columns]` of one tile (`batched`: the two

@@ -353,13 +353,14 @@ impl Core {
     /// sequences that get logits this step: on a GPU the mask is then free; on a CPU it shares
     /// the cores, but only constrained sequences pay anything.
     fn forward_and_masks(&mut self, out: &SchedulerOutput) -> Result<StepOutput, EngineError> {
-        let mut lent: Vec<(SeqId, Box<SeqGrammar>)> = out
+        let mut lent: Vec<(SeqId, Box<SeqGrammar>, usize)> = out
             .seqs
             .iter()
             .filter(|s| s.needs_logits)
             .filter_map(|s| {
                 let seq = self.seqs.get_mut(&s.id)?;
-                seq.needs_mask().then(|| seq.take_grammar()).flatten().map(|g| (s.id, g))
+                let remaining = seq.remaining();
+                seq.needs_mask().then(|| seq.take_grammar()).flatten().map(|g| (s.id, g, remaining))
             })
             .collect();
         if lent.is_empty() {
@@ -369,7 +370,7 @@ impl Core {
         let (logits, masks) = std::thread::scope(|scope| {
             let worker = scope.spawn(|| {
                 let t = std::time::Instant::now();
-                let masks = lent.iter_mut().map(|(id, g)| (*id, g.mask())).collect::<HashMap<_, _>>();
+                let masks = lent.iter_mut().map(|(id, g, remaining)| (*id, g.mask(*remaining))).collect::<HashMap<_, _>>();
                 stats.grammar_mask_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 stats.grammar_masks.fetch_add(masks.len() as u64, Ordering::Relaxed);
                 masks
@@ -377,7 +378,7 @@ impl Core {
             let logits = runner.step(out, seqs);
             (logits, worker.join())
         });
-        for (id, g) in lent {
+        for (id, g, _) in lent {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.put_grammar(g);
             }

@@ -173,7 +173,7 @@ impl Seq {
     }
 
     /// Tokens this sequence may still generate (`max_tokens`, then the context length).
-    fn remaining(&self) -> usize {
+    pub fn remaining(&self) -> usize {
         let generated = self.tokens.len() - self.prompt_len;
         let by_request = self.group.params.max_tokens.map_or(usize::MAX, |m| m.saturating_sub(generated));
         by_request.min(self.group.max_len.saturating_sub(self.tokens.len()))

@@ -146,6 +146,16 @@ fn the_budget_closes_the_json() -> Result<()> {
     // Most of these budgets are too short for the model's own object: the closing did the work,
     // and said so (`length`).
     assert!(closed >= 12, "only {closed}/24 closed at the budget");
+    // Required keys still missing when the budget nears its end are written too (the closing is
+    // planned on the grammar, not only on the nesting).
+    let pets = Constraint::json_schema(compact_json_schema(pet_schema()));
+    for max_tokens in [28, 36, 48] {
+        for seed in 0..4u64 {
+            let o = one(h, CHAT, constrained(pets.clone(), Some(seed), max_tokens))?;
+            check_pet(&o.text).map_err(|err| anyhow::anyhow!("max_tokens {max_tokens} seed {seed}: {err}"))?;
+            assert!(o.tokens.len() <= max_tokens);
+        }
+    }
     // Free generation is untouched by any of it.
     let free = one(h, prompt, SamplingParams { temperature: 0.0, max_tokens: Some(10), ..SamplingParams::default() })?;
     assert_eq!((free.tokens.len(), free.finish_reason), (10, Some("length")));

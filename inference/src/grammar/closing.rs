@@ -26,11 +26,21 @@ pub(crate) struct Progress {
     /// Tokens of the value being written, and of the longest one completed.
     value_tokens: usize,
     longest_value: usize,
+    /// Tokens a closing simulated on the grammar took from the current state, if one ran.
+    simulated: Option<usize>,
+    /// The latest simulation's result (kept as the state moves on), and the tokens fed since.
+    last_plan: Option<usize>,
+    since_plan: usize,
+    /// The closing has begun: its choices are the simulation's, no need to simulate again.
+    closing: bool,
 }
 
 impl Progress {
     /// One token's (or one replayed trigger's) bytes.
     pub fn feed(&mut self, bytes: &[u8]) {
+        // A plan holds for the state it was simulated from.
+        self.simulated = None;
+        self.since_plan += 1;
         let was_open = self.depth.is_open();
         self.depth.feed(bytes);
         if was_open || self.depth.is_open() {
@@ -46,11 +56,44 @@ impl Progress {
     /// (see [`JsonDepth::cost`]) can take a token or two (`"` then `}`); between values, another
     /// value as long as the longest so far must fit, else the output ends here.
     pub fn reserve(&self) -> usize {
-        let inside = 2 * self.depth.cost();
+        let inside = (2 * self.depth.cost()).max(self.simulated.or(self.last_plan.filter(|_| self.closing)).unwrap_or(0));
         let next = if self.depth.is_open() { 0 } else { self.longest_value };
         inside.max(next) + SLACK
     }
+
+    /// Whether to simulate the closing from here. A first plan when a closing of up to
+    /// [`SIMULATION_LIMIT`] tokens could be due; then again every step once `remaining` is
+    /// within [`SIMULATION_WINDOW`] of the last plan (one model token can add a nested object's
+    /// required keys), and every few tokens before that; never once the closing has begun.
+    pub fn wants_simulation(&self, remaining: usize) -> bool {
+        const EVERY: usize = 4;
+        let heuristic = 2 * self.depth.cost() + SLACK;
+        match self.last_plan {
+            _ if self.closing => false,
+            None => remaining <= heuristic + SIMULATION_LIMIT,
+            Some(plan) => {
+                let due = heuristic.max(plan + SLACK);
+                remaining <= due + SIMULATION_WINDOW || (remaining <= due + SIMULATION_LIMIT && self.since_plan >= EVERY)
+            }
+        }
+    }
+
+    pub fn set_simulated(&mut self, tokens: usize) {
+        self.simulated = Some(tokens);
+        self.last_plan = Some(tokens);
+        self.since_plan = 0;
+    }
+
+    pub fn begin_closing(&mut self) {
+        self.closing = true;
+    }
 }
+
+/// Simulated closing steps at most (a longer closing starts at once).
+pub(crate) const SIMULATION_LIMIT: usize = 48;
+
+/// Within this many tokens of the planned closing, it is simulated again every step.
+pub(crate) const SIMULATION_WINDOW: usize = 8;
 
 /// The tokens that can bring JSON closer to its end, found once per vocabulary.
 pub(crate) struct Closers {
@@ -94,6 +137,30 @@ impl Closers {
             .filter(|&(cost, ..)| cost < now)
             .min()?;
         Some(best.2)
+    }
+}
+
+impl Closers {
+    /// The simulation's pick where [`Self::pick`] has none (a required key still to write, an
+    /// enum value): the allowed closer or minimal value leaving the least to write, else the
+    /// longest of the first allowed tokens that is not whitespace alone.
+    pub fn fallback(&self, progress: &Progress, mask: &SimpleVob, trie: &TokTrie) -> Option<u32> {
+        const SCAN: usize = 256;
+        let closer = self
+            .tokens
+            .iter()
+            .filter(|(t, _)| mask.is_allowed(*t))
+            .map(|(t, b)| {
+                let mut d = progress.depth.clone();
+                d.feed(b);
+                (d.cost(), b.len(), *t)
+            })
+            .min();
+        let progress_made = |t: u32| {
+            let b = trie.token(t);
+            (!b.iter().all(u8::is_ascii_whitespace), b.len(), std::cmp::Reverse(t))
+        };
+        closer.map(|c| c.2).or_else(|| mask.iter().take(SCAN).max_by_key(|&t| progress_made(t)))
     }
 }
 

@@ -7,7 +7,7 @@ use llguidance::toktrie::{SimpleVob, TokEnv, TokTrie};
 use llguidance::{Matcher, TokenParser};
 use std::sync::Arc;
 
-use super::closing::{Closers, Progress};
+use super::closing::{self, Closers, Progress};
 use super::{Compiled, Trigger};
 
 pub(crate) struct SeqGrammar {
@@ -77,13 +77,44 @@ impl SeqGrammar {
 
     /// The tokens the grammar allows next (EOS included once it is complete); `None` while
     /// waiting for the trigger.
-    pub fn mask(&mut self) -> Result<Option<SimpleVob>, String> {
+    /// With `remaining` tokens of budget, also plans the closing when the budget nears its end.
+    pub fn mask(&mut self, remaining: usize) -> Result<Option<SimpleVob>, String> {
         let Phase::Engaged(m) = &mut self.phase else { return Ok(None) };
         let mask = m.compute_mask().map_err(engine)?;
         if mask.is_zero() {
             return Err("the grammar allows no token here".into());
         }
+        if self.closers.is_some() && self.progress.wants_simulation(remaining) {
+            let tokens = self.simulate_closing(&mask)?;
+            self.progress.set_simulated(tokens);
+        }
         Ok(Some(mask))
+    }
+
+    /// Tokens it takes to end the output from here, closing as fast as the closing policy can:
+    /// run on a copy of the matcher, so required keys still missing (`"rating": 0`) are counted,
+    /// which the byte scan alone cannot see. Costs a mask per simulated token; only done near
+    /// the end of the budget, on the mask thread.
+    fn simulate_closing(&self, mask: &SimpleVob) -> Result<usize, String> {
+        let (Phase::Engaged(m), Some(closers)) = (&self.phase, self.closers.as_ref()) else { return Ok(0) };
+        let trie = self.env.tok_trie();
+        let (mut m, mut progress, mut mask) = (m.deep_clone(), self.progress.clone(), mask.clone());
+        let mut tokens = 0;
+        while tokens < closing::SIMULATION_LIMIT && !m.is_accepting().map_err(engine)? {
+            let Some(t) = closers.pick(&progress, &mask).or_else(|| closers.fallback(&progress, &mask, trie)) else { break };
+            m.consume_token(t).map_err(engine)?;
+            progress.feed(output_bytes(trie, t));
+            tokens += 1;
+            for f in m.consume_ff_tokens() {
+                progress.feed(output_bytes(trie, f));
+                tokens += 1;
+            }
+            if m.is_stopped() {
+                break;
+            }
+            mask = m.compute_mask().map_err(engine)?;
+        }
+        Ok(tokens)
     }
 
     /// Advances past a sampled token (which the mask allowed).
@@ -119,16 +150,20 @@ impl SeqGrammar {
     }
 
     /// With `remaining` tokens of budget left, the allowed token that best closes the output
-    /// (see `closing.rs`); `None` while there is room, or when no allowed token gets closer (the
-    /// model picks within `mask`).
+    /// (see `closing.rs`); `None` while there is room.
     pub fn closing_token(&mut self, remaining: usize, mask: &SimpleVob) -> Result<Option<u32>, String> {
-        let Some(closers) = self.closers.as_ref().filter(|_| self.is_engaged() && remaining <= self.progress.reserve()) else {
+        let Some(closers) = self.closers.clone().filter(|_| self.is_engaged() && remaining <= self.progress.reserve()) else {
             return Ok(None);
         };
-        match closers.pick(&self.progress, mask) {
-            Some(t) => Ok(Some(t)),
-            None => self.step_to_end(mask),
+        self.progress.begin_closing();
+        if let Some(t) = closers.pick(&self.progress, mask) {
+            return Ok(Some(t));
         }
+        if let Some(t) = self.step_to_end(mask)? {
+            return Ok(Some(t));
+        }
+        // The simulated closing's own choice, so the closing takes the tokens it was planned to.
+        Ok(closers.fallback(&self.progress, mask, self.env.tok_trie()))
     }
 
     /// Among a few allowed tokens, one after which the grammar may end. The JSON is closed but

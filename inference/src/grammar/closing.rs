@@ -53,11 +53,13 @@ impl Progress {
     }
 
     /// Tokens of budget below which closing starts. Inside a value each piece still to write
-    /// (see [`JsonDepth::cost`]) can take a token or two (`"` then `}`); between values, another
-    /// value as long as the longest so far must fit, else the output ends here.
+    /// (see [`JsonDepth::cost`]) can take a token or two (`"` then `}`), or what a simulated
+    /// closing took. Between values, another value twice as long as the longest so far must
+    /// fit, else the output ends here: the next one may be another tool's call, with more
+    /// required arguments, and once begun it must be finished.
     pub fn reserve(&self) -> usize {
         let inside = (2 * self.depth.cost()).max(self.simulated.or(self.last_plan.filter(|_| self.closing)).unwrap_or(0));
-        let next = if self.depth.is_open() { 0 } else { self.longest_value };
+        let next = if self.depth.is_open() { 0 } else { 2 * self.longest_value };
         inside.max(next) + SLACK
     }
 
@@ -277,7 +279,7 @@ mod tests {
         for t in ["<tool_call>", "\n", "{\"", "name", "\": \"", "f", "\", \"", "arguments", "\": {}}", "\n", "</tool_call>"] {
             p.feed(t.as_bytes());
         }
-        assert_eq!(p.reserve(), 7 + SLACK, "the call's JSON took 7 tokens");
+        assert_eq!(p.reserve(), 2 * 7 + SLACK, "the call's JSON took 7 tokens: room for one twice as long");
         p.feed(b"<tool_call>\n{");
         assert_eq!(p.reserve(), 2 + SLACK, "inside the next call: its own nesting");
     }

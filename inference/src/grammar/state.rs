@@ -76,8 +76,8 @@ impl SeqGrammar {
     }
 
     /// The tokens the grammar allows next (EOS included once it is complete); `None` while
-    /// waiting for the trigger.
-    /// With `remaining` tokens of budget, also plans the closing when the budget nears its end.
+    /// waiting for the trigger. With `remaining` tokens of budget near their end, the closing is
+    /// (re)planned here too, beside the forward pass.
     pub fn mask(&mut self, remaining: usize) -> Result<Option<SimpleVob>, String> {
         let Phase::Engaged(m) = &mut self.phase else { return Ok(None) };
         let mask = m.compute_mask().map_err(engine)?;

@@ -122,33 +122,31 @@ impl Closers {
 
     /// The allowed token that ends the output (EOS) or most shortens the JSON, if one does.
     pub fn pick(&self, progress: &Progress, mask: &SimpleVob) -> Option<u32> {
-        let depth = &progress.depth;
         if let Some(&e) = self.eos.iter().find(|&&e| mask.is_allowed(e)) {
             return Some(e);
         }
-        let now = depth.cost();
-        let best = self
-            .tokens
-            .iter()
-            .filter(|(t, _)| mask.is_allowed(*t))
-            .map(|(t, b)| {
-                let mut d = depth.clone();
-                d.feed(b);
-                (d.cost(), b.len(), *t)
-            })
-            .filter(|&(cost, ..)| cost < now)
-            .min()?;
-        Some(best.2)
+        let now = progress.depth.cost();
+        self.best_closer(progress, mask).filter(|&(cost, _)| cost < now).map(|(_, t)| t)
     }
-}
 
-impl Closers {
-    /// The simulation's pick where [`Self::pick`] has none (a required key still to write, an
-    /// enum value): the allowed closer or minimal value leaving the least to write, else the
-    /// longest of the first allowed tokens that is not whitespace alone.
+    /// Where [`Self::pick`] has none (a required key still to write, an enum value): the allowed
+    /// closer or minimal value leaving the least to write, else the longest of the first allowed
+    /// tokens that is not whitespace alone.
     pub fn fallback(&self, progress: &Progress, mask: &SimpleVob, trie: &TokTrie) -> Option<u32> {
         const SCAN: usize = 256;
-        let closer = self
+        let progress_made = |t: u32| {
+            let b = trie.token(t);
+            (!b.iter().all(u8::is_ascii_whitespace), b.len(), std::cmp::Reverse(t))
+        };
+        self.best_closer(progress, mask)
+            .map(|(_, t)| t)
+            .or_else(|| mask.iter().take(SCAN).max_by_key(|&t| progress_made(t)))
+    }
+
+    /// The allowed closer leaving the least to write (shorter tokens first on a tie), and that
+    /// cost.
+    fn best_closer(&self, progress: &Progress, mask: &SimpleVob) -> Option<(usize, u32)> {
+        let (cost, _, t) = self
             .tokens
             .iter()
             .filter(|(t, _)| mask.is_allowed(*t))
@@ -157,12 +155,8 @@ impl Closers {
                 d.feed(b);
                 (d.cost(), b.len(), *t)
             })
-            .min();
-        let progress_made = |t: u32| {
-            let b = trie.token(t);
-            (!b.iter().all(u8::is_ascii_whitespace), b.len(), std::cmp::Reverse(t))
-        };
-        closer.map(|c| c.2).or_else(|| mask.iter().take(SCAN).max_by_key(|&t| progress_made(t)))
+            .min()?;
+        Some((cost, t))
     }
 }
 

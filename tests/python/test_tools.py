@@ -427,7 +427,9 @@ def test_smol_stream_matches_non_stream(client):
         plain = ask(client, MODEL, PROMPTS[seed], **kw)
         content, calls, finish = stream_calls(client, MODEL, PROMPTS[seed], **kw)
         same_calls(calls, plain)
-        assert finish == plain.choices[0].finish_reason == "tool_calls"
+        # `length`: the sample chained calls until the budget, which closed the last one.
+        assert finish == plain.choices[0].finish_reason in ("tool_calls", "length")
+        check_calls(plain, budget_closed_ok=True)
         assert content == ""
 
 

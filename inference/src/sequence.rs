@@ -34,7 +34,7 @@ pub(crate) struct Seq {
     grammar: Option<Box<SeqGrammar>>,
     /// A token closing the JSON before the budget ends replaced the model's pick: however the
     /// output now ends, it was the budget that ended it (`length`).
-    closing: bool,
+    overruled: bool,
 }
 
 /// What one sample did to a sequence.
@@ -51,7 +51,7 @@ impl Seq {
         let sampler = SeqSampler::new(&group.params, index as u64, &prompt);
         let pending_forks = if index == 0 { group.params.n - 1 } else { 0 };
         let grammar = grammar.map(Box::new);
-        Self { prompt_len: prompt.len(), tokens: prompt, group, index, sampler, pending_forks, grammar, closing: false }
+        Self { prompt_len: prompt.len(), tokens: prompt, group, index, sampler, pending_forks, grammar, overruled: false }
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -116,7 +116,7 @@ impl Seq {
         };
         let (s, overruled) = self.sampler.sample_or(logits, mask, closer);
         // Once the budget overrules the model's own pick, it is what ends the output.
-        self.closing |= overruled;
+        self.overruled |= overruled;
         let is_stop = eos.contains(&s.token) || self.group.params.stop_token_ids.contains(&s.token);
         if is_stop && !ignore_eos {
             return Ok(Sampled { appended: 0, forced: 0, finish: Some(self.stop_reason()) });
@@ -146,7 +146,7 @@ impl Seq {
     /// Why an EOS or a complete grammar ends the output: the model's choice, or the budget's
     /// once a closing token overruled the model.
     fn stop_reason(&self) -> FinishReason {
-        if self.closing {
+        if self.overruled {
             FinishReason::Length
         } else {
             FinishReason::Stop

@@ -6,11 +6,12 @@
 //! and the last tool call is whole; once the budget overruled the model, the finish reason is
 //! `length`, the honest word for it.
 //!
-//! Why a byte-level scan and not the grammar: llguidance answers "which tokens may come next",
-//! not "how far is the end"; every grammar kiln builds is JSON (or JSON inside a tool-call tag),
-//! so the nesting of the bytes written so far is a faithful distance to the end. When no allowed
-//! token gets closer (a required key still missing, an enum value to pick), the model chooses
-//! within the grammar's mask as usual.
+//! How far the end is: llguidance answers "which tokens may come next", not that. Two estimates
+//! answer it here: a byte scan of the output (every grammar kiln builds is JSON, or JSON in a
+//! tool-call tag, so its nesting is a distance to the end) and, near the end of the budget, the
+//! closing simulated on a copy of the matcher (`state.rs`), which also counts required keys not
+//! yet written. Where no allowed token gets closer (a key to write, an enum value), the closing
+//! takes its fallback, the same one the simulation took.
 
 use llguidance::toktrie::{SimpleVob, TokTrie};
 
@@ -31,7 +32,8 @@ pub(crate) struct Progress {
     /// The latest simulation's result (kept as the state moves on), and the tokens fed since.
     last_plan: Option<usize>,
     since_plan: usize,
-    /// The closing has begun: its choices are the simulation's, no need to simulate again.
+    /// The closing has begun: it goes on until the end, its choices are the simulation's, no
+    /// need to simulate again.
     closing: bool,
 }
 
@@ -58,7 +60,7 @@ impl Progress {
     /// fit, else the output ends here: the next one may be another tool's call, with more
     /// required arguments, and once begun it must be finished.
     pub fn reserve(&self) -> usize {
-        let inside = (2 * self.depth.cost()).max(self.simulated.or(self.last_plan.filter(|_| self.closing)).unwrap_or(0));
+        let inside = (2 * self.depth.cost()).max(self.simulated.unwrap_or(0));
         let next = if self.depth.is_open() { 0 } else { 2 * self.longest_value };
         inside.max(next) + SLACK
     }
@@ -88,6 +90,10 @@ impl Progress {
 
     pub fn begin_closing(&mut self) {
         self.closing = true;
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing
     }
 }
 

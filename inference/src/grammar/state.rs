@@ -91,17 +91,17 @@ impl SeqGrammar {
         Ok(Some(mask))
     }
 
-    /// Tokens it takes to end the output from here, closing as fast as the closing policy can:
-    /// run on a copy of the matcher, so required keys still missing (`"rating": 0`) are counted,
-    /// which the byte scan alone cannot see. Costs a mask per simulated token; only done near
-    /// the end of the budget, on the mask thread.
+    /// Tokens it takes to end the output from here with the closing's own choices
+    /// ([`closing_choice`]): run on a copy of the matcher, so required keys still missing
+    /// (`"rating": 0`) are counted, which the byte scan alone cannot see. Costs a mask per
+    /// simulated token; only done near the end of the budget, on the mask thread.
     fn simulate_closing(&self, mask: &SimpleVob) -> Result<usize, String> {
         let (Phase::Engaged(m), Some(closers)) = (&self.phase, self.closers.as_ref()) else { return Ok(0) };
         let trie = self.env.tok_trie();
         let (mut m, mut progress, mut mask) = (m.deep_clone(), self.progress.clone(), mask.clone());
         let mut tokens = 0;
         while tokens < closing::SIMULATION_LIMIT && !m.is_accepting().map_err(engine)? {
-            let Some(t) = closers.pick(&progress, &mask).or_else(|| closers.fallback(&progress, &mask, trie)) else { break };
+            let Some(t) = closing_choice(closers, &progress, &mut m, &mask, trie)? else { break };
             m.consume_token(t).map_err(engine)?;
             progress.feed(output_bytes(trie, t));
             tokens += 1;
@@ -150,41 +150,14 @@ impl SeqGrammar {
     }
 
     /// With `remaining` tokens of budget left, the allowed token that best closes the output
-    /// (see `closing.rs`); `None` while there is room.
+    /// (see `closing.rs`); `None` while there is room. Once begun, the closing goes on to the end.
     pub fn closing_token(&mut self, remaining: usize, mask: &SimpleVob) -> Result<Option<u32>, String> {
-        let Some(closers) = self.closers.clone().filter(|_| self.is_engaged() && remaining <= self.progress.reserve()) else {
+        let (Phase::Engaged(m), Some(closers)) = (&mut self.phase, self.closers.as_ref()) else { return Ok(None) };
+        if !self.progress.is_closing() && remaining > self.progress.reserve() {
             return Ok(None);
-        };
+        }
         self.progress.begin_closing();
-        if let Some(t) = closers.pick(&self.progress, mask) {
-            return Ok(Some(t));
-        }
-        if let Some(t) = self.step_to_end(mask)? {
-            return Ok(Some(t));
-        }
-        // The simulated closing's own choice, so the closing takes the tokens it was planned to.
-        Ok(closers.fallback(&self.progress, mask, self.env.tok_trie()))
-    }
-
-    /// Among a few allowed tokens, one after which the grammar may end. The JSON is closed but
-    /// text remains (a tool call's `</tool_call>`, which the model may spell in pieces): without
-    /// this a `>\n` could begin the next call where `>` would have ended the output.
-    fn step_to_end(&mut self, mask: &SimpleVob) -> Result<Option<u32>, String> {
-        const MAX_CANDIDATES: usize = 16;
-        let Phase::Engaged(m) = &mut self.phase else { return Ok(None) };
-        if mask.num_set() > MAX_CANDIDATES {
-            return Ok(None);
-        }
-        for t in mask.iter() {
-            if m.try_consume_tokens(&[t]).map_err(engine)? == 1 {
-                let ends = m.is_accepting().map_err(engine)?;
-                m.rollback(1).map_err(engine)?;
-                if ends {
-                    return Ok(Some(t));
-                }
-            }
-        }
-        Ok(None)
+        closing_choice(closers, &self.progress, m, mask, self.env.tok_trie())
     }
 
     pub fn is_complete(&self) -> bool {
@@ -234,6 +207,39 @@ fn engage(env: &TokEnv, proto: &TokenParser, replay: &[u8], trigger_len: usize, 
     m.consume_tokens(&trigger).map_err(|e| format!("the grammar does not begin with its trigger: {e}"))?;
     let extra = replay.len() - trigger_len;
     Ok((m, Accepted::Replace(env.tokenize_bytes(&token[..token.len() - extra]))))
+}
+
+/// The closing's choice among the allowed tokens, the same for the plan (`simulate_closing`)
+/// and its execution (`closing_token`): EOS or the closer that most shortens the JSON; else
+/// one of a few tokens after which the grammar may end; else the closing's fallback.
+fn closing_choice(closers: &Closers, progress: &Progress, m: &mut Matcher, mask: &SimpleVob, trie: &TokTrie) -> Result<Option<u32>, String> {
+    if let Some(t) = closers.pick(progress, mask) {
+        return Ok(Some(t));
+    }
+    if let Some(t) = step_to_end(m, mask)? {
+        return Ok(Some(t));
+    }
+    Ok(closers.fallback(progress, mask, trie))
+}
+
+/// Among a few allowed tokens, one after which the grammar may end. The JSON is closed but
+/// text remains (a tool call's `</tool_call>`, which the model may spell in pieces): without
+/// this a `>\n` could begin the next call where `>` would have ended the output.
+fn step_to_end(m: &mut Matcher, mask: &SimpleVob) -> Result<Option<u32>, String> {
+    const MAX_CANDIDATES: usize = 16;
+    if mask.num_set() > MAX_CANDIDATES {
+        return Ok(None);
+    }
+    for t in mask.iter() {
+        if m.try_consume_tokens(&[t]).map_err(engine)? == 1 {
+            let ends = m.is_accepting().map_err(engine)?;
+            m.rollback(1).map_err(engine)?;
+            if ends {
+                return Ok(Some(t));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn engine(e: impl std::fmt::Display) -> String {

@@ -128,7 +128,11 @@ fn print_table(rows: &[Row]) {
     for r in rows {
         let flop = 2.0 * (r.m * r.n * r.k) as f64;
         let gbs = |t: f64| format!("{:.1}", r.weight_bytes as f64 / t / 1e9);
-        let bw = if r.m == 1 { format!("{} / {} / {}", gbs(r.kiln), gbs(r.kiln_pool), gbs(r.candle)) } else { String::new() };
+        let bw = if r.m == 1 {
+            format!("{} / {} / {}", gbs(r.kiln), gbs(r.kiln_pool), gbs(r.candle))
+        } else {
+            String::new()
+        };
         println!(
             "| {} {}x{} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x | {} |",
             r.name,

@@ -85,7 +85,11 @@ fn new_suffix<'a>(anchor: &str, text: &'a str) -> &'a str {
     if let Some(rest) = text.strip_prefix(anchor) {
         return rest;
     }
-    let common = anchor.char_indices().zip(text.chars()).find(|&((_, a), b)| a != b).map_or(anchor.len().min(text.len()), |((i, _), _)| i);
+    let common = anchor
+        .char_indices()
+        .zip(text.chars())
+        .find(|&((_, a), b)| a != b)
+        .map_or(anchor.len().min(text.len()), |((i, _), _)| i);
     // `common` is a char boundary of `anchor`, and text agrees with anchor up to it.
     text.get(common..).unwrap_or("")
 }
@@ -264,12 +268,20 @@ mod tests {
     /// SentencePiece-style (Llama) decoding: "▁" for spaces, byte-fallback tokens, and the first
     /// token's leading space stripped.
     fn sentencepiece(decoder: DecoderWrapper) -> Arc<Tokenizer> {
-        let mut vocab: Vocab =
-            ["<unk>", "▁Hello", "▁world", "!", "▁caf"].iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let mut vocab: Vocab = ["<unk>", "▁Hello", "▁world", "!", "▁caf"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
         for b in 0..=255u32 {
             vocab.insert(format!("<0x{b:02X}>"), 5 + b);
         }
-        let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).byte_fallback(true).unk_token("<unk>".into()).build().unwrap();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, vec![])
+            .byte_fallback(true)
+            .unk_token("<unk>".into())
+            .build()
+            .unwrap();
         let mut tok = Tokenizer::new(bpe);
         tok.with_decoder(Some(decoder));
         Arc::new(tok)

@@ -15,8 +15,8 @@ use crate::tokenizer::Tokenizer;
 use kiln_models::bert::{Bert, BertOptions, EncoderBatch};
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -43,7 +43,13 @@ pub struct EmbedConfig {
 
 impl Default for EmbedConfig {
     fn default() -> Self {
-        Self { max_batch_tokens: 8192, max_batch_seqs: 256, max_queued_requests: 256, max_inputs: 2048, precision: None }
+        Self {
+            max_batch_tokens: 8192,
+            max_batch_seqs: 256,
+            max_queued_requests: 256,
+            max_inputs: 2048,
+            precision: None,
+        }
     }
 }
 
@@ -152,12 +158,22 @@ impl PendingEmbeddings {
     }
 }
 
-fn finish(reply: Result<Reply, oneshot::error::RecvError>, tokens: Vec<usize>, dims: Option<usize>) -> Result<Vec<Embedding>, EngineError> {
+fn finish(
+    reply: Result<Reply, oneshot::error::RecvError>,
+    tokens: Vec<usize>,
+    dims: Option<usize>,
+) -> Result<Vec<Embedding>, EngineError> {
     let vectors = reply.map_err(|_| EngineError::Shutdown)??;
     Ok(vectors
         .into_iter()
         .zip(tokens)
-        .map(|(v, tokens)| Embedding { vector: match dims { Some(d) => truncate_renormalize(v, d), None => v }, tokens })
+        .map(|(v, tokens)| Embedding {
+            vector: match dims {
+                Some(d) => truncate_renormalize(v, d),
+                None => v,
+            },
+            tokens,
+        })
         .collect())
 }
 
@@ -213,9 +229,10 @@ impl EmbedHandle {
             return invalid("input", format!("at most {} inputs per request, got {n}", self.max_inputs));
         }
         match opts.dimensions {
-            Some(d) if d == 0 || d > self.info.dim => {
-                invalid("dimensions", format!("dimensions must be between 1 and {} for this model, got {d}", self.info.dim))
-            }
+            Some(d) if d == 0 || d > self.info.dim => invalid(
+                "dimensions",
+                format!("dimensions must be between 1 and {} for this model, got {d}", self.info.dim),
+            ),
             _ => Ok(()),
         }
     }
@@ -227,7 +244,9 @@ impl EmbedHandle {
         let limit = truncate.then_some(max);
         let ids = match input {
             // sentence-transformers strips (and, when configured, lowercases) text first.
-            EmbedInput::Text(t) if self.info.sentence.lowercase => self.tokenizer.encode_with_special_tokens(&t.trim().to_lowercase(), limit)?,
+            EmbedInput::Text(t) if self.info.sentence.lowercase => {
+                self.tokenizer.encode_with_special_tokens(&t.trim().to_lowercase(), limit)?
+            }
             EmbedInput::Text(t) => self.tokenizer.encode_with_special_tokens(t.trim(), limit)?,
             EmbedInput::Tokens(ids) => {
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
@@ -261,7 +280,10 @@ pub fn load_embedder(path: &str, cfg: &EmbedConfig) -> Result<LoadedEmbedder, En
     let dir = match crate::loader::resolve(path)? {
         kiln_models::ModelFormat::Safetensors(dir) => dir,
         kiln_models::ModelFormat::Gguf(f) => {
-            return Err(EngineError::Load(format!("{}: embedding models load from a safetensors directory", f.display())))
+            return Err(EngineError::Load(format!(
+                "{}: embedding models load from a safetensors directory",
+                f.display()
+            )))
         }
     };
     let tokenizer = Tokenizer::from_dir(&dir)?;
@@ -386,7 +408,8 @@ impl Worker {
             let start = q.scheduled;
             while q.scheduled < q.job.seqs.len() {
                 let seq = &q.job.seqs[q.scheduled];
-                let fits = batch.num_tokens() + seq.len() <= self.cfg.max_batch_tokens && batch.num_seqs() < self.cfg.max_batch_seqs;
+                let fits = batch.num_tokens() + seq.len() <= self.cfg.max_batch_tokens
+                    && batch.num_seqs() < self.cfg.max_batch_seqs;
                 if !fits && batch.num_seqs() > 0 {
                     if q.scheduled > start {
                         parts.push((qi, q.scheduled - start));

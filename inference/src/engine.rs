@@ -160,7 +160,10 @@ impl EngineHandle {
             return Err(EngineError::InvalidParam { param: "prompt", message: "the prompt is empty".into() });
         }
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(EngineError::InvalidParam { param: "prompt", message: format!("token id {bad} is outside the vocabulary") });
+            return Err(EngineError::InvalidParam {
+                param: "prompt",
+                message: format!("token id {bad} is outside the vocabulary"),
+            });
         }
         let max = self.info.max_model_len;
         let requested = ids.len() + params.max_tokens.unwrap_or(1);
@@ -177,7 +180,11 @@ impl EngineHandle {
 }
 
 /// Starts the engine thread. The model and cache move into it and never come back out.
-pub fn spawn(runner: Runner, tokenizer: Tokenizer, cfg: &EngineConfig) -> Result<(EngineHandle, JoinHandle<()>), EngineError> {
+pub fn spawn(
+    runner: Runner,
+    tokenizer: Tokenizer,
+    cfg: &EngineConfig,
+) -> Result<(EngineHandle, JoinHandle<()>), EngineError> {
     let model_len = runner.config().max_position_embeddings;
     let max_model_len = cfg.max_model_len.map_or(model_len, |m| m.min(model_len));
     let info = ModelInfo {
@@ -293,7 +300,8 @@ impl Core {
     }
 
     fn add(&mut self, req: AddRequest) {
-        let total = (req.prompt.len() + req.params.max_tokens.unwrap_or(usize::MAX - req.prompt.len())).min(self.max_model_len);
+        let total =
+            (req.prompt.len() + req.params.max_tokens.unwrap_or(usize::MAX - req.prompt.len())).min(self.max_model_len);
         if !self.sched.fits(total) {
             let _ = req.events.send(Event::Error(EngineError::ContextLengthExceeded {
                 max: self.sched.num_total_blocks() * self.runner.block_size(),
@@ -370,7 +378,8 @@ impl Core {
         let (logits, masks) = std::thread::scope(|scope| {
             let worker = scope.spawn(|| {
                 let t = std::time::Instant::now();
-                let masks = lent.iter_mut().map(|(id, g, remaining)| (*id, g.mask(*remaining))).collect::<HashMap<_, _>>();
+                let masks =
+                    lent.iter_mut().map(|(id, g, remaining)| (*id, g.mask(*remaining))).collect::<HashMap<_, _>>();
                 stats.grammar_mask_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 stats.grammar_masks.fetch_add(masks.len() as u64, Ordering::Relaxed);
                 masks
@@ -441,7 +450,6 @@ impl Core {
         self.publish();
     }
 }
-
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     let text = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());

@@ -49,7 +49,8 @@ pub fn resolve(model: &str) -> Result<ModelFormat, EngineError> {
 /// Fetches a repository's files (or one GGUF file) into the hub cache; returns the directory
 /// (or file). Fails with a clear message offline.
 fn hub_download(repo: &str, file: Option<&str>) -> Result<PathBuf, EngineError> {
-    let err = |e: &dyn std::fmt::Display| EngineError::Load(format!("cannot fetch '{repo}' from the Hugging Face Hub: {e}"));
+    let err =
+        |e: &dyn std::fmt::Display| EngineError::Load(format!("cannot fetch '{repo}' from the Hugging Face Hub: {e}"));
     let api = hf_hub::api::sync::Api::new().map_err(|e| err(&e))?;
     let repo_api = api.model(repo.to_string());
     if let Some(f) = file {
@@ -57,7 +58,14 @@ fn hub_download(repo: &str, file: Option<&str>) -> Result<PathBuf, EngineError> 
     }
     let config = repo_api.get("config.json").map_err(|e| err(&e))?;
     // Optional files; the sentence-transformers ones say how an embedding model pools.
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
         let _ = repo_api.get(f); // optional files
     }
     let info = repo_api.info().map_err(|e| err(&e))?;

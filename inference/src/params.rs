@@ -94,19 +94,36 @@ impl SamplingParams {
             return bad("min_p", format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
-            return bad("presence_penalty", format!("presence_penalty must be in [-2, 2], got {}", self.presence_penalty));
+            return bad(
+                "presence_penalty",
+                format!("presence_penalty must be in [-2, 2], got {}", self.presence_penalty),
+            );
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return bad("frequency_penalty", format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty));
+            return bad(
+                "frequency_penalty",
+                format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty),
+            );
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad("repetition_penalty", format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!("repetition_penalty must be > 0, got {}", self.repetition_penalty),
+            );
         }
-        if let Some((id, b)) = self.logit_bias.iter().find(|(id, b)| *id as usize >= vocab_size || !(-100.0..=100.0).contains(b)) {
-            return bad("logit_bias", format!("logit_bias entry {id}: {b} needs a token id below {vocab_size} and a bias in [-100, 100]"));
+        if let Some((id, b)) =
+            self.logit_bias.iter().find(|(id, b)| *id as usize >= vocab_size || !(-100.0..=100.0).contains(b))
+        {
+            return bad(
+                "logit_bias",
+                format!("logit_bias entry {id}: {b} needs a token id below {vocab_size} and a bias in [-100, 100]"),
+            );
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
-            return bad("top_logprobs", format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs));
+            return bad(
+                "top_logprobs",
+                format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs),
+            );
         }
         if self.max_tokens == Some(0) {
             return bad("max_tokens", "max_tokens must be at least 1".to_string());

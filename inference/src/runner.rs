@@ -47,13 +47,18 @@ impl Runner {
 
     /// Runs one step; returns one logits row per scheduled sequence with `needs_logits`, in
     /// schedule order.
-    pub(crate) fn step(&mut self, out: &SchedulerOutput, seqs: &HashMap<SeqId, Seq>) -> Result<Vec<Vec<f32>>, EngineError> {
+    pub(crate) fn step(
+        &mut self,
+        out: &SchedulerOutput,
+        seqs: &HashMap<SeqId, Seq>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         for &(src, dst) in &out.copies {
             self.cache.copy_block(src, dst);
         }
         let mut batch = ForwardBatch::default();
         for s in &out.seqs {
-            let seq = seqs.get(&s.id).ok_or_else(|| EngineError::Internal(format!("scheduled unknown sequence {}", s.id)))?;
+            let seq =
+                seqs.get(&s.id).ok_or_else(|| EngineError::Internal(format!("scheduled unknown sequence {}", s.id)))?;
             let tokens = seq
                 .tokens()
                 .get(s.start..s.start + s.num_tokens)

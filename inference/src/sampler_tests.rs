@@ -31,7 +31,8 @@ fn histogram(p: &SamplingParams, logits: &[f32], draws: usize) -> Vec<usize> {
 
 fn kept_ids(p: &SamplingParams, logits: &[f32]) -> Vec<u32> {
     let m = logits[argmax(logits)];
-    let mut ids: Vec<u32> = kept_candidates(p, logits, Scale { m, inv_t: 1.0 / p.temperature }).into_iter().map(|(id, _)| id).collect();
+    let mut ids: Vec<u32> =
+        kept_candidates(p, logits, Scale { m, inv_t: 1.0 / p.temperature }).into_iter().map(|(id, _)| id).collect();
     // best first, as the reference lists them
     ids.sort_by(|&a, &b| by_logit_desc(&(a, logits[a as usize]), &(b, logits[b as usize])));
     ids
@@ -195,7 +196,8 @@ fn penalties_follow_their_formulas() {
 
 #[test]
 fn sample_leaves_the_logits_row_unchanged() {
-    let p = seeded(|p| (p.repetition_penalty, p.frequency_penalty, p.logit_bias) = (1.3, 0.7, vec![(1, 5.0), (1, -2.0)]));
+    let p =
+        seeded(|p| (p.repetition_penalty, p.frequency_penalty, p.logit_bias) = (1.3, 0.7, vec![(1, 5.0), (1, -2.0)]));
     let mut s = SeqSampler::new(&p, 0, &[1, 2, 3]);
     s.accept(4);
     let logits = random_logits(9, 300, 3.0);
@@ -228,9 +230,12 @@ fn sampling_frequencies_match_softmax() {
     // shift the logits: only differences matter
     let logits: Vec<f32> = ln_probs(&probs).iter().map(|x| x + 3.0).collect();
     // 4 degrees of freedom: chi2 > 25 has probability ~5e-5 under the null.
-    for (path, p) in [("full", seeded(|_| ())), ("candidates", seeded(|p| p.top_p = 0.999)), ("top-k", seeded(|p| p.top_k = 4))] {
+    for (path, p) in
+        [("full", seeded(|_| ())), ("candidates", seeded(|p| p.top_p = 0.999)), ("top-k", seeded(|p| p.top_k = 4))]
+    {
         let h = histogram(&p, &logits, 20_000);
-        let expected: Vec<f64> = if path == "top-k" { probs.iter().map(|x| x / 0.95).collect() } else { probs.to_vec() };
+        let expected: Vec<f64> =
+            if path == "top-k" { probs.iter().map(|x| x / 0.95).collect() } else { probs.to_vec() };
         let chi = chi_square(&h[..expected.len() - usize::from(path == "top-k")], &expected);
         assert!(chi < 25.0, "{path}: chi2 {chi}, counts {h:?}");
     }

@@ -51,7 +51,16 @@ impl Seq {
         let sampler = SeqSampler::new(&group.params, index as u64, &prompt);
         let pending_forks = if index == 0 { group.params.n - 1 } else { 0 };
         let grammar = grammar.map(Box::new);
-        Self { prompt_len: prompt.len(), tokens: prompt, group, index, sampler, pending_forks, grammar, overruled: false }
+        Self {
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            group,
+            index,
+            sampler,
+            pending_forks,
+            grammar,
+            overruled: false,
+        }
     }
 
     pub fn tokens(&self) -> &[u32] {
@@ -107,7 +116,12 @@ impl Seq {
     /// Samples the next token from `logits` (restricted to `mask` for a constrained sequence)
     /// and reports it, plus any tokens the grammar then forces; says why the sequence ends, if it
     /// does. An EOS / stop token ends it without being emitted.
-    pub fn sample(&mut self, logits: &mut [f32], eos: &[u32], mask: Option<&SimpleVob>) -> Result<Sampled, EngineError> {
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        eos: &[u32],
+        mask: Option<&SimpleVob>,
+    ) -> Result<Sampled, EngineError> {
         let (logprobs, ignore_eos) = (self.group.params.logprobs, self.group.params.ignore_eos);
         let remaining = self.remaining();
         let closer = match (mask, self.grammar.as_deref_mut()) {

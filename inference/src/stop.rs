@@ -125,7 +125,11 @@ mod tests {
                 return (out, true);
             }
             // Minimal holding: only a proper prefix of some stop string is ever kept back.
-            assert!(m.held.is_empty() || m.stops.iter().any(|s| s.len() > m.held.len() && s.starts_with(&m.held)), "{:?}", m.held);
+            assert!(
+                m.held.is_empty() || m.stops.iter().any(|s| s.len() > m.held.len() && s.starts_with(&m.held)),
+                "{:?}",
+                m.held
+            );
         }
         out.push(m.finish());
         (out, m.stopped())

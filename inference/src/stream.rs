@@ -161,7 +161,12 @@ impl TokenStream {
         }
     }
 
-    fn on_token(&mut self, index: usize, token: u32, logprob: Option<(f32, Vec<(u32, f32)>)>) -> Option<Result<Delta, EngineError>> {
+    fn on_token(
+        &mut self,
+        index: usize,
+        token: u32,
+        logprob: Option<(f32, Vec<(u32, f32)>)>,
+    ) -> Option<Result<Delta, EngineError>> {
         let tokenizer = self.tokenizer.clone();
         let c = self.choices.get_mut(index)?;
         if c.done {
@@ -176,7 +181,13 @@ impl TokenStream {
         if outcome.stopped {
             c.done = true;
             self.cancel[index].store(true, Ordering::Relaxed);
-            let delta = Delta { index, text: outcome.emit, tokens: vec![token], logprobs, finish_reason: Some(FinishReason::Stop) };
+            let delta = Delta {
+                index,
+                text: outcome.emit,
+                tokens: vec![token],
+                logprobs,
+                finish_reason: Some(FinishReason::Stop),
+            };
             return Some(Ok(delta));
         }
         Some(Ok(Delta { index, text: outcome.emit, tokens: vec![token], logprobs, finish_reason: None }))

@@ -251,7 +251,11 @@ impl Tokenizer {
         self.truncate_and_add_specials(tokenizers::Encoding::from_tokens(tokens, 0), max_len)
     }
 
-    fn truncate_and_add_specials(&self, mut enc: tokenizers::Encoding, max_len: Option<usize>) -> Result<Vec<u32>, EngineError> {
+    fn truncate_and_add_specials(
+        &self,
+        mut enc: tokenizers::Encoding,
+        max_len: Option<usize>,
+    ) -> Result<Vec<u32>, EngineError> {
         if let Some(max) = max_len {
             let added =
                 self.inner.get_post_processor().map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));

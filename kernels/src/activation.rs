@@ -24,8 +24,16 @@ const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579
 /// Numerical Recipes' `erfcc` (Chebyshev fit, relative error < 1.2e-7 for z >= 0):
 /// erfc(z) = t * e^(-z^2 + P(t)), t = 1 / (1 + z / 2). Coefficients highest power first.
 const ERFC_P: [f32; 10] = [
-    0.170_872_77, -0.822_152_23, 1.488_515_9, -1.135_204, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96,
-    1.000_023_7, -1.265_512_2,
+    0.170_872_77,
+    -0.822_152_23,
+    1.488_515_9,
+    -1.135_204,
+    0.278_868_07,
+    -0.186_288_06,
+    0.096_784_18,
+    0.374_091_96,
+    1.000_023_7,
+    -1.265_512_2,
 ];
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 
@@ -176,7 +184,10 @@ pub(crate) mod simd {
     #[target_feature(enable = "avx512f")]
     pub(crate) fn exp16(x: __m512) -> __m512 {
         let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(LOG2E),
+        ));
         let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
         let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
         let mut y = _mm512_set1_ps(EXP_P[0]);

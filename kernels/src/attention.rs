@@ -23,7 +23,15 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     /// cached positions. f32 caches use exact f32 math (`attend_group`); f16 caches follow
     /// llama.cpp's flash-attention arithmetic (see `attention_f16`).
     #[allow(clippy::too_many_arguments)]
-    fn attend(q: &[f32], table: &[u32], ctx: usize, kv: usize, shape: &AttnShape, caches: (&[Self], &[Self]), out: &mut [f32]);
+    fn attend(
+        q: &[f32],
+        table: &[u32],
+        ctx: usize,
+        kv: usize,
+        shape: &AttnShape,
+        caches: (&[Self], &[Self]),
+        out: &mut [f32],
+    );
 }
 
 impl KvElem for f32 {
@@ -35,7 +43,15 @@ impl KvElem for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
-    fn attend(q: &[f32], table: &[u32], ctx: usize, kv: usize, shape: &AttnShape, caches: (&[Self], &[Self]), out: &mut [f32]) {
+    fn attend(
+        q: &[f32],
+        table: &[u32],
+        ctx: usize,
+        kv: usize,
+        shape: &AttnShape,
+        caches: (&[Self], &[Self]),
+        out: &mut [f32],
+    ) {
         attend_group(q, table, ctx, kv, shape, caches, out)
     }
 }
@@ -49,7 +65,15 @@ impl KvElem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
-    fn attend(q: &[f32], table: &[u32], ctx: usize, kv: usize, shape: &AttnShape, caches: (&[Self], &[Self]), out: &mut [f32]) {
+    fn attend(
+        q: &[f32],
+        table: &[u32],
+        ctx: usize,
+        kv: usize,
+        shape: &AttnShape,
+        caches: (&[Self], &[Self]),
+        out: &mut [f32],
+    ) {
         crate::attention_f16::attend_group(q, table, ctx, kv, shape, caches, out)
     }
 }
@@ -272,7 +296,13 @@ mod tests {
     fn matches_reference_across_shapes() {
         let shapes = [(9, 3, 64, 16), (14, 2, 64, 16), (4, 4, 32, 8), (8, 1, 128, 32), (2, 1, 20, 4)];
         for (i, &(h, kvh, d, bs)) in shapes.iter().enumerate() {
-            let shape = AttnShape { num_heads: h, num_kv_heads: kvh, head_dim: d, block_size: bs, scale: 1.0 / (d as f32).sqrt() };
+            let shape = AttnShape {
+                num_heads: h,
+                num_kv_heads: kvh,
+                head_dim: d,
+                block_size: bs,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
             check::<f32>(shape, &[1, 5, bs, bs + 1, 3 * bs + 2, 100], i as u64, 1e-5);
             // f16 accumulation (llama.cpp's numerics): ~2^-11 relative per step.
             check::<f16>(shape, &[1, 5, bs, bs + 1, 3 * bs + 2, 100], i as u64, 2e-3);

@@ -39,7 +39,10 @@ pub(crate) fn attend_group(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if shape.head_dim == STEP && shape.num_heads / shape.num_kv_heads <= avx512::MAX_GROUP && std::arch::is_x86_feature_detected!("avx512f") {
+    if shape.head_dim == STEP
+        && shape.num_heads / shape.num_kv_heads <= avx512::MAX_GROUP
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
         // SAFETY: the CPU has AVX-512F (checked above); slices are bounds-checked inside.
         unsafe { avx512::attend_group_d64(q, table, ctx, kv, shape, caches, out) };
         return;
@@ -261,7 +264,8 @@ mod tests {
         }
         let mut rng = crate::testutil::TestRng::new(5);
         for (heads, kv_heads, ctx) in [(9usize, 3usize, 1usize), (9, 3, 37), (14, 2, 130), (4, 4, 300)] {
-            let shape = AttnShape { num_heads: heads, num_kv_heads: kv_heads, head_dim: 64, block_size: 16, scale: 0.125 };
+            let shape =
+                AttnShape { num_heads: heads, num_kv_heads: kv_heads, head_dim: 64, block_size: 16, scale: 0.125 };
             let blocks = ctx.div_ceil(16);
             let table: Vec<u32> = (0..blocks as u32).rev().collect();
             let n = blocks * 16 * kv_heads * 64;
@@ -283,12 +287,16 @@ mod tests {
     #[test]
     fn round_f16_matches_scalar_conversion() {
         let mut rng = crate::testutil::TestRng::new(11);
-        let mut x: Vec<f32> = rng.vec(1000).iter().enumerate().map(|(i, v)| v * 10f32.powi(i as i32 % 12 - 8)).collect();
+        let mut x: Vec<f32> =
+            rng.vec(1000).iter().enumerate().map(|(i, v)| v * 10f32.powi(i as i32 % 12 - 8)).collect();
         x.extend([65504.0, 65520.0, 1e-8, -6.1e-5, 0.0, -0.0]);
         let want: Vec<f32> = x.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
         let mut tmp = vec![f16::ZERO; x.len()];
         round_f16(&mut x, &mut tmp);
-        assert_eq!(x.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            x.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]

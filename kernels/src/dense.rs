@@ -162,7 +162,15 @@ pub fn dense(x: &[f32], m: usize, w: &DenseMatrix, out: &mut [f32]) {
 /// The plain reference: one output element at a time, in the documented operation order
 /// (`F32`: fma chain; `Bf16`: per k pair, `acc += x[2i+1] w[2i+1]` then `acc += x[2i] w[2i]`, the
 /// order Intel documents for `vdpbf16ps`). `w` is `[n, k]` row-major, unpacked.
-pub fn dense_reference(x: &[f32], m: usize, w: &[f32], n: usize, bias: Option<&[f32]>, precision: DensePrecision, out: &mut [f32]) {
+pub fn dense_reference(
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    precision: DensePrecision,
+    out: &mut [f32],
+) {
     let k = x.len().checked_div(m).unwrap_or_else(|| w.len() / n.max(1));
     check(x, m, n, k, bias, out);
     let round = |v: f32| match precision {

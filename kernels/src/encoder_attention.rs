@@ -79,7 +79,9 @@ pub fn encoder_attention_reference(qkv: &[f32], offsets: &[usize], shape: &Encod
             for h in 0..shape.heads {
                 let q = row(i, 0, h);
                 let scores: Vec<f64> = (w[0]..w[1])
-                    .map(|j| q.iter().zip(row(j, 1, h)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * shape.scale as f64)
+                    .map(|j| {
+                        q.iter().zip(row(j, 1, h)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * shape.scale as f64
+                    })
                     .collect();
                 let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let p: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
@@ -110,7 +112,13 @@ mod simd {
     /// # Safety
     /// No other thread may touch `out[rows, h * head_dim..][..head_dim]` during the call.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn unit<const DV: usize>(qkv: &[f32], rows: Range<usize>, h: usize, s: &EncoderAttnShape, out: &OutSink) {
+    pub(super) unsafe fn unit<const DV: usize>(
+        qkv: &[f32],
+        rows: Range<usize>,
+        h: usize,
+        s: &EncoderAttnShape,
+        out: &OutSink,
+    ) {
         let (d, hd, len) = (DV * 16, s.hidden(), rows.len());
         if len == 0 {
             return;
@@ -165,7 +173,9 @@ mod simd {
             }
             for r in 0..R {
                 // SAFETY: r * lp + jb + 16 <= R * lp = p.len().
-                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(r * lp + jb), _mm512_mul_ps(acc[r], _mm512_set1_ps(scale))) };
+                unsafe {
+                    _mm512_storeu_ps(p.as_mut_ptr().add(r * lp + jb), _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)))
+                };
             }
         }
     }

@@ -187,7 +187,10 @@ mod tests {
             let (mut fast, mut plain) = (x.clone(), x.clone());
             rope_inplace(&mut fast, 192, spec, &positions, &table, style);
             rope_exact(&mut plain, 192, spec, &positions, &table, style);
-            assert_eq!(fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 

@@ -26,21 +26,37 @@ pub struct ForwardBatch {
 impl ForwardBatch {
     /// Appends `tokens` of one sequence, the first at position `start`, reading `table`.
     /// When `needs_logits`, the last row's logits are returned.
-    pub fn push_seq(&mut self, tokens: &[u32], start: usize, table: &[u32], block_size: usize, needs_logits: bool) -> Result<()> {
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        table: &[u32],
+        block_size: usize,
+        needs_logits: bool,
+    ) -> Result<()> {
         let end = start.checked_add(tokens.len()).filter(|&e| e <= u32::MAX as usize);
         let Some(end) = end else {
-            return Err(ModelError::InvalidBatch(format!("{} tokens at position {start} run past position u32::MAX", tokens.len())));
+            return Err(ModelError::InvalidBatch(format!(
+                "{} tokens at position {start} run past position u32::MAX",
+                tokens.len()
+            )));
         };
         let capacity = table.len().saturating_mul(block_size);
         if tokens.is_empty() || capacity < end {
-            return Err(ModelError::InvalidBatch(format!("{} tokens at {start} need {end} slots, table has {capacity}", tokens.len())));
+            return Err(ModelError::InvalidBatch(format!(
+                "{} tokens at {start} need {end} slots, table has {capacity}",
+                tokens.len()
+            )));
         }
         // Checked: a wild block id must be an error here, not an overflow panic.
-        let slot = |pos: usize| (table[pos / block_size] as usize).checked_mul(block_size).map(|s| s + pos % block_size);
+        let slot =
+            |pos: usize| (table[pos / block_size] as usize).checked_mul(block_size).map(|s| s + pos % block_size);
         let slots = (start..end).map(|p| slot(p).and_then(|s| u32::try_from(s).ok())).collect::<Option<Vec<u32>>>();
         let Some(slots) = slots else {
             let bad = (start..end).map(|p| table[p / block_size]).max().unwrap_or(0);
-            return Err(ModelError::InvalidBatch(format!("block {bad} x block size {block_size} overflows a u32 slot")));
+            return Err(ModelError::InvalidBatch(format!(
+                "block {bad} x block size {block_size} overflows a u32 slot"
+            )));
         };
         let t = self.block_tables.len() as u32;
         self.block_tables.push(table.to_vec());
@@ -71,7 +87,10 @@ impl ForwardBatch {
         let (layers, row) = (cache.num_layers(), cache.kv_row());
         if (layers, row) != (cfg.num_layers, cfg.num_kv_heads * cfg.head_dim) {
             let want = (cfg.num_layers, cfg.num_kv_heads * cfg.head_dim);
-            return bad(format!("KV cache has {layers} layers of {row} values per token, the model needs {} of {}", want.0, want.1));
+            return bad(format!(
+                "KV cache has {layers} layers of {row} values per token, the model needs {} of {}",
+                want.0, want.1
+            ));
         }
         let (blocks, bs) = (cache.num_blocks(), cache.block_size());
         for (t, table) in self.block_tables.iter().enumerate() {
@@ -91,10 +110,18 @@ impl ForwardBatch {
                 return bad(format!("row {r}: slot {slot} is past the cache's {} slots", blocks * bs));
             }
             let Some(table) = self.block_tables.get(ctx.table as usize) else {
-                return bad(format!("row {r}: reads block table {}, the batch has {}", ctx.table, self.block_tables.len()));
+                return bad(format!(
+                    "row {r}: reads block table {}, the batch has {}",
+                    ctx.table,
+                    self.block_tables.len()
+                ));
             };
             if ctx.ctx_len == 0 || ctx.ctx_len as usize > table.len() * bs {
-                return bad(format!("row {r}: attends to {} positions, its block table holds {}", ctx.ctx_len, table.len() * bs));
+                return bad(format!(
+                    "row {r}: attends to {} positions, its block table holds {}",
+                    ctx.ctx_len,
+                    table.len() * bs
+                ));
             }
         }
         if let Some(l) = self.logits_rows.iter().find(|&&l| l as usize >= rows) {

@@ -16,8 +16,8 @@ use crate::error::{ModelError, Result};
 use crate::weights::read_safetensors_dir;
 use candle_core::{DType, Device, Tensor};
 use kiln_kernels::activation::{gelu_inplace, layer_norm_inplace};
-use kiln_kernels::dense::{dense, DenseMatrix};
 pub use kiln_kernels::dense::DensePrecision;
+use kiln_kernels::dense::{dense, DenseMatrix};
 use kiln_kernels::encoder_attention::{encoder_attention, EncoderAttnShape};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -111,7 +111,8 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
     let v = serde_json::from_str(&text).map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))?;
     Ok(Some(v))
 }
@@ -120,7 +121,12 @@ impl SentenceConfig {
     /// Reads the directory's sentence-transformers files. Without `modules.json` this is what
     /// sentence-transformers builds for a plain transformer: mean pooling, no normalization.
     pub fn read(dir: &Path, max_positions: usize) -> Result<Self> {
-        let mut cfg = SentenceConfig { pooling: Pooling::Mean, normalize: false, max_seq_length: max_positions, lowercase: false };
+        let mut cfg = SentenceConfig {
+            pooling: Pooling::Mean,
+            normalize: false,
+            max_seq_length: max_positions,
+            lowercase: false,
+        };
         if let Some(sb) = read_json(&dir.join("sentence_bert_config.json"))? {
             if let Some(n) = sb["max_seq_length"].as_u64() {
                 cfg.max_seq_length = (n as usize).min(max_positions);
@@ -129,7 +135,9 @@ impl SentenceConfig {
         }
         let Some(modules) = read_json(&dir.join("modules.json"))? else { return Ok(cfg) };
         let modules = modules.as_array().cloned().unwrap_or_default();
-        let kind = |m: &serde_json::Value| m["type"].as_str().unwrap_or_default().rsplit('.').next().unwrap_or_default().to_string();
+        let kind = |m: &serde_json::Value| {
+            m["type"].as_str().unwrap_or_default().rsplit('.').next().unwrap_or_default().to_string()
+        };
         for m in &modules {
             match kind(m).as_str() {
                 "Transformer" => {}
@@ -159,7 +167,8 @@ fn pooling_mode(p: &serde_json::Value) -> Result<Pooling> {
     .filter(|(k, _)| on(k))
     .map(|(_, m)| m)
     .collect();
-    let unsupported = ["pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens"];
+    let unsupported =
+        ["pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens"];
     match (modes.as_slice(), unsupported.iter().find(|k| on(k))) {
         ([one], None) => Ok(*one),
         (_, Some(k)) => Err(ModelError::Invalid(format!("pooling: {k} is not supported"))),
@@ -260,7 +269,10 @@ impl Weights {
     }
 
     fn norm(&mut self, prefix: &str, h: usize) -> Result<LayerNorm> {
-        Ok(LayerNorm { gamma: self.get(&format!("{prefix}.weight"), &[h])?, beta: self.get(&format!("{prefix}.bias"), &[h])? })
+        Ok(LayerNorm {
+            gamma: self.get(&format!("{prefix}.weight"), &[h])?,
+            beta: self.get(&format!("{prefix}.bias"), &[h])?,
+        })
     }
 
     /// A `Linear`'s weight `[n, k]` and bias `[n]`, packed.
@@ -276,7 +288,8 @@ impl Bert {
     /// `dir`.
     pub fn load(dir: &Path, opts: BertOptions) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
         let cfg = BertConfig::from_json(&text)?;
         let sentence = SentenceConfig::read(dir, cfg.max_position_embeddings)?;
         let mut w = Weights::open(dir)?;
@@ -333,7 +346,10 @@ impl Bert {
             )));
         }
         if let Some(&id) = batch.token_ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::InvalidBatch(format!("token id {id} is outside the vocabulary ({})", self.cfg.vocab_size)));
+            return Err(ModelError::InvalidBatch(format!(
+                "token id {id} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
         }
         Ok(())
     }
@@ -346,7 +362,8 @@ impl Bert {
     /// One vector per sequence: token states pooled, then L2-normalized when the model's
     /// sentence-transformers config says so.
     pub fn embed(&self, batch: &EncoderBatch) -> Result<Vec<Vec<f32>>> {
-        let mut out = self.encode(batch, |states| pool(states, self.cfg.hidden_size, &batch.offsets, self.sentence.pooling))?;
+        let mut out =
+            self.encode(batch, |states| pool(states, self.cfg.hidden_size, &batch.offsets, self.sentence.pooling))?;
         if self.sentence.normalize {
             out.iter_mut().for_each(|v| l2_normalize(v));
         }
@@ -455,7 +472,10 @@ mod tests {
     #[test]
     fn pooling_modes_follow_the_config() {
         assert_eq!(pooling_mode(&json!({"pooling_mode_mean_tokens": true})).ok(), Some(Pooling::Mean));
-        assert_eq!(pooling_mode(&json!({"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false})).ok(), Some(Pooling::Cls));
+        assert_eq!(
+            pooling_mode(&json!({"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false})).ok(),
+            Some(Pooling::Cls)
+        );
         assert_eq!(pooling_mode(&json!({"pooling_mode_lasttoken": true})).ok(), Some(Pooling::LastToken));
         assert!(pooling_mode(&json!({"pooling_mode_max_tokens": true})).is_err());
         assert!(pooling_mode(&json!({"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": true})).is_err());
@@ -482,19 +502,27 @@ mod tests {
     fn sentence_config_reads_the_files() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("kiln-bert-cfg-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("1_Pooling")).map_err(|e| ModelError::Invalid(e.to_string()))?;
-        let write = |p: &str, v: serde_json::Value| std::fs::write(dir.join(p), v.to_string()).map_err(|e| ModelError::Invalid(e.to_string()));
+        let write = |p: &str, v: serde_json::Value| {
+            std::fs::write(dir.join(p), v.to_string()).map_err(|e| ModelError::Invalid(e.to_string()))
+        };
         let plain = SentenceConfig { pooling: Pooling::Mean, normalize: false, max_seq_length: 512, lowercase: false };
         assert_eq!(SentenceConfig::read(&dir, 512)?, plain);
-        write("modules.json", json!([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
-        ]))?;
+        write(
+            "modules.json",
+            json!([
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            ]),
+        )?;
         write("1_Pooling/config.json", json!({"pooling_mode_cls_token": true}))?;
         write("sentence_bert_config.json", json!({"max_seq_length": 256, "do_lower_case": true}))?;
         let got = SentenceConfig::read(&dir, 512)?;
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(got, SentenceConfig { pooling: Pooling::Cls, normalize: true, max_seq_length: 256, lowercase: true });
+        assert_eq!(
+            got,
+            SentenceConfig { pooling: Pooling::Cls, normalize: true, max_seq_length: 256, lowercase: true }
+        );
         Ok(())
     }
 }

@@ -55,7 +55,8 @@ impl ModelConfig {
         let opt_usize = |key: &str| -> Result<Option<usize>> {
             get(key).map(|v| v.to_u32().map(|n| n as usize).map_err(|e| wrong(key, e))).transpose()
         };
-        let opt_f32 = |key: &str| -> Result<Option<f32>> { get(key).map(|v| v.to_f32().map_err(|e| wrong(key, e))).transpose() };
+        let opt_f32 =
+            |key: &str| -> Result<Option<f32>> { get(key).map(|v| v.to_f32().map_err(|e| wrong(key, e))).transpose() };
         let missing = |key: &str| ModelError::MissingMetadata(format!("{arch_name}.{key}"));
         let usize_of = |key: &str| opt_usize(key)?.ok_or_else(|| missing(key));
         let hidden_size = usize_of("embedding_length")?;
@@ -74,7 +75,8 @@ impl ModelConfig {
             num_kv_heads: opt_usize("attention.head_count_kv")?.unwrap_or(num_heads),
             // checked_div: a zero head count is reported by validate(), not a panic here.
             head_dim: opt_usize("attention.key_length")?.or(hidden_size.checked_div(num_heads)).unwrap_or(0),
-            rms_norm_eps: opt_f32("attention.layer_norm_rms_epsilon")?.ok_or_else(|| missing("attention.layer_norm_rms_epsilon"))? as f64,
+            rms_norm_eps: opt_f32("attention.layer_norm_rms_epsilon")?
+                .ok_or_else(|| missing("attention.layer_norm_rms_epsilon"))? as f64,
             rope_theta: opt_f32("rope.freq_base")?.unwrap_or(10_000.0),
             // llama.cpp's converter permutes llama Q/K rows for interleaved pairs; qwen2 is neox.
             rope_style: match arch {
@@ -95,7 +97,11 @@ impl ModelConfig {
         let field = |k: &str| c.get(k).filter(|v| !v.is_null());
         let opt_usize = |k: &str| -> Result<Option<usize>> {
             field(k)
-                .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| invalid(format!("'{k}' must be a non-negative integer, not {v}"))))
+                .map(|v| {
+                    v.as_u64()
+                        .map(|n| n as usize)
+                        .ok_or_else(|| invalid(format!("'{k}' must be a non-negative integer, not {v}")))
+                })
                 .transpose()
         };
         let opt_f64 = |k: &str| -> Result<Option<f64>> {
@@ -135,7 +141,9 @@ impl ModelConfig {
             rope_style: RopeStyle::Neox,
             max_position_embeddings: usize_of("max_position_embeddings")?,
             attention_bias: match field("attention_bias") {
-                Some(v) => v.as_bool().ok_or_else(|| invalid(format!("'attention_bias' must be true or false, not {v}")))?,
+                Some(v) => {
+                    v.as_bool().ok_or_else(|| invalid(format!("'attention_bias' must be true or false, not {v}")))?
+                }
                 None => arch == Arch::Qwen2,
             },
         };
@@ -148,7 +156,10 @@ impl ModelConfig {
         let problem = if self.num_heads == 0 {
             Some("the attention head count (num_attention_heads / attention.head_count) is 0".to_string())
         } else if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            Some(format!("num_key_value_heads {} does not divide num_attention_heads {}", self.num_kv_heads, self.num_heads))
+            Some(format!(
+                "num_key_value_heads {} does not divide num_attention_heads {}",
+                self.num_kv_heads, self.num_heads
+            ))
         } else if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             Some(format!("head_dim {} is not a positive even number", self.head_dim))
         } else {

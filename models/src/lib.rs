@@ -43,7 +43,9 @@ impl ModelFormat {
         if path.is_file() {
             return match path.extension().and_then(|e| e.to_str()) {
                 Some("gguf") => Ok(Self::Gguf(path.to_path_buf())),
-                _ => Err(ModelError::Invalid(format!("{}: expected a .gguf file or a model directory", path.display()))),
+                _ => {
+                    Err(ModelError::Invalid(format!("{}: expected a .gguf file or a model directory", path.display())))
+                }
             };
         }
         if !path.is_dir() {

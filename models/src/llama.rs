@@ -39,7 +39,10 @@ impl Llama {
         }
         .with_form(store.quant_form());
         let blocks = (0..cfg.num_layers).map(|i| load_block(&cfg, store, i)).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(store.get_shaped("output_norm.weight", &[cfg.hidden_size])?.to_f32(&device)?, cfg.rms_norm_eps);
+        let norm = RmsNorm::new(
+            store.get_shaped("output_norm.weight", &[cfg.hidden_size])?.to_f32(&device)?,
+            cfg.rms_norm_eps,
+        );
         let rope = RopeTable::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta);
         Ok(Self { embed: Embedding::new(embed_w), blocks, norm, lm_head, rope, device, cfg })
     }
@@ -53,7 +56,11 @@ fn load_block(cfg: &ModelConfig, store: &mut WeightStore, i: usize) -> Result<Bl
     let norm = |w: Weight| -> Result<RmsNorm> { Ok(RmsNorm::new(w.to_f32(&device)?, cfg.rms_norm_eps)) };
     let attn_norm = norm(w("attn_norm.weight", &[hidden])?)?;
     let ffn_norm = norm(w("ffn_norm.weight", &[hidden])?)?;
-    let qkv_w = vec![w("attn_q.weight", &[q_n, hidden])?, w("attn_k.weight", &[kv_n, hidden])?, w("attn_v.weight", &[kv_n, hidden])?];
+    let qkv_w = vec![
+        w("attn_q.weight", &[q_n, hidden])?,
+        w("attn_k.weight", &[kv_n, hidden])?,
+        w("attn_v.weight", &[kv_n, hidden])?,
+    ];
     let qkv_b = if cfg.attention_bias {
         let b = [w("attn_q.bias", &[q_n])?, w("attn_k.bias", &[kv_n])?, w("attn_v.bias", &[kv_n])?];
         Some(b.iter().map(|b| b.to_f32(&device)).collect::<Result<Vec<_>>>()?)
@@ -69,7 +76,8 @@ fn load_block(cfg: &ModelConfig, store: &mut WeightStore, i: usize) -> Result<Bl
         scale: 1.0 / (cfg.head_dim as f32).sqrt(),
     };
     let attn = Attention::new(Linear::fused(qkv_w, qkv_b)?.with_form(form), o, shape, cfg.rope_style);
-    let gate_up = Linear::fused(vec![w("ffn_gate.weight", &[ffn, hidden])?, w("ffn_up.weight", &[ffn, hidden])?], None)?;
+    let gate_up =
+        Linear::fused(vec![w("ffn_gate.weight", &[ffn, hidden])?, w("ffn_up.weight", &[ffn, hidden])?], None)?;
     let down = Linear::new(w("ffn_down.weight", &[hidden, ffn])?, None)?;
     let mlp = Mlp::new(gate_up.with_form(form), down.with_form(form), cfg.intermediate_size);
     Ok(Block { attn_norm, attn, ffn_norm, mlp })

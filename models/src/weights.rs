@@ -57,9 +57,14 @@ impl WeightStore {
         let content = gguf_file::Content::read(&mut file).map_err(|e| match first_unrepresentable_tensor(path) {
             Some((tensor, id)) => ModelError::UnsupportedDType {
                 tensor: format!("{tensor} in {}", path.display()),
-                dtype: format!("{} (ggml type {id}; candle has no kernels for it: use a K-quant, Q8_0 or float file)", ggml_type_name(id)),
+                dtype: format!(
+                    "{} (ggml type {id}; candle has no kernels for it: use a K-quant, Q8_0 or float file)",
+                    ggml_type_name(id)
+                ),
             },
-            None => ModelError::Invalid(format!("{}: not a readable GGUF file: {}", path.display(), ModelError::from(e))),
+            None => {
+                ModelError::Invalid(format!("{}: not a readable GGUF file: {}", path.display(), ModelError::from(e)))
+            }
         })?;
         let cfg = ModelConfig::from_gguf(&content).map_err(|e| match e {
             ModelError::Invalid(msg) => ModelError::Invalid(format!("{}: {msg}", path.display())),
@@ -78,7 +83,12 @@ impl WeightStore {
             other => other,
         })?;
         let tensors = read_safetensors_dir(dir, device)?;
-        let store = Self { source: Source::Safetensors { tensors }, device: device.clone(), dequantize: false, quant_form: QuantForm::default() };
+        let store = Self {
+            source: Source::Safetensors { tensors },
+            device: device.clone(),
+            dequantize: false,
+            quant_form: QuantForm::default(),
+        };
         Ok((store, cfg))
     }
 
@@ -108,7 +118,11 @@ impl WeightStore {
                 // The type was accepted with the header, so a failure here is the file itself
                 // (truncated, or an offset past its end), not an unsupported type.
                 let q = content.tensor(file, name, &self.device).map_err(|e| {
-                    ModelError::Invalid(format!("{}: cannot read tensor '{name}' ({dtype:?}): {}", path.display(), ModelError::from(e)))
+                    ModelError::Invalid(format!(
+                        "{}: cannot read tensor '{name}' ({dtype:?}): {}",
+                        path.display(),
+                        ModelError::from(e)
+                    ))
                 })?;
                 let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
                 Ok(Some(if float || self.dequantize {
@@ -176,8 +190,9 @@ pub fn read_safetensors_dir(dir: &Path, device: &Device) -> Result<HashMap<Strin
     }
     let mut tensors = HashMap::new();
     for f in files {
-        let file = candle_core::safetensors::load(&f, device)
-            .map_err(|e| ModelError::Invalid(format!("{}: not a readable safetensors file: {}", f.display(), ModelError::from(e))))?;
+        let file = candle_core::safetensors::load(&f, device).map_err(|e| {
+            ModelError::Invalid(format!("{}: not a readable safetensors file: {}", f.display(), ModelError::from(e)))
+        })?;
         tensors.extend(file);
     }
     Ok(tensors)

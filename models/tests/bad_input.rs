@@ -8,8 +8,8 @@
 use anyhow::Result;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use kiln_models::{CausalLM, ForwardBatch, KvDType, ModelError, ModelFormat, PagedKvCache};
 use kiln_kernels::TokenCtx;
+use kiln_models::{CausalLM, ForwardBatch, KvDType, ModelError, ModelFormat, PagedKvCache};
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -48,7 +48,7 @@ fn tiny_tensors() -> Result<Vec<(String, QTensor)>> {
 }
 
 fn tiny_metadata(arch: &str) -> Vec<(String, gguf_file::Value)> {
-    use gguf_file::Value::{F32, String as Str, U32};
+    use gguf_file::Value::{String as Str, F32, U32};
     let k = |key: &str| format!("{arch}.{key}");
     vec![
         ("general.architecture".into(), Str(arch.into())),
@@ -232,7 +232,10 @@ fn bad_config_json_is_named() -> Result<()> {
         (serde_json::json!({"num_attention_heads": 0}), &["num_attention_heads"]),
         (serde_json::json!({"num_key_value_heads": 3}), &["num_key_value_heads"]),
         (serde_json::json!({"hidden_size": "wide"}), &["config.json", "hidden_size"]),
-        (serde_json::json!({"quantization_config": {"quant_method": "gptq", "bits": 4}}), &["quantization_config", "gptq"]),
+        (
+            serde_json::json!({"quantization_config": {"quant_method": "gptq", "bits": 4}}),
+            &["quantization_config", "gptq"],
+        ),
     ];
     for (extra, names) in cases {
         std::fs::write(dir.0.join("config.json"), hf_config(extra.clone()))?;

@@ -26,7 +26,11 @@ fn prefill_and_decode_match_candle_quantized_llama() -> Result<()> {
     let mut file = std::fs::File::open(&path)?;
     let content = gguf_file::Content::read(&mut file)?;
     let mut oracle = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
-    let model = kiln_models::load_with(&ModelFormat::Gguf(path), &Device::Cpu, LoadOptions { dequantize: true, ..LoadOptions::default() })?;
+    let model = kiln_models::load_with(
+        &ModelFormat::Gguf(path),
+        &Device::Cpu,
+        LoadOptions { dequantize: true, ..LoadOptions::default() },
+    )?;
     let mut cache = PagedKvCache::new(model.config(), 16, BS, KvDType::F32);
     let table: Vec<u32> = vec![7, 3, 11]; // deliberately scattered blocks
     let mut run = |tokens: &[u32], start: usize| -> Result<Tensor> {

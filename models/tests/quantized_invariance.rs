@@ -56,13 +56,20 @@ fn first_token_matches_candle_quantized_llama() -> Result<()> {
         let (want, got) = (want.flatten_all()?, got.flatten_all()?);
         // Compare log-probabilities of candle's 20 most likely tokens (a uniform logit shift is
         // no difference at all).
-        let (lw, lg) = (candle_nn::ops::log_softmax(&want, 0)?.to_vec1::<f32>()?, candle_nn::ops::log_softmax(&got, 0)?.to_vec1::<f32>()?);
+        let (lw, lg) = (
+            candle_nn::ops::log_softmax(&want, 0)?.to_vec1::<f32>()?,
+            candle_nn::ops::log_softmax(&got, 0)?.to_vec1::<f32>()?,
+        );
         let mut order: Vec<usize> = (0..lw.len()).collect();
         order.sort_by(|&a, &b| lw[b].total_cmp(&lw[a]));
         let diff = order[..20].iter().map(|&i| (lw[i] - lg[i]).abs()).fold(0f32, f32::max);
         eprintln!("token {t}: max |dlogprob| over the top 20: {diff}");
         assert!(diff < 0.3, "token {t}: max |dlogprob| over the top 20: {diff}");
-        assert_eq!(want.argmax(0)?.to_scalar::<u32>()?, got.argmax(0)?.to_scalar::<u32>()?, "token {t}: argmax differs");
+        assert_eq!(
+            want.argmax(0)?.to_scalar::<u32>()?,
+            got.argmax(0)?.to_scalar::<u32>()?,
+            "token {t}: argmax differs"
+        );
     }
     Ok(())
 }

@@ -44,7 +44,11 @@ fn prompt_ids(content: &gguf_file::Content) -> Result<Vec<Vec<u32>>> {
     }
     PROMPTS
         .iter()
-        .map(|p| p.iter().map(|piece| ids.get(piece).copied().with_context(|| format!("piece {piece:?} not in the vocabulary"))).collect())
+        .map(|p| {
+            p.iter()
+                .map(|piece| ids.get(piece).copied().with_context(|| format!("piece {piece:?} not in the vocabulary")))
+                .collect()
+        })
         .collect()
 }
 
@@ -150,7 +154,10 @@ fn max_logit_diff(a: &dyn CausalLM, b: &dyn CausalLM, prompts: &[Vec<u32>]) -> R
     for step in 0..=DECODE_STEPS {
         let [la, lb] = run(&seqs)?;
         let d = max_diff(&la, &lb)?;
-        eprintln!("{}: max |logit diff| {d:e}", if step == 0 { "prefill".to_string() } else { format!("decode {step}") });
+        eprintln!(
+            "{}: max |logit diff| {d:e}",
+            if step == 0 { "prefill".to_string() } else { format!("decode {step}") }
+        );
         worst = worst.max(d);
         for (i, (tokens, start)) in seqs.iter_mut().enumerate() {
             let next = argmax(&la.get(i)?)?;
@@ -172,13 +179,20 @@ fn roundtrip(gguf: &Path, tag: &str) -> Result<f32> {
 
     assert_eq!(ModelFormat::detect(&dir.0)?, ModelFormat::Safetensors(dir.0.clone()));
     assert_eq!(ModelFormat::detect(gguf)?, ModelFormat::Gguf(gguf.to_path_buf()));
-    let from_gguf = kiln_models::load_with(&ModelFormat::Gguf(gguf.to_path_buf()), &Device::Cpu, LoadOptions { dequantize: true, ..LoadOptions::default() })?;
+    let from_gguf = kiln_models::load_with(
+        &ModelFormat::Gguf(gguf.to_path_buf()),
+        &Device::Cpu,
+        LoadOptions { dequantize: true, ..LoadOptions::default() },
+    )?;
     let from_dir = kiln_models::load(&ModelFormat::Safetensors(dir.0.clone()), &Device::Cpu)?;
     let (g, s) = (from_gguf.config(), from_dir.config());
     let tied = !content.tensor_infos.contains_key("output.weight");
     let want = hf_state_dict(g.num_layers, g.attention_bias, tied);
     let (extra, missing): (Vec<_>, Vec<_>) = (names.difference(&want).collect(), want.difference(&names).collect());
-    assert!(extra.is_empty() && missing.is_empty(), "converted names are not HF's: extra {extra:?}, missing {missing:?}");
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "converted names are not HF's: extra {extra:?}, missing {missing:?}"
+    );
     assert_eq!(s.rope_style, RopeStyle::Neox, "HF checkpoints are neox");
     let mut g_as_hf = g.clone();
     g_as_hf.rope_style = s.rope_style;

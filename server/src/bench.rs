@@ -81,7 +81,8 @@ struct Run {
 
 /// Generates exactly `n` tokens (EOS ignored) greedily from `prompt`.
 fn timed(h: &EngineHandle, prompt: &[u32], n: usize) -> Result<Run> {
-    let params = SamplingParams { temperature: 0.0, max_tokens: Some(n), ignore_eos: true, ..SamplingParams::default() };
+    let params =
+        SamplingParams { temperature: 0.0, max_tokens: Some(n), ignore_eos: true, ..SamplingParams::default() };
     let t = Instant::now();
     let mut stream = h.generate(Prompt::Tokens(prompt.to_vec()), params)?;
     let (mut first, mut tokens) = (None, 0);
@@ -98,7 +99,11 @@ fn timed(h: &EngineHandle, prompt: &[u32], n: usize) -> Result<Run> {
 
 /// Deterministic natural-ish text, tokenized, at least `n` tokens long.
 fn corpus_tokens(h: &EngineHandle, n: usize) -> Result<Vec<u32>> {
-    const WORDS: &[&str] = &["time", "year", "people", "way", "day", "world", "school", "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work", "number", "night", "point", "home", "water", "room", "story"];
+    const WORDS: &[&str] = &[
+        "time", "year", "people", "way", "day", "world", "school", "state", "family", "student", "group", "country",
+        "problem", "hand", "part", "place", "case", "week", "company", "system", "program", "question", "work",
+        "number", "night", "point", "home", "water", "room", "story",
+    ];
     let mut x: u64 = 42;
     let mut text = String::from("Write a long story that uses these words:");
     let mut ids = Vec::new();
@@ -122,7 +127,8 @@ fn median(xs: impl Iterator<Item = Result<Duration>>) -> Result<Duration> {
 /// Peak resident set size of this process (VmHWM), in bytes.
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
 }
 

@@ -26,11 +26,13 @@ pub fn config_path(args: &[String]) -> Option<String> {
 /// clap accepts; any other key is an error naming it (a typo must not be silently ignored).
 pub fn apply_file(path: &Path, known_envs: &[String]) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    let table: BTreeMap<String, toml::Value> = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let table: BTreeMap<String, toml::Value> =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     for (key, value) in table {
         let env = format!("KILN_{}", key.to_uppercase().replace('-', "_"));
         if !known_envs.contains(&env) {
-            let mut keys: Vec<String> = known_envs.iter().map(|e| e.trim_start_matches("KILN_").to_lowercase()).collect();
+            let mut keys: Vec<String> =
+                known_envs.iter().map(|e| e.trim_start_matches("KILN_").to_lowercase()).collect();
             keys.sort();
             bail!("{}: unknown setting '{key}'; known settings: {}", path.display(), keys.join(", "));
         }
@@ -69,7 +71,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("kiln.toml");
         std::fs::write(&f, "max-num-seqs = 7\nport = 9000\napi_key = [\"a\", \"b\"]\n").unwrap();
-        let known: Vec<String> = ["KILN_MAX_NUM_SEQS", "KILN_PORT", "KILN_API_KEY"].iter().map(|s| s.to_string()).collect();
+        let known: Vec<String> =
+            ["KILN_MAX_NUM_SEQS", "KILN_PORT", "KILN_API_KEY"].iter().map(|s| s.to_string()).collect();
         std::env::set_var("KILN_PORT", "1234");
         apply_file(&f, &known).unwrap();
         assert_eq!(std::env::var("KILN_MAX_NUM_SEQS").unwrap(), "7");

@@ -4,7 +4,9 @@
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use kiln_inference::embed::{load_embedder, DensePrecision, EmbedConfig, EmbedHandle, EmbedInput, EmbedOptions, Embedding};
+use kiln_inference::embed::{
+    load_embedder, DensePrecision, EmbedConfig, EmbedHandle, EmbedInput, EmbedOptions, Embedding,
+};
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
@@ -86,7 +88,11 @@ struct JsonUsage {
 
 impl<'a> JsonOut<'a> {
     fn new(model: &'a str, out: &'a [Embedding]) -> Self {
-        let data = out.iter().enumerate().map(|(index, e)| JsonItem { object: "embedding", index, embedding: &e.vector }).collect();
+        let data = out
+            .iter()
+            .enumerate()
+            .map(|(index, e)| JsonItem { object: "embedding", index, embedding: &e.vector })
+            .collect();
         let tokens = out.iter().map(|e| e.tokens).sum();
         JsonOut { object: "list", data, model, usage: JsonUsage { prompt_tokens: tokens, total_tokens: tokens } }
     }

@@ -38,7 +38,10 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     pub fn config(&self) -> Result<EngineConfig> {
-        anyhow::ensure!(self.block_size > 0 && self.max_num_seqs > 0 && self.max_num_batched_tokens > 0, "engine limits must be positive");
+        anyhow::ensure!(
+            self.block_size > 0 && self.max_num_seqs > 0 && self.max_num_batched_tokens > 0,
+            "engine limits must be positive"
+        );
         Ok(EngineConfig {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
@@ -56,7 +59,8 @@ impl EngineArgs {
 
     pub fn start(&self) -> Result<LoadedEngine> {
         let t = std::time::Instant::now();
-        let engine = start_engine(&self.model, &self.config()?, &Device::Cpu).with_context(|| format!("loading model '{}'", self.model))?;
+        let engine = start_engine(&self.model, &self.config()?, &Device::Cpu)
+            .with_context(|| format!("loading model '{}'", self.model))?;
         tracing::info!(model = %self.model, secs = t.elapsed().as_secs_f32(), "model loaded");
         Ok(engine)
     }

@@ -50,7 +50,8 @@ fn main() -> anyhow::Result<()> {
 /// The `KILN_*` variables `kiln serve` reads (the keys a config file may set).
 fn serve_envs() -> Vec<String> {
     let cmd = Cli::command();
-    let mut envs: Vec<String> = cmd.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
+    let mut envs: Vec<String> =
+        cmd.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
     if let Some(serve) = cmd.find_subcommand("serve") {
         envs.extend(serve.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()));
     }

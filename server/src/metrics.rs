@@ -19,7 +19,8 @@ pub struct Histogram {
     sum_us: AtomicU64,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
@@ -41,7 +42,12 @@ impl Histogram {
             let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cum}");
         }
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{}}} {sum}\n{name}_count{{{}}} {cum}", labels.trim_end_matches(','), labels.trim_end_matches(','));
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{}}} {sum}\n{name}_count{{{}}} {cum}",
+            labels.trim_end_matches(','),
+            labels.trim_end_matches(',')
+        );
     }
 }
 
@@ -110,19 +116,64 @@ impl Metrics {
             let s = h.stats();
             let total = h.info().num_blocks as f64;
             let free = s.free_blocks.load(Ordering::Relaxed) as f64;
-            gauge("kiln:num_requests_running", "Sequences in the running batch.", "gauge", s.running.load(Ordering::Relaxed) as f64);
-            gauge("kiln:num_requests_waiting", "Sequences waiting to be scheduled.", "gauge", s.waiting.load(Ordering::Relaxed) as f64);
+            gauge(
+                "kiln:num_requests_running",
+                "Sequences in the running batch.",
+                "gauge",
+                s.running.load(Ordering::Relaxed) as f64,
+            );
+            gauge(
+                "kiln:num_requests_waiting",
+                "Sequences waiting to be scheduled.",
+                "gauge",
+                s.waiting.load(Ordering::Relaxed) as f64,
+            );
             gauge("kiln:kv_blocks_total", "KV cache blocks in the pool.", "gauge", total);
             gauge("kiln:kv_blocks_used", "KV cache blocks held by sequences.", "gauge", total - free);
-            gauge("kiln:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "gauge", if total > 0.0 { (total - free) / total } else { 0.0 });
-            gauge("kiln:num_preemptions_total", "Sequences preempted by recompute.", "counter", s.preemptions.load(Ordering::Relaxed) as f64);
-            gauge("kiln:grammar_masks_total", "Token masks computed for constrained sequences.", "counter", s.grammar_masks.load(Ordering::Relaxed) as f64);
+            gauge(
+                "kiln:kv_cache_usage_perc",
+                "Fraction of KV cache blocks in use (0-1).",
+                "gauge",
+                if total > 0.0 { (total - free) / total } else { 0.0 },
+            );
+            gauge(
+                "kiln:num_preemptions_total",
+                "Sequences preempted by recompute.",
+                "counter",
+                s.preemptions.load(Ordering::Relaxed) as f64,
+            );
+            gauge(
+                "kiln:grammar_masks_total",
+                "Token masks computed for constrained sequences.",
+                "counter",
+                s.grammar_masks.load(Ordering::Relaxed) as f64,
+            );
             let mask_s = s.grammar_mask_ns.load(Ordering::Relaxed) as f64 * 1e-9;
-            gauge("kiln:grammar_mask_seconds_total", "Time spent computing token masks (beside the forward pass).", "counter", mask_s);
-            gauge("kiln:grammar_forced_tokens_total", "Tokens a grammar forced, appended without sampling.", "counter", s.forced_tokens.load(Ordering::Relaxed) as f64);
+            gauge(
+                "kiln:grammar_mask_seconds_total",
+                "Time spent computing token masks (beside the forward pass).",
+                "counter",
+                mask_s,
+            );
+            gauge(
+                "kiln:grammar_forced_tokens_total",
+                "Tokens a grammar forced, appended without sampling.",
+                "counter",
+                s.forced_tokens.load(Ordering::Relaxed) as f64,
+            );
         }
-        gauge("kiln:prompt_tokens_total", "Prompt tokens processed.", "counter", self.prompt_tokens.load(Ordering::Relaxed) as f64);
-        gauge("kiln:generation_tokens_total", "Tokens generated.", "counter", self.generation_tokens.load(Ordering::Relaxed) as f64);
+        gauge(
+            "kiln:prompt_tokens_total",
+            "Prompt tokens processed.",
+            "counter",
+            self.prompt_tokens.load(Ordering::Relaxed) as f64,
+        );
+        gauge(
+            "kiln:generation_tokens_total",
+            "Tokens generated.",
+            "counter",
+            self.generation_tokens.load(Ordering::Relaxed) as f64,
+        );
         let _ = writeln!(out, "# HELP kiln:http_requests_total HTTP requests by route and status.\n# TYPE kiln:http_requests_total counter");
         for ((route, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "kiln:http_requests_total{{{l}route=\"{route}\",status=\"{status}\"}} {n}");
@@ -132,22 +183,73 @@ impl Metrics {
             let _ = writeln!(out, "kiln:request_success_total{{{l}finished_reason=\"{reason}\"}} {n}");
         }
         self.ttft.render(&mut out, "kiln:time_to_first_token_seconds", &l, "Time to first token.");
-        self.inter_token.render(&mut out, "kiln:inter_token_latency_seconds", &l, "Time between consecutive output tokens.");
+        self.inter_token.render(
+            &mut out,
+            "kiln:inter_token_latency_seconds",
+            &l,
+            "Time between consecutive output tokens.",
+        );
         self.e2e.render(&mut out, "kiln:e2e_request_latency_seconds", &l, "End-to-end request latency.");
         let mut line = |name: &str, help: &str, kind: &str, v: u64| scalar(&mut out, (name, help, kind), "", v as f64);
-        line("kiln:embedding_requests_total", "Embedding requests answered.", "counter", self.embedding_requests.load(Ordering::Relaxed));
-        line("kiln:embedding_tokens_total", "Tokens embedded.", "counter", self.embedding_tokens.load(Ordering::Relaxed));
-        self.embedding_inputs.render(&mut out, "kiln:embedding_inputs_per_request", "", "Inputs per embedding request.");
-        self.embedding_latency.render(&mut out, "kiln:embedding_request_latency_seconds", "", "Embedding request latency.");
+        line(
+            "kiln:embedding_requests_total",
+            "Embedding requests answered.",
+            "counter",
+            self.embedding_requests.load(Ordering::Relaxed),
+        );
+        line(
+            "kiln:embedding_tokens_total",
+            "Tokens embedded.",
+            "counter",
+            self.embedding_tokens.load(Ordering::Relaxed),
+        );
+        self.embedding_inputs.render(
+            &mut out,
+            "kiln:embedding_inputs_per_request",
+            "",
+            "Inputs per embedding request.",
+        );
+        self.embedding_latency.render(
+            &mut out,
+            "kiln:embedding_request_latency_seconds",
+            "",
+            "Embedding request latency.",
+        );
         if let Some(e) = embedder {
             // Batch sizes as the worker formed them (mean = sequences / batches).
             let st = e.stats();
-            let mut line = |name: &str, help: &str, kind: &str, v: u64| scalar(&mut out, (name, help, kind), "", v as f64);
-            line("kiln:embedding_batches_total", "Encoder forward passes.", "counter", st.batches.load(Ordering::Relaxed));
-            line("kiln:embedding_batch_sequences_total", "Sequences summed over encoder batches.", "counter", st.sequences.load(Ordering::Relaxed));
-            line("kiln:embedding_last_batch_sequences", "Sequences in the latest encoder batch.", "gauge", st.last_batch_seqs.load(Ordering::Relaxed));
-            line("kiln:embedding_last_batch_tokens", "Tokens in the latest encoder batch.", "gauge", st.last_batch_tokens.load(Ordering::Relaxed));
-            line("kiln:embedding_queued_requests", "Embedding requests waiting for the worker.", "gauge", e.queued_requests() as u64);
+            let mut line =
+                |name: &str, help: &str, kind: &str, v: u64| scalar(&mut out, (name, help, kind), "", v as f64);
+            line(
+                "kiln:embedding_batches_total",
+                "Encoder forward passes.",
+                "counter",
+                st.batches.load(Ordering::Relaxed),
+            );
+            line(
+                "kiln:embedding_batch_sequences_total",
+                "Sequences summed over encoder batches.",
+                "counter",
+                st.sequences.load(Ordering::Relaxed),
+            );
+            line(
+                "kiln:embedding_last_batch_sequences",
+                "Sequences in the latest encoder batch.",
+                "gauge",
+                st.last_batch_seqs.load(Ordering::Relaxed),
+            );
+            line(
+                "kiln:embedding_last_batch_tokens",
+                "Tokens in the latest encoder batch.",
+                "gauge",
+                st.last_batch_tokens.load(Ordering::Relaxed),
+            );
+            line(
+                "kiln:embedding_queued_requests",
+                "Embedding requests waiting for the worker.",
+                "gauge",
+                e.queued_requests() as u64,
+            );
         }
         out
     }

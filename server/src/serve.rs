@@ -57,7 +57,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
         let mut rx = stop_rx;
-        axum::serve(listener, app).with_graceful_shutdown(async move { while rx.changed().await.is_ok() && !*rx.borrow() {} }).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { while rx.changed().await.is_ok() && !*rx.borrow() {} })
+            .await
     });
     let engine_args = a.engine.clone();
     let (embed_model, embed_name) = (a.embedding_model.clone(), a.served_embedding_model_name.clone());

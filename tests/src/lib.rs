@@ -71,7 +71,10 @@ pub struct Output {
 
 /// Drains a stream into one output per choice.
 pub fn collect(mut stream: TokenStream) -> Result<Vec<Output>> {
-    let mut outs = vec![Output { text: String::new(), tokens: vec![], logprobs: vec![], finish_reason: None }; stream.num_choices()];
+    let mut outs = vec![
+        Output { text: String::new(), tokens: vec![], logprobs: vec![], finish_reason: None };
+        stream.num_choices()
+    ];
     while let Some(d) = stream.blocking_next() {
         let d = d?;
         let o = &mut outs[d.index];
@@ -98,5 +101,8 @@ pub fn wait_all_blocks_free(h: &EngineHandle) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    anyhow::bail!("blocks not freed: {} of {total} free", h.stats().free_blocks.load(std::sync::atomic::Ordering::Relaxed))
+    anyhow::bail!(
+        "blocks not freed: {} of {total} free",
+        h.stats().free_blocks.load(std::sync::atomic::Ordering::Relaxed)
+    )
 }

@@ -36,7 +36,10 @@ fn check_pet(text: &str) -> Result<()> {
     anyhow::ensure!(o["age"].as_i64().is_some_and(|a| (0..=30).contains(&a)), "age {text}");
     anyhow::ensure!(["cat", "dog", "bird"].contains(&o["kind"].as_str().unwrap_or("")), "kind {text}");
     let toys = o["toys"].as_array().ok_or_else(|| anyhow::anyhow!("toys {text}"))?;
-    anyhow::ensure!(toys.len() <= 3 && toys.iter().all(|t| t.as_str().is_some_and(|s| s.chars().count() <= 10)), "toys {text}");
+    anyhow::ensure!(
+        toys.len() <= 3 && toys.iter().all(|t| t.as_str().is_some_and(|s| s.chars().count() <= 10)),
+        "toys {text}"
+    );
     Ok(())
 }
 
@@ -62,7 +65,9 @@ fn json_schema_output_is_valid_for_every_seed_and_invariant() -> Result<()> {
     // 24 seeded samples at temperature 1, all submitted at once (mixed with free requests).
     let streams = (0..24u64)
         .map(|s| h.generate(Prompt::Text(CHAT.into()), constrained(c.clone(), Some(s), 120)))
-        .chain((0..4).map(|_| h.generate(Prompt::Text(CHAT.into()), SamplingParams { max_tokens: Some(40), ..SamplingParams::default() })))
+        .chain((0..4).map(|_| {
+            h.generate(Prompt::Text(CHAT.into()), SamplingParams { max_tokens: Some(40), ..SamplingParams::default() })
+        }))
         .collect::<Result<Vec<_>, _>>()?;
     let outs: Vec<Output> = streams.into_iter().map(|s| Ok(collect(s)?.remove(0))).collect::<Result<_>>()?;
     for (seed, o) in outs.iter().take(24).enumerate() {
@@ -73,8 +78,11 @@ fn json_schema_output_is_valid_for_every_seed_and_invariant() -> Result<()> {
     assert_eq!(again.tokens, outs[5].tokens);
 
     // Chunked prefill (budget 16) and a cache so small that sequences are preempted.
-    let tight = start(&model, &EngineConfig { max_num_batched_tokens: 16, num_blocks_override: Some(24), ..test_config() })?;
-    let streams = (0..6u64).map(|s| tight.handle.generate(Prompt::Text(CHAT.into()), constrained(c.clone(), Some(s), 120))).collect::<Result<Vec<_>, _>>()?;
+    let tight =
+        start(&model, &EngineConfig { max_num_batched_tokens: 16, num_blocks_override: Some(24), ..test_config() })?;
+    let streams = (0..6u64)
+        .map(|s| tight.handle.generate(Prompt::Text(CHAT.into()), constrained(c.clone(), Some(s), 120)))
+        .collect::<Result<Vec<_>, _>>()?;
     for (s, st) in streams.into_iter().enumerate() {
         assert_eq!(collect(st)?.remove(0).tokens, outs[s].tokens, "seed {s} under chunking/preemption");
     }
@@ -103,10 +111,21 @@ fn forced_text_trigger_forks_and_errors() -> Result<()> {
     let cut = free.text.char_indices().nth(6).map_or(free.text.len(), |(i, _)| i);
     let trigger = free.text[..cut].to_string();
     let grammar = format!(r#"start: {} " [" /[0-9]{{3}}/ "]""#, serde_json::to_string(&trigger)?);
-    let lazy = Constraint { triggers: vec![Trigger { text: trigger.clone(), at_start: false }], ..Constraint::lark(grammar) };
+    let lazy =
+        Constraint { triggers: vec![Trigger { text: trigger.clone(), at_start: false }], ..Constraint::lark(grammar) };
     let o = one(h, prompt, constrained(lazy, None, 30))?;
-    let rest = o.text.strip_prefix(&trigger).unwrap_or_else(|| panic!("{:?} does not start with the trigger {trigger:?}", o.text));
-    assert!(rest.len() == 6 && rest.starts_with(" [") && rest.ends_with(']') && rest[2..5].bytes().all(|b| b.is_ascii_digit()), "{:?}", o.text);
+    let rest = o
+        .text
+        .strip_prefix(&trigger)
+        .unwrap_or_else(|| panic!("{:?} does not start with the trigger {trigger:?}", o.text));
+    assert!(
+        rest.len() == 6
+            && rest.starts_with(" [")
+            && rest.ends_with(']')
+            && rest[2..5].bytes().all(|b| b.is_ascii_digit()),
+        "{:?}",
+        o.text
+    );
 
     // n = 3 choices each follow the grammar independently.
     let c = Constraint::json_schema(compact_json_schema(pet_schema()));
@@ -122,7 +141,10 @@ fn forced_text_trigger_forks_and_errors() -> Result<()> {
         Err(EngineError::Grammar(m)) => assert!(m.contains("if"), "{m}"),
         other => panic!("expected a grammar error, got {:?}", other.map(|_| ())),
     }
-    assert!(matches!(h.generate(Prompt::Text(CHAT.into()), constrained(Constraint::lark("start: ("), None, 10)), Err(EngineError::Grammar(_))));
+    assert!(matches!(
+        h.generate(Prompt::Text(CHAT.into()), constrained(Constraint::lark("start: ("), None, 10)),
+        Err(EngineError::Grammar(_))
+    ));
     wait_all_blocks_free(h)?;
     Ok(())
 }
@@ -138,7 +160,8 @@ fn the_budget_closes_the_json() -> Result<()> {
     for max_tokens in [10, 16, 24, 40] {
         for seed in 0..6u64 {
             let o = one(h, prompt, constrained(any_object.clone(), Some(seed), max_tokens))?;
-            let v: Value = serde_json::from_str(&o.text).map_err(|err| anyhow::anyhow!("max_tokens {max_tokens} seed {seed}: {err}: {:?}", o.text))?;
+            let v: Value = serde_json::from_str(&o.text)
+                .map_err(|err| anyhow::anyhow!("max_tokens {max_tokens} seed {seed}: {err}: {:?}", o.text))?;
             assert!(v.is_object() && o.tokens.len() <= max_tokens, "{:?}", o.text);
             closed += usize::from(o.finish_reason == Some("length"));
         }

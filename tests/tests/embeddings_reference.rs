@@ -30,7 +30,13 @@ fn items() -> Result<Vec<Item>> {
     items
         .iter()
         .map(|i| {
-            let embedding = i["embedding"].as_array().context("embedding")?.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect();
+            let embedding = i["embedding"]
+                .as_array()
+                .context("embedding")?
+                .iter()
+                .filter_map(|x| x.as_f64())
+                .map(|x| x as f32)
+                .collect();
             Ok(Item { text: i["text"].as_str().context("text")?.to_string(), ids: ids(&i["ids"]), embedding })
         })
         .collect()
@@ -76,7 +82,13 @@ fn check_reference(cfg: &EmbedConfig) -> Result<()> {
         let ids = h.tokenize(&text(&item.text), true)?;
         ensure!(ids == item.ids, "{:?}: ids {ids:?}, want {:?}", item.text, item.ids);
         let got = h.embed(vec![text(&item.text)], &opts)?.pop().context("one result")?;
-        ensure!(got.tokens == item.ids.len() && got.vector.len() == 384, "{:?}: {} tokens, dim {}", item.text, got.tokens, got.vector.len());
+        ensure!(
+            got.tokens == item.ids.len() && got.vector.len() == 384,
+            "{:?}: {} tokens, dim {}",
+            item.text,
+            got.tokens,
+            got.vector.len()
+        );
         let (c, n) = (cosine(&got.vector, &item.embedding), norm(&got.vector));
         ensure!(c >= 0.9999, "{:?}: cosine {c:.6} to sentence-transformers", item.text);
         ensure!((n - 1.0).abs() <= 1e-4, "{:?}: norm {n}", item.text);
@@ -87,7 +99,13 @@ fn check_reference(cfg: &EmbedConfig) -> Result<()> {
         let inner = item.ids[1..item.ids.len() - 1].to_vec();
         ensure!(one(&h, EmbedInput::Tokens(inner), &opts)? == got.vector, "{:?}: token-id input differs", item.text);
     }
-    eprintln!("minilm: {} items, worst cosine {:.7} ({:?}), precision {:?}", items.len(), worst.0, worst.1, h.info().precision);
+    eprintln!(
+        "minilm: {} items, worst cosine {:.7} ({:?}), precision {:?}",
+        items.len(),
+        worst.0,
+        worst.1,
+        h.info().precision
+    );
     ensure!(items.iter().any(|i| i.ids.len() == 256), "no item exercises truncation at max_seq_length");
     Ok(())
 }
@@ -147,7 +165,8 @@ fn empty_and_whitespace_inputs_embed_like_sentence_transformers() -> Result<()> 
 fn dimensions_truncate_then_renormalize() -> Result<()> {
     let h = start(&EmbedConfig::default())?;
     let full = one(&h, text("A man is eating food."), &EmbedOptions::default())?;
-    let short = one(&h, text("A man is eating food."), &EmbedOptions { dimensions: Some(128), ..EmbedOptions::default() })?;
+    let short =
+        one(&h, text("A man is eating food."), &EmbedOptions { dimensions: Some(128), ..EmbedOptions::default() })?;
     ensure!(short.len() == 128 && (norm(&short) - 1.0).abs() < 1e-5, "len {} norm {}", short.len(), norm(&short));
     let head_norm = norm(&full[..128]) as f32;
     let want: Vec<f32> = full[..128].iter().map(|x| x / head_norm).collect();
@@ -199,7 +218,10 @@ fn full_queue_is_overloaded_at_once() -> Result<()> {
     ensure!(h.queued_requests() == 1);
     ensure!(first.wait()?.len() == 64);
     let st = h.stats();
-    ensure!(st.sequences.load(std::sync::atomic::Ordering::Relaxed) == 64 && st.batches.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    ensure!(
+        st.sequences.load(std::sync::atomic::Ordering::Relaxed) == 64
+            && st.batches.load(std::sync::atomic::Ordering::Relaxed) >= 2
+    );
     // A request whose caller is gone frees its place and is skipped (a batch of it may already be
     // running: wait up to 10 s for that one).
     drop(h.submit(long, &EmbedOptions::default())?);

@@ -34,7 +34,10 @@ fn alone(h: &EngineHandle, params: &SamplingParams) -> Result<Vec<Output>> {
 
 /// All prompts submitted at once, collected concurrently.
 fn together(h: &EngineHandle, params: &SamplingParams) -> Result<Vec<Output>> {
-    let streams = PROMPTS.iter().map(|p| h.generate(Prompt::Text(p.to_string()), params.clone())).collect::<Result<Vec<_>, _>>()?;
+    let streams = PROMPTS
+        .iter()
+        .map(|p| h.generate(Prompt::Text(p.to_string()), params.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     let threads: Vec<_> = streams.into_iter().map(|s| std::thread::spawn(move || collect(s))).collect();
     threads.into_iter().map(|t| Ok(t.join().map_err(|_| anyhow::anyhow!("panicked"))??.remove(0))).collect()
 }
@@ -100,7 +103,8 @@ fn blocks_free_after_finish_stop_and_abort() -> Result<()> {
     // A stop string: never emitted, finish_reason stop, blocks freed.
     let full = run(h, Prompt::Text(PROMPTS[3].into()), greedy(16))?.remove(0);
     let stop_at = full.text.find('8').expect("the model counts past 8");
-    let stopped = run(h, Prompt::Text(PROMPTS[3].into()), SamplingParams { stop: vec!["8".into()], ..greedy(16) })?.remove(0);
+    let stopped =
+        run(h, Prompt::Text(PROMPTS[3].into()), SamplingParams { stop: vec!["8".into()], ..greedy(16) })?.remove(0);
     assert_eq!(stopped.text, full.text[..stop_at]);
     assert_eq!(stopped.finish_reason, Some("stop"));
     wait_all_blocks_free(h)?;
@@ -120,7 +124,10 @@ fn bad_input_is_a_typed_error() -> Result<()> {
     let too_long = Prompt::Tokens(vec![17; h.info().max_model_len + 1]);
     let e = h.generate(too_long, greedy(4)).err().expect("context overflow accepted");
     assert!(matches!(e, kiln_inference::EngineError::ContextLengthExceeded { .. }), "{e:?}");
-    let e = h.generate(Prompt::Text("hi".into()), SamplingParams { logprobs: true, top_logprobs: 21, ..greedy(4) }).err().expect("top_logprobs 21 accepted");
+    let e = h
+        .generate(Prompt::Text("hi".into()), SamplingParams { logprobs: true, top_logprobs: 21, ..greedy(4) })
+        .err()
+        .expect("top_logprobs 21 accepted");
     assert!(matches!(e, kiln_inference::EngineError::InvalidParam { param: "top_logprobs", .. }), "{e:?}");
     let e = h.generate(Prompt::Tokens(vec![10_000_000]), greedy(4)).err().expect("bad token id accepted");
     assert!(matches!(e, kiln_inference::EngineError::InvalidParam { param: "prompt", .. }), "{e:?}");

@@ -10,7 +10,8 @@ use std::process::Command;
 fn openai_python_sdk_conformance() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/run.sh");
     let started = std::time::Instant::now();
-    let status = Command::new("bash").arg(&script).status().unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let status =
+        Command::new("bash").arg(&script).status().unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     eprintln!("tests/python/run.sh finished in {:.0} s", started.elapsed().as_secs_f64());
     assert!(status.success(), "the OpenAI SDK conformance suite failed ({status}); its output is above");
 }

@@ -17,9 +17,9 @@
 //! logprob for logprob, which is 14/15 against this reference, max |dlogprob| 0.14.)
 
 use anyhow::Result;
+use kiln_inference::engine::EngineConfig;
 use kiln_inference::engine::{EngineHandle, Prompt};
 use kiln_inference::SamplingParams;
-use kiln_inference::engine::EngineConfig;
 use kiln_tests::{ids, qwen25, reference, run, smollm2, start, test_config};
 use serde_json::Value;
 
@@ -39,9 +39,16 @@ struct Agreement {
 fn compare(h: &EngineHandle, name: String, entry: &Value, eos: &[u32]) -> Result<Agreement> {
     let prompt = ids(&entry["prompt_ids"]);
     let steps = entry["steps"].as_array().cloned().unwrap_or_default();
-    let gap = |s: &Value| s["top"][0]["logprob"].as_f64().unwrap_or(0.0) - s["top"][1]["logprob"].as_f64().unwrap_or(0.0);
+    let gap =
+        |s: &Value| s["top"][0]["logprob"].as_f64().unwrap_or(0.0) - s["top"][1]["logprob"].as_f64().unwrap_or(0.0);
     let cutoff = steps.iter().position(|s| gap(s) < 0.05).unwrap_or(steps.len());
-    let params = SamplingParams { temperature: 0.0, max_tokens: Some(steps.len()), logprobs: true, top_logprobs: 2, ..SamplingParams::default() };
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(steps.len()),
+        logprobs: true,
+        top_logprobs: 2,
+        ..SamplingParams::default()
+    };
     let out = run(h, Prompt::Tokens(prompt), params)?.remove(0);
     let want_id = |i: usize| steps[i]["id"].as_u64().unwrap_or(u64::MAX) as u32;
     let (mut matched, mut max_lp_diff, mut sum_lp_diff) = (0, 0f32, 0f32);

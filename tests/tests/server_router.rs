@@ -47,7 +47,8 @@ struct Resp {
 
 impl Resp {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     fn text(&self) -> String {
@@ -74,7 +75,12 @@ async fn send(app: &Router, req: Request<Body>) -> Resp {
 }
 
 fn req(method: Method, uri: &str, body: impl Into<Body>) -> Request<Body> {
-    Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json").body(body.into()).unwrap()
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.into())
+        .unwrap()
 }
 
 async fn get(app: &Router, uri: &str) -> Resp {
@@ -104,7 +110,11 @@ async fn request_id_echoed_or_generated_on_every_response() {
         assert_ne!(id, get(&app, uri).await.headers["x-request-id"].to_str().unwrap(), "ids are unique");
     }
     // A POST that fails validation still carries it.
-    let r = send(&app, Request::post("/v1/chat/completions").header("x-request-id", "bad-req").body(Body::from("{")).unwrap()).await;
+    let r = send(
+        &app,
+        Request::post("/v1/chat/completions").header("x-request-id", "bad-req").body(Body::from("{")).unwrap(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.headers["x-request-id"], "bad-req");
     // An unusable id (too long) is replaced, not echoed.
@@ -196,7 +206,8 @@ async fn tokenize_detokenize_roundtrip() {
 /// `name{labels} value` -> (name, labels, value).
 fn sample(line: &str) -> (&str, &str, f64) {
     let (head, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line '{line}'"));
-    let value: f64 = if value == "+Inf" { f64::INFINITY } else { value.parse().unwrap_or_else(|_| panic!("bad value in '{line}'")) };
+    let value: f64 =
+        if value == "+Inf" { f64::INFINITY } else { value.parse().unwrap_or_else(|_| panic!("bad value in '{line}'")) };
     match head.split_once('{') {
         Some((name, labels)) => {
             assert!(labels.ends_with('}'), "{line}");
@@ -257,10 +268,14 @@ async fn metrics_use_vllm_names_with_kiln_prefix() {
     assert_eq!(value("kiln:request_success_total", "finished_reason=\"length\""), Some(1.0));
     assert!(value("kiln:kv_blocks_total", "").unwrap() > 0.0);
     // Histograms: cumulative buckets, +Inf == count.
-    for family in ["kiln:time_to_first_token_seconds", "kiln:inter_token_latency_seconds", "kiln:e2e_request_latency_seconds"] {
-        let buckets: Vec<f64> = samples.iter().filter(|(n, _, _)| *n == format!("{family}_bucket")).map(|s| s.2).collect();
+    for family in
+        ["kiln:time_to_first_token_seconds", "kiln:inter_token_latency_seconds", "kiln:e2e_request_latency_seconds"]
+    {
+        let buckets: Vec<f64> =
+            samples.iter().filter(|(n, _, _)| *n == format!("{family}_bucket")).map(|s| s.2).collect();
         assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{family}: {buckets:?}");
-        let inf = samples.iter().find(|(n, l, _)| *n == format!("{family}_bucket") && l.contains("le=\"+Inf\"")).unwrap().2;
+        let inf =
+            samples.iter().find(|(n, l, _)| *n == format!("{family}_bucket") && l.contains("le=\"+Inf\"")).unwrap().2;
         assert_eq!(Some(inf), value(&format!("{family}_count"), ""), "{family}");
     }
     assert_eq!(value("kiln:time_to_first_token_seconds_count", ""), Some(1.0));
@@ -310,7 +325,9 @@ async fn wrong_types_name_the_field() {
         assert_eq!(e["param"], param, "{extra}: {e}");
         assert_eq!(e["type"], "invalid_request_error");
     }
-    let e = post(&app, "/v1/completions", json!({"model": MODEL, "prompt": {"text": "Hi"}})).await.error(StatusCode::BAD_REQUEST);
+    let e = post(&app, "/v1/completions", json!({"model": MODEL, "prompt": {"text": "Hi"}}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
     assert_eq!(e["param"], "prompt");
     // A missing required field is named too.
     let e = post(&app, "/v1/chat/completions", json!({"model": MODEL})).await.error(StatusCode::BAD_REQUEST);
@@ -341,11 +358,23 @@ async fn bad_values_are_400_naming_the_field() {
         (json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}), "tools[0].function.name"),
         (json!({"tools": [{"type": "retrieval"}]}), "tools[0].type"),
         (json!({"tool_choice": "auto"}), "tool_choice"),
-        (json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}), "tool_choice"),
-        (json!({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
         (json!({"response_format": {"type": "xml"}}), "response_format"),
-        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "if": {}}}}}), "response_format"),
-        (json!({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}), "messages[0].tool_calls[0].function.arguments"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "if": {}}}}}),
+            "response_format",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+            "messages[0].tool_calls[0].function.arguments",
+        ),
     ] {
         let e = post(&app, "/v1/chat/completions", chat_body(extra.clone())).await.error(StatusCode::BAD_REQUEST);
         assert_eq!(e["param"], param, "{extra}: {e}");
@@ -356,12 +385,17 @@ async fn bad_values_are_400_naming_the_field() {
         (json!({"model": MODEL, "prompt": [], "max_tokens": 1}), "prompt"),
         (json!({"model": MODEL, "prompt": [4_000_000], "max_tokens": 1}), "prompt"),
         (json!({"model": MODEL, "prompt": "Hi", "suffix": "!"}), "suffix"),
-        (json!({"model": MODEL, "prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 3, "if": {}}}}}), "response_format"),
+        (
+            json!({"model": MODEL, "prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 3, "if": {}}}}}),
+            "response_format",
+        ),
     ] {
         let e = post(&app, "/v1/completions", body.clone()).await.error(StatusCode::BAD_REQUEST);
         assert_eq!(e["param"], param, "{body}: {e}");
     }
-    let e = post(&app, "/v1/chat/completions", chat_body(json!({"max_tokens": 1_000_000}))).await.error(StatusCode::BAD_REQUEST);
+    let e = post(&app, "/v1/chat/completions", chat_body(json!({"max_tokens": 1_000_000})))
+        .await
+        .error(StatusCode::BAD_REQUEST);
     assert_eq!(e["code"], "context_length_exceeded");
 }
 
@@ -389,7 +423,11 @@ async fn api_keys_guard_everything_but_health() {
         for auth in [None, Some("Bearer nope"), Some("k1"), Some("Basic k1")] {
             let r = send(&app, with_key(method.clone(), uri, auth)).await;
             let e = r.error(StatusCode::UNAUTHORIZED);
-            assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("authentication_error"), Some("invalid_api_key")), "{uri} {auth:?}");
+            assert_eq!(
+                (e["type"].as_str(), e["code"].as_str()),
+                (Some("authentication_error"), Some("invalid_api_key")),
+                "{uri} {auth:?}"
+            );
             assert!(r.headers.contains_key("x-request-id"));
         }
     }
@@ -413,19 +451,30 @@ async fn chat_json_and_sse_framing() {
     assert_eq!(u["total_tokens"], u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap());
     assert!(u["prompt_tokens_details"]["cached_tokens"].is_u64());
 
-    let r = post(&app, "/v1/chat/completions", chat_body(json!({"max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}}))).await;
+    let r = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
     let text = r.text();
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert!(events.iter().all(|e| e.starts_with("data: ") || e.starts_with(':')), "{text}");
-    let chunks: Vec<Value> =
-        events.iter().filter_map(|e| e.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     let (last, body) = chunks.split_last().unwrap();
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"], v["usage"], "streamed usage == non-streamed usage (greedy)");
-    assert!(body.iter().all(|c| c["usage"].is_null() && c["object"] == "chat.completion.chunk" && c["id"] == last["id"]));
+    assert!(body
+        .iter()
+        .all(|c| c["usage"].is_null() && c["object"] == "chat.completion.chunk" && c["id"] == last["id"]));
     let content: String = body.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(content, v["choices"][0]["message"]["content"].as_str().unwrap());
 
@@ -437,7 +486,12 @@ async fn chat_json_and_sse_framing() {
 #[tokio::test]
 async fn completions_choices_are_numbered_per_prompt() -> Result<()> {
     let app = app();
-    let r = post(&app, "/v1/completions", json!({"model": MODEL, "prompt": ["One", "Two", "Three"], "n": 2, "max_tokens": 2, "temperature": 0})).await;
+    let r = post(
+        &app,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": ["One", "Two", "Three"], "n": 2, "max_tokens": 2, "temperature": 0}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let v = r.json();
     let idx: Vec<u64> = v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();

@@ -77,7 +77,8 @@ impl Progress {
             None => remaining <= heuristic + SIMULATION_LIMIT,
             Some(plan) => {
                 let due = heuristic.max(plan + SLACK);
-                remaining <= due + SIMULATION_WINDOW || (remaining <= due + SIMULATION_LIMIT && self.since_plan >= EVERY)
+                remaining <= due + SIMULATION_WINDOW
+                    || (remaining <= due + SIMULATION_LIMIT && self.since_plan >= EVERY)
             }
         }
     }
@@ -276,7 +277,9 @@ mod tests {
     fn between_values_the_longest_one_must_fit() {
         let mut p = Progress::default();
         assert_eq!(p.reserve(), 2 + SLACK, "a value is due");
-        for t in ["<tool_call>", "\n", "{\"", "name", "\": \"", "f", "\", \"", "arguments", "\": {}}", "\n", "</tool_call>"] {
+        for t in
+            ["<tool_call>", "\n", "{\"", "name", "\": \"", "f", "\", \"", "arguments", "\": {}}", "\n", "</tool_call>"]
+        {
             p.feed(t.as_bytes());
         }
         assert_eq!(p.reserve(), 2 * 7 + SLACK, "the call's JSON took 7 tokens: room for one twice as long");

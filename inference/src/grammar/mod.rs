@@ -16,8 +16,8 @@ mod tokenv;
 pub(crate) use state::{apply_mask, Accepted, SeqGrammar};
 
 use crate::error::EngineError;
-use closing::Closers;
 use crate::tokenizer::Tokenizer;
+use closing::Closers;
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::TokEnv;
 use llguidance::{ParserFactory, TokenParser};
@@ -76,14 +76,20 @@ impl Constraint {
 /// `max_tokens`; forbidding it entirely derails models trained to pretty-print (SmolLM2 writes
 /// `{\n    "name": ...`; json_object went from 32/50 to 38/50 complete objects with this).
 pub fn compact_json_schema(schema: Value) -> Value {
-    with_json_options(schema, serde_json::json!({"item_separator": ",", "key_separator": ":", "whitespace_pattern": "[\\x20\\x0A]{1,12}"}))
+    with_json_options(
+        schema,
+        serde_json::json!({"item_separator": ",", "key_separator": ":", "whitespace_pattern": "[\\x20\\x0A]{1,12}"}),
+    )
 }
 
 /// As [`compact_json_schema`] but with no whitespace choice at all (`", "` / `": "`): tool-call
 /// arguments, written on one line in every tool format models are trained on (and `{}` for a
 /// parameterless tool, never `{\n  }`).
 pub fn inline_json_schema(schema: Value) -> Value {
-    with_json_options(schema, serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}))
+    with_json_options(
+        schema,
+        serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+    )
 }
 
 fn with_json_options(mut schema: Value, options: Value) -> Value {
@@ -187,4 +193,3 @@ impl Lru {
         self.map.insert(key, p.deep_clone());
     }
 }
-

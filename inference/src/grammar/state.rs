@@ -51,7 +51,12 @@ impl SeqGrammar {
         let phase = if c.triggers.is_empty() {
             Phase::Engaged(Box::new(Matcher::new(Ok(c.parser))))
         } else {
-            Phase::Waiting(Box::new(Waiting { triggers: c.triggers, proto: c.parser, tail: Vec::new(), head: Vec::new() }))
+            Phase::Waiting(Box::new(Waiting {
+                triggers: c.triggers,
+                proto: c.parser,
+                tail: Vec::new(),
+                head: Vec::new(),
+            }))
         };
         Self { env: c.env, phase, closers: c.closers, progress: Progress::default() }
     }
@@ -129,7 +134,8 @@ impl SeqGrammar {
                 let bytes = output_bytes(self.env.tok_trie(), token);
                 let Some((replay, trigger_len)) = w.watch(bytes) else { return Ok(Accepted::Continue) };
                 let (matcher, accepted) = engage(&self.env, &w.proto, &replay, trigger_len, bytes)?;
-                let engaged = if matches!(accepted, Accepted::Replace(_)) { &replay[..trigger_len] } else { &replay[..] };
+                let engaged =
+                    if matches!(accepted, Accepted::Replace(_)) { &replay[..trigger_len] } else { &replay[..] };
                 self.progress.feed(engaged);
                 self.phase = Phase::Engaged(Box::new(matcher));
                 Ok(accepted)
@@ -196,7 +202,13 @@ impl Waiting {
 /// A fresh matcher that has consumed `replay` (a trigger plus the rest of its last token). If the
 /// grammar rejects those extra bytes, it consumes the trigger alone and the token is replaced by
 /// its bytes up to the trigger's end.
-fn engage(env: &TokEnv, proto: &TokenParser, replay: &[u8], trigger_len: usize, token: &[u8]) -> Result<(Matcher, Accepted), String> {
+fn engage(
+    env: &TokEnv,
+    proto: &TokenParser,
+    replay: &[u8],
+    trigger_len: usize,
+    token: &[u8],
+) -> Result<(Matcher, Accepted), String> {
     let mut m = Matcher::new(Ok(proto.deep_clone()));
     let all = env.tokenize_bytes(replay);
     if m.try_consume_tokens(&all).map_err(engine)? == all.len() {
@@ -212,7 +224,13 @@ fn engage(env: &TokEnv, proto: &TokenParser, replay: &[u8], trigger_len: usize, 
 /// The closing's choice among the allowed tokens, the same for the plan (`simulate_closing`)
 /// and its execution (`closing_token`): EOS or the closer that most shortens the JSON; else
 /// one of a few tokens after which the grammar may end; else the closing's fallback.
-fn closing_choice(closers: &Closers, progress: &Progress, m: &mut Matcher, mask: &SimpleVob, trie: &TokTrie) -> Result<Option<u32>, String> {
+fn closing_choice(
+    closers: &Closers,
+    progress: &Progress,
+    m: &mut Matcher,
+    mask: &SimpleVob,
+    trie: &TokTrie,
+) -> Result<Option<u32>, String> {
     if let Some(t) = closers.pick(progress, mask) {
         return Ok(Some(t));
     }

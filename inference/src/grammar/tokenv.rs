@@ -7,8 +7,8 @@
 //! grammar literal `"<tool_call>"` matches both the single token and its spelled-out pieces.
 
 use crate::tokenizer::Tokenizer;
-use std::collections::HashSet;
 use llguidance::toktrie::{TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use std::collections::HashSet;
 
 pub(crate) struct KilnTokEnv {
     trie: TokTrie,

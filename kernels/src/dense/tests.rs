@@ -21,11 +21,7 @@ fn isas() -> Vec<Isa> {
 }
 
 fn splits(w: &DenseMatrix, m: usize) -> [Split; 3] {
-    [
-        Split::new(w, m),
-        Split { panels_per_unit: 1, rows_per_unit: 1 },
-        Split { panels_per_unit: 2, rows_per_unit: 5 },
-    ]
+    [Split::new(w, m), Split { panels_per_unit: 1, rows_per_unit: 1 }, Split { panels_per_unit: 2, rows_per_unit: 5 }]
 }
 
 #[test]

@@ -121,16 +121,16 @@ impl QuantMatrix {
         let mut scales = vec![0u16; n_tiles * nb * spr * TILE];
         if nb > 0 {
             // Tiles are independent: pack them in parallel (a 30 MB lm_head takes a while).
-            qs.par_chunks_mut(nb * lpb)
-                .zip(scales.par_chunks_mut(nb * spr * TILE))
-                .enumerate()
-                .for_each(|(t, (q, s))| {
+            qs.par_chunks_mut(nb * lpb).zip(scales.par_chunks_mut(nb * spr * TILE)).enumerate().for_each(
+                |(t, (q, s))| {
                     for r in 0..TILE {
                         let row = t * TILE + r;
-                        let src = (row < n).then(|| &bytes[row * nb * qtype.block_bytes()..][..nb * qtype.block_bytes()]);
+                        let src =
+                            (row < n).then(|| &bytes[row * nb * qtype.block_bytes()..][..nb * qtype.block_bytes()]);
                         pack_row(qtype, src, r, q, s);
                     }
-                });
+                },
+            );
         }
         Ok(Self { qtype, n, k, qs, scales })
     }
@@ -200,11 +200,8 @@ fn pack_row(qtype: QuantType, src: Option<&[u8]>, r: usize, qs: &mut [Line], sca
             }
             QuantType::Q8_0 | QuantType::Q5_0 => {
                 sc[r] = f16_at(0);
-                let w: [i8; QK] = if qtype == QuantType::Q8_0 {
-                    std::array::from_fn(|j| blk[2 + j] as i8)
-                } else {
-                    q5_0_values(blk)
-                };
+                let w: [i8; QK] =
+                    if qtype == QuantType::Q8_0 { std::array::from_fn(|j| blk[2 + j] as i8) } else { q5_0_values(blk) };
                 put_bytes(lines, r, |j| w[j] as u8 ^ 0x80);
             }
             QuantType::Q4_K => {

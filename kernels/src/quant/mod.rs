@@ -62,8 +62,8 @@ use act::{ActBlock, QActs};
 use kact::{KActBlock, KActs};
 pub use matrix::QuantMatrix;
 use matrix::Tile;
-pub use reference::{qmatmul_reference, qmatmul_reference_form};
 pub(crate) use reference::hsum8;
+pub use reference::{qmatmul_reference, qmatmul_reference_form};
 
 /// Values per ggml block (Q4_1, Q5_0, Q8_0, Q8_1 all use 32).
 const QK: usize = 32;

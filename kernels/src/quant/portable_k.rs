@@ -62,7 +62,8 @@ pub(crate) fn q6_k_tile<const R: usize>(w: &Tile<'_>, x: [&[KActBlock]; R], batc
                     let mut sum = 0i32;
                     for v in 0..8 {
                         let bytes = &lines[8 * v + j].0[4 * lane..4 * lane + 4];
-                        let dot: i32 = bytes.iter().enumerate().map(|(i, &q)| q as i32 * xb.qs[32 * v + 4 * j + i] as i32).sum();
+                        let dot: i32 =
+                            bytes.iter().enumerate().map(|(i, &q)| q as i32 * xb.qs[32 * v + 4 * j + i] as i32).sum();
                         sum += sc(2 * v + j / 4) * dot;
                     }
                     sum -= 32 * (xb.bsums[2 * j] * sc(2 * j) + xb.bsums[2 * j + 1] * sc(2 * j + 1));

@@ -136,9 +136,8 @@ fn ref_dot_q4_k(wrow: &[u8], x: &[KActBlock], batched: bool) -> f32 {
         let (mut s, mut m) = (0i32, 0i32);
         for sub in 0..8 {
             let (pair, shift) = (sub / 2, 4 * (sub % 2));
-            let dot: i32 = (0..32)
-                .map(|e| ((blk[16 + 32 * pair + e] >> shift) & 0xF) as i32 * xb.qs[32 * sub + e] as i32)
-                .sum();
+            let dot: i32 =
+                (0..32).map(|e| ((blk[16 + 32 * pair + e] >> shift) & 0xF) as i32 * xb.qs[32 * sub + e] as i32).sum();
             s += sc[sub] as i32 * dot;
             m += mn[sub] as i32 * (xb.bsums[2 * sub] + xb.bsums[2 * sub + 1]);
             if batched && sub % 2 == 1 {

@@ -8,7 +8,8 @@ use super::act::{quantize_block_ref, QActs};
 use super::*;
 use crate::testutil::{max_abs_diff, TestRng};
 
-pub(super) const ALL: [QuantType; 5] = [QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0, QuantType::Q4_K, QuantType::Q6_K];
+pub(super) const ALL: [QuantType; 5] =
+    [QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0, QuantType::Q4_K, QuantType::Q6_K];
 
 /// Random valid ggml blocks for an `[n, k]` matrix, with realistic scales (every bit pattern
 /// of the quant bytes is a valid block; the f16 fields get plausible magnitudes).
@@ -169,7 +170,13 @@ fn activation_quantization_simd_matches_scalar() {
 #[test]
 fn kernels_match_reference_bit_for_bit() {
     let ms: Vec<usize> = (1..=9).chain([64]).collect();
-    sweep_against_reference(3, &[QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0], &[32, 64, 576, 1536], &[1, 7, 16, 17, 40, 100], &ms);
+    sweep_against_reference(
+        3,
+        &[QuantType::Q4_1, QuantType::Q5_0, QuantType::Q8_0],
+        &[32, 64, 576, 1536],
+        &[1, 7, 16, 17, 40, 100],
+        &ms,
+    );
 }
 
 /// Every kernel family on random weights and activations of every shape in the grid equals the

@@ -133,7 +133,10 @@ fn dequant_row(qtype: QuantType, row: &[u8]) -> Vec<f64> {
                     if j < 4 {
                         ((sc[j] & 63) as f64, (sc[j + 4] & 63) as f64)
                     } else {
-                        (((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f64, ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f64)
+                        (
+                            ((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)) as f64,
+                            ((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)) as f64,
+                        )
                     }
                 };
                 for p in 0..4 {
@@ -186,7 +189,10 @@ fn k_llama_cpp_batch_form_matches_reference() {
             }
             let single = reference(&w, &x, m);
             for i in 0..m {
-                let same = want[i * n..(i + 1) * n].iter().zip(&single[i * n..(i + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = want[i * n..(i + 1) * n]
+                    .iter()
+                    .zip(&single[i * n..(i + 1) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert_eq!(!same, k_batched(qtype, Form::LlamaCppBatch, i, m), "{qtype:?} m={m} row {i}");
             }
         }

@@ -7,9 +7,9 @@
 
 use crate::batch::ForwardBatch;
 use crate::error::Result;
+use crate::kv_cache::LayerKv;
 use crate::layers::Linear;
 use candle_core::{Device, Tensor};
-use crate::kv_cache::LayerKv;
 use kiln_kernels::{paged_attention, rope_inplace, write_kv, AttnShape, HeadsSpan, KvElem, RopeStyle, RopeTable};
 
 pub struct Attention {

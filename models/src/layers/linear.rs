@@ -124,7 +124,8 @@ fn quant_part(q: Arc<QTensor>) -> Result<Part> {
     match (qtype, q.device()) {
         (Some(t), Device::Cpu) => {
             let (n, k) = q.shape().dims2()?;
-            let m = QuantMatrix::from_ggml_bytes(t, n, k, &q.data()?).map_err(|e| ModelError::Invalid(e.to_string()))?;
+            let m =
+                QuantMatrix::from_ggml_bytes(t, n, k, &q.data()?).map_err(|e| ModelError::Invalid(e.to_string()))?;
             Ok(Part::Kiln(m))
         }
         _ => Ok(Part::Quant(QMatMul::from_arc(q)?)),
@@ -143,7 +144,13 @@ fn stack(ws: Vec<Weight>) -> Result<Part> {
     }
     match &ws[0] {
         Weight::Float(_) => {
-            let ts: Vec<Tensor> = ws.into_iter().map(|w| match w { Weight::Float(t) => t, Weight::Quant(_) => unreachable!("same_storage") }).collect();
+            let ts: Vec<Tensor> = ws
+                .into_iter()
+                .map(|w| match w {
+                    Weight::Float(t) => t,
+                    Weight::Quant(_) => unreachable!("same_storage"),
+                })
+                .collect();
             Ok(Part::Float(Tensor::cat(&ts, 0)?))
         }
         Weight::Quant(first) => {

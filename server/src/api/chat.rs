@@ -28,7 +28,10 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let calls = plan.as_ref().is_some_and(ToolPlan::calls_allowed);
     let format = response_format::constraint(req.response_format.as_ref())?;
     if format.is_some() && calls {
-        return Err(ApiError::invalid("response_format", "response_format cannot be combined with tool calls; use tool_choice \"none\" or drop one"));
+        return Err(ApiError::invalid(
+            "response_format",
+            "response_format cannot be combined with tool calls; use tool_choice \"none\" or drop one",
+        ));
     }
     let mut params = req.params()?;
     let include_usage = req.sampling.include_usage()?;
@@ -45,9 +48,13 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
         forbid_call_token(engine.tokenizer(), &mut params);
     }
     let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
-    let text = template.render_with_kwargs(&messages, tools.as_deref(), true, &kwargs).map_err(|e| ApiError::from_engine(e, "messages"))?;
+    let text = template
+        .render_with_kwargs(&messages, tools.as_deref(), true, &kwargs)
+        .map_err(|e| ApiError::from_engine(e, "messages"))?;
     let grammar_param = if calls { "tools" } else { "response_format" };
-    let mut tracked = submit(&state, &engine, Prompt::Text(text), params).await.map_err(|e| grammar_error(e, grammar_param, "messages"))?;
+    let mut tracked = submit(&state, &engine, Prompt::Text(text), params)
+        .await
+        .map_err(|e| grammar_error(e, grammar_param, "messages"))?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     if req.sampling.stream() {
         let mut ctx = StreamCtx::new(&state, Kind::Chat, id, include_usage, engine.tokenizer().clone());
@@ -60,8 +67,16 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            let lp = if req.logprobs.unwrap_or(false) { logprobs::chat(engine.tokenizer(), &o.logprobs) } else { Value::Null };
-            let (message, finish) = if calls { with_tool_calls(o) } else { (json!({"role": "assistant", "content": o.text}), o.finish.map(|r| r.as_str())) };
+            let lp = if req.logprobs.unwrap_or(false) {
+                logprobs::chat(engine.tokenizer(), &o.logprobs)
+            } else {
+                Value::Null
+            };
+            let (message, finish) = if calls {
+                with_tool_calls(o)
+            } else {
+                (json!({"role": "assistant", "content": o.text}), o.finish.map(|r| r.as_str()))
+            };
             json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         })
         .collect();
@@ -78,7 +93,8 @@ fn with_tool_calls(o: &ChoiceOut) -> (Value, Option<&'static str>) {
     let mut parser = CallParser::new();
     let mut pieces = parser.push(&o.text);
     pieces.extend(parser.finish());
-    let content: String = pieces.iter().filter_map(|p| if let Piece::Content(c) = p { Some(c.as_str()) } else { None }).collect();
+    let content: String =
+        pieces.iter().filter_map(|p| if let Piece::Content(c) = p { Some(c.as_str()) } else { None }).collect();
     let calls = parser.calls();
     if calls.is_empty() {
         return (json!({"role": "assistant", "content": content}), o.finish.map(|r| r.as_str()));
@@ -88,7 +104,10 @@ fn with_tool_calls(o: &ChoiceOut) -> (Value, Option<&'static str>) {
         .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
         .collect();
     let content = if content.is_empty() { Value::Null } else { Value::String(content) };
-    (json!({"role": "assistant", "content": content, "tool_calls": tool_calls}), o.finish.map(|r| finish_reason(true, r)))
+    (
+        json!({"role": "assistant", "content": content, "tool_calls": tool_calls}),
+        o.finish.map(|r| finish_reason(true, r)),
+    )
 }
 
 /// `tool_choice: "none"`: when the call tag is one token (Qwen's `<tool_call>`), the model may
@@ -111,18 +130,29 @@ fn normalize_messages(messages: &[Value]) -> ApiResult<Vec<Value>> {
 
 fn normalize_message(i: usize, m: &Value) -> ApiResult<Value> {
     let param = format!("messages[{i}]");
-    let mut obj = m.as_object().cloned().ok_or_else(|| ApiError::invalid(&param, format!("{param} must be an object")))?;
+    let mut obj =
+        m.as_object().cloned().ok_or_else(|| ApiError::invalid(&param, format!("{param} must be an object")))?;
     let role = obj.get("role").and_then(Value::as_str).unwrap_or_default().to_string();
     let role = match role.as_str() {
         "system" | "user" | "assistant" | "tool" => role,
         "developer" => "system".to_string(),
-        other => return Err(ApiError::invalid(&format!("{param}.role"), format!("unknown role '{other}'; expected system, developer, user, assistant or tool"))),
+        other => {
+            return Err(ApiError::invalid(
+                &format!("{param}.role"),
+                format!("unknown role '{other}'; expected system, developer, user, assistant or tool"),
+            ))
+        }
     };
     let content = match obj.get("content") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => text_parts(&param, parts)?,
         None | Some(Value::Null) if role == "assistant" => String::new(),
-        _ => return Err(ApiError::invalid(&format!("{param}.content"), format!("{param}.content must be a string or an array of text parts"))),
+        _ => {
+            return Err(ApiError::invalid(
+                &format!("{param}.content"),
+                format!("{param}.content must be a string or an array of text parts"),
+            ))
+        }
     };
     obj.insert("role".into(), Value::String(role));
     obj.insert("content".into(), Value::String(content));
@@ -137,7 +167,10 @@ fn text_parts(param: &str, parts: &[Value]) -> ApiResult<String> {
             (t, _) => {
                 return Err(ApiError::invalid(
                     &format!("{param}.content[{j}]"),
-                    format!("content part type '{}' is not supported (this model reads text only)", t.unwrap_or("(missing)")),
+                    format!(
+                        "content part type '{}' is not supported (this model reads text only)",
+                        t.unwrap_or("(missing)")
+                    ),
                 ))
             }
         }

@@ -24,7 +24,10 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let req: CompletionRequest = parse_with_sampling(&body_bytes(body)?)?;
     state.check_model(&req.model)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid("suffix", "suffix is not supported: the served model has no fill-in-the-middle training"));
+        return Err(ApiError::invalid(
+            "suffix",
+            "suffix is not supported: the served model has no fill-in-the-middle training",
+        ));
     }
     let mut params = req.params()?;
     params.constraint = response_format::constraint(req.response_format.as_ref())?;
@@ -64,7 +67,12 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     Ok(Json(body).into_response())
 }
 
-async fn collect_part(t: &mut Tracked, offset: usize, echo: Option<&str>, want_logprobs: bool) -> ApiResult<Vec<Value>> {
+async fn collect_part(
+    t: &mut Tracked,
+    offset: usize,
+    echo: Option<&str>,
+    want_logprobs: bool,
+) -> ApiResult<Vec<Value>> {
     let outs = collect(t).await.map_err(|e| ApiError::from_engine(e, "prompt"))?;
     Ok(outs
         .into_iter()
@@ -101,7 +109,10 @@ fn prompts(input: &PromptInput) -> ApiResult<Vec<Prompt>> {
         PromptInput::TokenLists(v) => v.iter().cloned().map(Prompt::Tokens).collect(),
     };
     if v.is_empty() || v.len() > MAX_PROMPTS {
-        return Err(ApiError::invalid("prompt", format!("prompt must hold between 1 and {MAX_PROMPTS} prompts, got {}", v.len())));
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("prompt must hold between 1 and {MAX_PROMPTS} prompts, got {}", v.len()),
+        ));
     }
     Ok(v)
 }

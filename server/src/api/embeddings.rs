@@ -43,7 +43,12 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
-        Some(other) => return Err(ApiError::invalid("encoding_format", format!("encoding_format must be 'float' or 'base64', got '{other}'"))),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("encoding_format must be 'float' or 'base64', got '{other}'"),
+            ))
+        }
     };
     let dimensions = match req.dimensions {
         None => None,

@@ -69,7 +69,9 @@ impl ApiError {
                 let param = if param == "prompt" { prompt_param } else { param };
                 Self::invalid(param, message)
             }
-            EngineError::ContextLengthExceeded { .. } => Self::invalid(prompt_param, e.to_string()).with_code("context_length_exceeded"),
+            EngineError::ContextLengthExceeded { .. } => {
+                Self::invalid(prompt_param, e.to_string()).with_code("context_length_exceeded")
+            }
             EngineError::Overloaded => Self {
                 code: Some("rate_limit_exceeded"),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", e.to_string())

@@ -17,7 +17,12 @@ pub struct Tracked {
 }
 
 /// Submits on a blocking thread: tokenization of a long prompt must not stall the runtime.
-pub async fn submit(state: &Shared, engine: &EngineHandle, prompt: Prompt, params: SamplingParams) -> Result<Tracked, EngineError> {
+pub async fn submit(
+    state: &Shared,
+    engine: &EngineHandle,
+    prompt: Prompt,
+    params: SamplingParams,
+) -> Result<Tracked, EngineError> {
     let h = engine.clone();
     let stream = tokio::task::spawn_blocking(move || h.generate(prompt, params))
         .await

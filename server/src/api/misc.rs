@@ -79,7 +79,10 @@ pub async fn tokenize(State(state): State<Shared>, body: Result<Bytes, BytesReje
         (Some(p), None) if req.add_special_tokens => tok.encode_prompt(p, true),
         (Some(p), None) => tok.encode(p, true),
         (None, Some(msgs)) => {
-            let t = tok.chat_template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
+            let t = tok
+                .chat_template
+                .as_ref()
+                .ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
             t.render(msgs, None, req.add_generation_prompt).and_then(|text| tok.encode_prompt(&text, true))
         }
         _ => return Err(ApiError::invalid("prompt", "give exactly one of 'prompt' or 'messages'")),

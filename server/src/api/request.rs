@@ -26,7 +26,8 @@ pub fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             return not_json(&inner);
         }
         // serde reports a missing field at the enclosing object; name the field itself.
-        let missing = inner.to_string().strip_prefix("missing field `").and_then(|m| m.split('`').next()).map(str::to_string);
+        let missing =
+            inner.to_string().strip_prefix("missing field `").and_then(|m| m.split('`').next()).map(str::to_string);
         match (path.as_str(), missing) {
             ("." | "?", Some(field)) => ApiError::invalid(&field, format!("'{field}' is required")),
             ("." | "?", None) => ApiError::invalid("body", format!("invalid request body: {inner}")),
@@ -166,16 +167,20 @@ fn non_negative(v: Option<i64>, param: &str) -> ApiResult<Option<usize>> {
 
 impl Sampling {
     /// The engine's parameters; ranges are checked by the engine (one place), shapes here.
-    pub fn to_params(&self, max_tokens_field: (Option<i64>, &str), logprobs: Option<usize>) -> ApiResult<SamplingParams> {
+    pub fn to_params(
+        &self,
+        max_tokens_field: (Option<i64>, &str),
+        logprobs: Option<usize>,
+    ) -> ApiResult<SamplingParams> {
         let d = SamplingParams::default();
         let logit_bias = match &self.logit_bias {
             None => Vec::new(),
             Some(m) => m
                 .iter()
                 .map(|(k, &b)| {
-                    k.parse::<u32>()
-                        .map(|id| (id, b))
-                        .map_err(|_| ApiError::invalid("logit_bias", format!("logit_bias keys must be token ids, got '{k}'")))
+                    k.parse::<u32>().map(|id| (id, b)).map_err(|_| {
+                        ApiError::invalid("logit_bias", format!("logit_bias keys must be token ids, got '{k}'"))
+                    })
                 })
                 .collect::<ApiResult<Vec<_>>>()?,
         };
@@ -216,7 +221,9 @@ impl Sampling {
 
     pub fn include_usage(&self) -> ApiResult<bool> {
         match (self.stream(), self.stream_options) {
-            (false, Some(_)) => Err(ApiError::invalid("stream_options", "stream_options is only allowed when stream is true")),
+            (false, Some(_)) => {
+                Err(ApiError::invalid("stream_options", "stream_options is only allowed when stream is true"))
+            }
             (_, o) => Ok(o.is_some_and(|o| o.include_usage)),
         }
     }
@@ -255,7 +262,11 @@ pub fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) ->
     r.map_err(|e| {
         let status = e.status();
         if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(status, "invalid_request_error", format!("the request body is larger than {} bytes", super::MAX_BODY_BYTES))
+            ApiError::new(
+                status,
+                "invalid_request_error",
+                format!("the request body is larger than {} bytes", super::MAX_BODY_BYTES),
+            )
         } else {
             ApiError::new(status, "invalid_request_error", format!("cannot read the request body: {e}"))
         }

@@ -13,28 +13,46 @@ const PARAM: &str = "response_format";
 /// The constraint a `response_format` value asks for (`None` for plain text).
 pub fn constraint(rf: Option<&Value>) -> ApiResult<Option<Constraint>> {
     let Some(rf) = rf.filter(|v| !v.is_null()) else { return Ok(None) };
-    let kind = rf.get("type").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(PARAM, "response_format needs a 'type'"))?;
+    let kind = rf
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid(PARAM, "response_format needs a 'type'"))?;
     match kind {
         "text" => Ok(None),
         "json_object" => Ok(Some(Constraint::json_schema(compact_json_schema(json!({"type": "object"}))))),
         "json_schema" => {
-            let spec = rf
-                .get("json_schema")
-                .and_then(Value::as_object)
-                .ok_or_else(|| ApiError::invalid("response_format.json_schema", "response_format of type 'json_schema' needs a 'json_schema' object"))?;
+            let spec = rf.get("json_schema").and_then(Value::as_object).ok_or_else(|| {
+                ApiError::invalid(
+                    "response_format.json_schema",
+                    "response_format of type 'json_schema' needs a 'json_schema' object",
+                )
+            })?;
             match spec.get("name").and_then(Value::as_str) {
                 Some(n) if valid_name(n) => {}
-                _ => return Err(ApiError::invalid("response_format.json_schema.name", "json_schema.name is required: a-z, A-Z, 0-9, '_' and '-', at most 64 characters")),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.name",
+                        "json_schema.name is required: a-z, A-Z, 0-9, '_' and '-', at most 64 characters",
+                    ))
+                }
             }
             let schema = match spec.get("schema") {
                 Some(s @ Value::Object(_)) => s.clone(),
                 // OpenAI treats a missing schema as "any JSON".
                 None | Some(Value::Null) => json!({}),
-                Some(_) => return Err(ApiError::invalid("response_format.json_schema.schema", "json_schema.schema must be a JSON schema object")),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.schema",
+                        "json_schema.schema must be a JSON schema object",
+                    ))
+                }
             };
             Ok(Some(Constraint::json_schema(compact_json_schema(schema))))
         }
-        other => Err(ApiError::invalid(PARAM, format!("unknown response_format type '{other}'; expected text, json_object or json_schema"))),
+        other => Err(ApiError::invalid(
+            PARAM,
+            format!("unknown response_format type '{other}'; expected text, json_object or json_schema"),
+        )),
     }
 }
 

@@ -9,11 +9,11 @@
 use super::error::ApiError;
 use super::generation::{usage, Tracked};
 use super::logprobs;
+use super::tools::parse::{finish_reason, CallParser, Piece};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, StreamExt};
 use kiln_inference::tokenizer::Tokenizer;
-use super::tools::parse::{finish_reason, CallParser, Piece};
 use kiln_inference::Delta;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -43,7 +43,13 @@ pub struct StreamCtx {
 
 impl StreamCtx {
     /// A response's shared chunk fields, stamped now.
-    pub fn new(state: &super::AppState, kind: Kind, id: String, include_usage: bool, tokenizer: Arc<Tokenizer>) -> Self {
+    pub fn new(
+        state: &super::AppState,
+        kind: Kind,
+        id: String,
+        include_usage: bool,
+        tokenizer: Arc<Tokenizer>,
+    ) -> Self {
         Self {
             id,
             created: super::generation::unix_now(),
@@ -76,12 +82,17 @@ struct Totals {
 pub fn response(ctx: StreamCtx, parts: Vec<Part>) -> Response {
     let ctx = Arc::new(ctx);
     let totals = Arc::new(Totals::default());
-    let subs: Vec<BoxStream<'static, Event>> = parts.into_iter().map(|p| part_stream(ctx.clone(), p, totals.clone())).collect();
+    let subs: Vec<BoxStream<'static, Event>> =
+        parts.into_iter().map(|p| part_stream(ctx.clone(), p, totals.clone())).collect();
     let tail_ctx = ctx.clone();
     let tail = stream::once(async move {
         let mut events = Vec::new();
         if tail_ctx.include_usage {
-            let (p, c, k) = (totals.prompt.load(Ordering::Relaxed), totals.completion.load(Ordering::Relaxed), totals.cached.load(Ordering::Relaxed));
+            let (p, c, k) = (
+                totals.prompt.load(Ordering::Relaxed),
+                totals.completion.load(Ordering::Relaxed),
+                totals.cached.load(Ordering::Relaxed),
+            );
             let mut chunk = envelope(&tail_ctx, vec![]);
             chunk["usage"] = usage(p, c, k);
             events.push(data(&chunk));
@@ -112,7 +123,16 @@ fn part_stream(ctx: Arc<StreamCtx>, part: Part, totals: Arc<Totals>) -> BoxStrea
     totals.prompt.fetch_add(part.tracked.prompt_tokens(), Ordering::Relaxed);
     totals.cached.fetch_add(part.tracked.cached_tokens(), Ordering::Relaxed);
     let parsers = if ctx.tool_calls { (0..n).map(|_| CallParser::new()).collect() } else { Vec::new() };
-    let st = PartState { part, ctx, totals, queue: VecDeque::new(), started: vec![false; n], sent: vec![0; n], parsers, done: false };
+    let st = PartState {
+        part,
+        ctx,
+        totals,
+        queue: VecDeque::new(),
+        started: vec![false; n],
+        sent: vec![0; n],
+        parsers,
+        done: false,
+    };
     stream::unfold(st, |mut st| async move {
         loop {
             if let Some(ev) = st.queue.pop_front() {
@@ -159,11 +179,16 @@ impl PartState {
         if !d.text.is_empty() || !d.logprobs.is_empty() {
             let choice = match ctx.kind {
                 Kind::Chat => {
-                    let lp = if d.logprobs.is_empty() { Value::Null } else { logprobs::chat(&ctx.tokenizer, &d.logprobs) };
+                    let lp =
+                        if d.logprobs.is_empty() { Value::Null } else { logprobs::chat(&ctx.tokenizer, &d.logprobs) };
                     json!({"index": index, "delta": {"content": d.text}, "logprobs": lp, "finish_reason": null})
                 }
                 Kind::Completion => {
-                    let lp = if d.logprobs.is_empty() { Value::Null } else { logprobs::completion(&d.logprobs, &vec![self.sent[i]; d.logprobs.len()]) };
+                    let lp = if d.logprobs.is_empty() {
+                        Value::Null
+                    } else {
+                        logprobs::completion(&d.logprobs, &vec![self.sent[i]; d.logprobs.len()])
+                    };
                     json!({"index": index, "text": d.text, "logprobs": lp, "finish_reason": null})
                 }
             };
@@ -198,12 +223,16 @@ impl PartState {
                 Piece::Start { index: k, id, name } => {
                     json!({"tool_calls": [{"index": k, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]})
                 }
-                Piece::Args { index: k, fragment } => json!({"tool_calls": [{"index": k, "function": {"arguments": fragment}}]}),
+                Piece::Args { index: k, fragment } => {
+                    json!({"tool_calls": [{"index": k, "function": {"arguments": fragment}}]})
+                }
             };
             self.push(json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null}));
         }
         if let Some(r) = d.finish_reason {
-            self.push(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(has_calls, r)}));
+            self.push(
+                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(has_calls, r)}),
+            );
         }
     }
 

@@ -26,7 +26,9 @@ pub fn constraint(plan: &ToolPlan) -> Option<Constraint> {
             ];
             Some(Constraint { triggers, closes_json: true, ..Constraint::lark(lark(plan, true)) })
         }
-        Choice::Required | Choice::Named(_) => Some(Constraint { closes_json: true, ..Constraint::lark(lark(plan, false)) }),
+        Choice::Required | Choice::Named(_) => {
+            Some(Constraint { closes_json: true, ..Constraint::lark(lark(plan, false)) })
+        }
     }
 }
 
@@ -72,7 +74,9 @@ mod tests {
 
     #[test]
     fn grammar_text() {
-        let tools = [json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})];
+        let tools = [
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
+        ];
         let plan = ToolPlan::from_request(Some(&tools), Some(&json!("required")), Some(false)).unwrap().unwrap();
         let g = lark(&plan, false);
         assert!(g.starts_with("start: tagged\ntagged: \"<tool_call>\" call\n"), "{g}");
@@ -81,10 +85,13 @@ mod tests {
         let auto = ToolPlan { choice: Choice::Auto, parallel: true, ..plan };
         let c = constraint(&auto).unwrap();
         assert_eq!(c.triggers.len(), 3);
-        assert!(matches!(&c.grammar, kiln_inference::Grammar::Lark(g) if g.starts_with("start: tagged | body | \"```json\\n\" body \"\\n```\"\n")));
+        assert!(
+            matches!(&c.grammar, kiln_inference::Grammar::Lark(g) if g.starts_with("start: tagged | body | \"```json\\n\" body \"\\n```\"\n"))
+        );
         let none = constraint(&ToolPlan { choice: Choice::None, ..auto }).unwrap();
         assert!(none.triggers.is_empty() && !none.closes_json);
-        let expected = "start: TEXT\nTEXT: /(?s:.*)/ & ~/[ \\t\\r\\n]*(```json[ \\t\\r\\n]*)?\\{[ \\t\\r\\n]*\"name(?s:.*)/\n";
+        let expected =
+            "start: TEXT\nTEXT: /(?s:.*)/ & ~/[ \\t\\r\\n]*(```json[ \\t\\r\\n]*)?\\{[ \\t\\r\\n]*\"name(?s:.*)/\n";
         assert_eq!(none.grammar, kiln_inference::Grammar::Lark(expected.into()));
     }
 }

@@ -54,7 +54,11 @@ pub struct ToolPlan {
 
 impl ToolPlan {
     /// `None` when the request has no tools. Every mistake is a 400 naming the field.
-    pub fn from_request(tools: Option<&[Value]>, tool_choice: Option<&Value>, parallel: Option<bool>) -> ApiResult<Option<Self>> {
+    pub fn from_request(
+        tools: Option<&[Value]>,
+        tool_choice: Option<&Value>,
+        parallel: Option<bool>,
+    ) -> ApiResult<Option<Self>> {
         let tool_choice = tool_choice.filter(|c| !c.is_null());
         let Some(list) = tools else {
             return match tool_choice {
@@ -69,7 +73,10 @@ impl ToolPlan {
         let tools = list.iter().enumerate().map(|(i, t)| parse_tool(i, t)).collect::<ApiResult<Vec<_>>>()?;
         for (i, t) in tools.iter().enumerate() {
             if !seen.insert(t.name.clone()) {
-                return Err(ApiError::invalid(&format!("tools[{i}].function.name"), format!("tool name '{}' is given twice", t.name)));
+                return Err(ApiError::invalid(
+                    &format!("tools[{i}].function.name"),
+                    format!("tool name '{}' is given twice", t.name),
+                ));
             }
         }
         let choice = parse_choice(tool_choice, &tools)?;
@@ -97,17 +104,33 @@ fn parse_tool(i: usize, t: &Value) -> ApiResult<Tool> {
     let p = format!("tools[{i}]");
     match t.get("type").and_then(Value::as_str) {
         Some("function") => {}
-        other => return Err(ApiError::invalid(&format!("{p}.type"), format!("tool type must be 'function', got {}", other.unwrap_or("(missing)")))),
+        other => {
+            return Err(ApiError::invalid(
+                &format!("{p}.type"),
+                format!("tool type must be 'function', got {}", other.unwrap_or("(missing)")),
+            ))
+        }
     }
-    let f = t.get("function").and_then(Value::as_object).ok_or_else(|| ApiError::invalid(&format!("{p}.function"), "a function tool needs a 'function' object"))?;
+    let f = t
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ApiError::invalid(&format!("{p}.function"), "a function tool needs a 'function' object"))?;
     let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
     if !valid_name(name) {
-        return Err(ApiError::invalid(&format!("{p}.function.name"), format!("invalid function name '{name}': use a-z, A-Z, 0-9, '_' and '-', at most 64 characters")));
+        return Err(ApiError::invalid(
+            &format!("{p}.function.name"),
+            format!("invalid function name '{name}': use a-z, A-Z, 0-9, '_' and '-', at most 64 characters"),
+        ));
     }
     let parameters = match f.get("parameters") {
         None | Some(Value::Null) => json!({"type": "object", "properties": {}, "additionalProperties": false}),
         Some(s @ Value::Object(_)) => s.clone(),
-        Some(_) => return Err(ApiError::invalid(&format!("{p}.function.parameters"), "function parameters must be a JSON schema object")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                &format!("{p}.function.parameters"),
+                "function parameters must be a JSON schema object",
+            ))
+        }
     };
     Ok(Tool { name: name.to_string(), raw: t.clone(), parameters })
 }
@@ -164,7 +187,10 @@ mod tests {
         assert!(ToolPlan::from_request(Some(&[tool("a"), tool("a")]), None, None).is_err());
         assert!(ToolPlan::from_request(Some(&[tool("bad name")]), None, None).is_err());
         assert!(ToolPlan::from_request(Some(&[json!({"type": "retrieval"})]), None, None).is_err());
-        let bare = ToolPlan::from_request(Some(&[json!({"type": "function", "function": {"name": "now"}})]), None, None).unwrap().unwrap();
+        let bare =
+            ToolPlan::from_request(Some(&[json!({"type": "function", "function": {"name": "now"}})]), None, None)
+                .unwrap()
+                .unwrap();
         assert_eq!(bare.tools[0].parameters["additionalProperties"], json!(false));
         assert!(call_id().starts_with("call_") && call_id().len() == 29);
     }

@@ -225,7 +225,10 @@ fn head(s: &str) -> Option<(String, usize)> {
 
 /// Length of the longest suffix of `s` that is a proper prefix of `tag` (text to hold back).
 fn partial_tag_len(s: &str, tag: &str) -> usize {
-    (1..tag.len().min(s.len() + 1)).rev().find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..])).unwrap_or(0)
+    (1..tag.len().min(s.len() + 1))
+        .rev()
+        .find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -241,7 +244,8 @@ mod tests {
             pieces.extend(p.push(c));
         }
         pieces.extend(p.finish());
-        let content = pieces.iter().filter_map(|x| if let Piece::Content(c) = x { Some(c.as_str()) } else { None }).collect();
+        let content =
+            pieces.iter().filter_map(|x| if let Piece::Content(c) = x { Some(c.as_str()) } else { None }).collect();
         (content, p.calls().to_vec(), pieces)
     }
 
@@ -257,7 +261,10 @@ mod tests {
         let refs: Vec<&str> = chars.iter().map(String::as_str).collect();
         let (c2, calls2, pieces) = run(&refs);
         assert_eq!(c2, content);
-        assert_eq!(calls2.iter().map(|c| (&c.name, &c.arguments)).collect::<Vec<_>>(), calls.iter().map(|c| (&c.name, &c.arguments)).collect::<Vec<_>>());
+        assert_eq!(
+            calls2.iter().map(|c| (&c.name, &c.arguments)).collect::<Vec<_>>(),
+            calls.iter().map(|c| (&c.name, &c.arguments)).collect::<Vec<_>>()
+        );
         assert!(pieces.iter().all(|p| !matches!(p, Piece::Content(c) if c.contains('<'))), "{pieces:?}");
     }
 

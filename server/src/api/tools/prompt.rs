@@ -19,8 +19,13 @@ For each function call, return a json object with function name and arguments wi
 <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
 
 /// The messages (and `tools` argument) to render. `native`: the template renders tools itself.
-pub fn prepare(messages: Vec<Value>, plan: Option<&ToolPlan>, native: bool) -> ApiResult<(Vec<Value>, Option<Vec<Value>>)> {
-    let messages = messages.into_iter().enumerate().map(|(i, m)| decode_arguments(i, m)).collect::<ApiResult<Vec<_>>>()?;
+pub fn prepare(
+    messages: Vec<Value>,
+    plan: Option<&ToolPlan>,
+    native: bool,
+) -> ApiResult<(Vec<Value>, Option<Vec<Value>>)> {
+    let messages =
+        messages.into_iter().enumerate().map(|(i, m)| decode_arguments(i, m)).collect::<ApiResult<Vec<_>>>()?;
     if native {
         let shown = plan.filter(|p| p.calls_allowed());
         return Ok((messages, shown.map(|p| p.tools.iter().map(|t| t.raw.clone()).collect())));
@@ -46,9 +51,16 @@ fn decode_arguments(i: usize, mut m: Value) -> ApiResult<Value> {
     for (j, call) in calls.iter_mut().enumerate() {
         let Some(args) = call.pointer_mut("/function/arguments") else { continue };
         if let Value::String(s) = args {
-            let parsed = if s.trim().is_empty() { json!({}) } else { serde_json::from_str(s).map_err(|e| {
-                ApiError::invalid(&format!("messages[{i}].tool_calls[{j}].function.arguments"), format!("arguments must be a JSON string of an object: {e}"))
-            })? };
+            let parsed = if s.trim().is_empty() {
+                json!({})
+            } else {
+                serde_json::from_str(s).map_err(|e| {
+                    ApiError::invalid(
+                        &format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                        format!("arguments must be a JSON string of an object: {e}"),
+                    )
+                })?
+            };
             *args = parsed;
         }
     }
@@ -74,7 +86,8 @@ fn as_text_turns(messages: Vec<Value>) -> Vec<Value> {
                 out.push(json!({"role": "assistant", "content": text}));
             }
             Some("tool") => {
-                let result = format!("<tool_response>\n{}\n</tool_response>", m["content"].as_str().unwrap_or_default());
+                let result =
+                    format!("<tool_response>\n{}\n</tool_response>", m["content"].as_str().unwrap_or_default());
                 match out.last_mut() {
                     Some(prev) if prev["role"] == "user" && prev.get("kiln_tool_results").is_some() => {
                         let joined = format!("{}\n{result}", prev["content"].as_str().unwrap_or_default());

@@ -1,17 +1,21 @@
 //! The KV block manager: hands out fixed-size KV cache blocks by id, counts references to each
-//! block so sequences can share them (forks for `n > 1`; prefix caching later), and performs
-//! copy-on-write bookkeeping.
+//! block so sequences can share them (forks for `n > 1`, sessions, prefix caching), performs
+//! copy-on-write bookkeeping, and keeps the prefix cache: full blocks registered under their
+//! content hash ([`BlockHash`]) stay reusable after their last user frees them, until the pool
+//! needs them back (least recently freed first).
 //!
-//! It owns only ids and counts. It must not touch a tensor, know a model, or know what a sequence
-//! is: the caller keeps one [`BlockTable`] per sequence, and the runner copies KV contents for the
-//! `(src, dst)` pairs this module returns.
+//! It owns only ids, counts and hashes. It must not touch a tensor, know a model, or know what a
+//! sequence is: the caller keeps one [`BlockTable`] per sequence, computes the hashes, and the
+//! runner copies KV contents for the `(src, dst)` pairs this module returns.
 //!
 //! Every fallible operation is all-or-nothing: on [`OutOfBlocks`] nothing changed, so the
 //! scheduler can preempt someone and simply retry.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
 
 use thiserror::Error;
+
+pub use crate::block_hash::BlockHash;
 
 /// Index of a block in the KV cache; block `b` holds slots `b * block_size .. (b + 1) * block_size`.
 pub type BlockId = u32;
@@ -59,35 +63,88 @@ impl BlockTable {
     }
 }
 
+/// Cumulative prefix-cache counters (vLLM's `prefix_cache_queries` / `_hits`, in tokens).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheCounters {
+    /// Prompt tokens looked up at admission.
+    pub queried_tokens: u64,
+    /// Of those, tokens whose K/V came from cached blocks.
+    pub hit_tokens: u64,
+    /// Cached blocks whose contents were dropped to reuse the block.
+    pub evictions: u64,
+}
+
 /// Fixed pool of `num_blocks` blocks of `block_size` token slots each.
 #[derive(Debug)]
 pub struct BlockManager {
     block_size: usize,
-    /// `ref_counts[b]`: how many table entries point at block `b`; 0 means it is in `free`.
+    /// `ref_counts[b]`: how many tables point at block `b`; 0 means it is in `free`.
     ref_counts: Vec<u32>,
-    /// Free blocks, oldest-freed first. FIFO (not a stack) so reuse is predictable in tests and
-    /// so a freed block keeps its contents as long as possible, which prefix caching will want.
-    free: VecDeque<BlockId>,
+    /// Unreferenced blocks in eviction order, keyed by the stamp of when they were freed: the
+    /// least recently freed is handed out first, so a freed cached block keeps its contents as
+    /// long as possible. A map (not a queue) because a cache hit takes a block out of the middle.
+    free: BTreeMap<u64, BlockId>,
+    /// `free_stamp[b]`: `b`'s key in `free` while it is free.
+    free_stamp: Vec<u64>,
+    next_stamp: u64,
+    /// The content hash of each block registered in the prefix cache.
+    hash_of: Vec<Option<BlockHash>>,
+    /// Registered blocks by hash: at most one block per hash.
+    cached: HashMap<BlockHash, BlockId>,
+    /// Free blocks that still hold registered contents (evictable cache).
+    free_cached: usize,
+    caching: bool,
+    counters: CacheCounters,
 }
 
 impl BlockManager {
     /// Panics on a zero block size or a cache whose slot indices do not fit a `u32`: both are
-    /// startup configuration errors, never request-driven.
-    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+    /// startup configuration errors, never request-driven. `caching` turns prefix caching on.
+    pub fn new(num_blocks: usize, block_size: usize, caching: bool) -> Self {
         assert!(block_size > 0, "block_size must be > 0");
         assert!(
             num_blocks.checked_mul(block_size).is_some_and(|s| s <= u32::MAX as usize),
             "KV cache of {num_blocks} blocks x {block_size} slots overflows u32 slot indices"
         );
-        Self { block_size, ref_counts: vec![0; num_blocks], free: (0..num_blocks as BlockId).collect() }
+        Self {
+            block_size,
+            ref_counts: vec![0; num_blocks],
+            free: (0..num_blocks as BlockId).map(|b| (b as u64, b)).collect(),
+            free_stamp: (0..num_blocks as u64).collect(),
+            next_stamp: num_blocks as u64,
+            hash_of: vec![None; num_blocks],
+            cached: HashMap::new(),
+            free_cached: 0,
+            caching,
+            counters: CacheCounters::default(),
+        }
     }
 
     pub fn num_total(&self) -> usize {
         self.ref_counts.len()
     }
 
+    /// Unreferenced blocks, cached ones included (they are handed out when needed).
     pub fn num_free(&self) -> usize {
         self.free.len()
+    }
+
+    /// Free blocks that still hold reusable cached contents.
+    pub fn num_free_cached(&self) -> usize {
+        self.free_cached
+    }
+
+    /// Blocks registered in the prefix cache (in use or free).
+    pub fn num_cached(&self) -> usize {
+        self.cached.len()
+    }
+
+    pub fn counters(&self) -> CacheCounters {
+        self.counters
+    }
+
+    pub fn caching(&self) -> bool {
+        self.caching
     }
 
     pub fn block_size(&self) -> usize {
@@ -102,6 +159,11 @@ impl BlockManager {
     /// How many tables point at `block` (0 when free or out of range).
     pub fn ref_count(&self, block: BlockId) -> u32 {
         self.ref_counts.get(block as usize).copied().unwrap_or(0)
+    }
+
+    /// The registered hash of `block`, if any.
+    pub fn hash_of(&self, block: BlockId) -> Option<BlockHash> {
+        self.hash_of.get(block as usize).copied().flatten()
     }
 
     /// Whether [`allocate`](Self::allocate) of `num_tokens` slots would succeed.
@@ -120,6 +182,61 @@ impl BlockManager {
         Ok(())
     }
 
+    /// The longest run of cached blocks that begins `hashes` (a sequence's chained block
+    /// hashes), at most `max_blocks` long. Looking up changes nothing; see
+    /// [`admit`](Self::admit).
+    pub fn lookup(&self, hashes: &[BlockHash], max_blocks: usize) -> Vec<BlockId> {
+        if !self.caching {
+            return Vec::new();
+        }
+        hashes.iter().take(max_blocks).map_while(|h| self.cached.get(h).copied()).collect()
+    }
+
+    /// Gives the empty `table` the cached blocks `hit` (from [`lookup`](Self::lookup), as its
+    /// first blocks) and then fresh blocks up to `end_pos` slots, all or nothing. Counts the
+    /// lookup in the cache counters (`queried` prompt tokens) only when it succeeds.
+    pub fn admit(
+        &mut self,
+        table: &mut BlockTable,
+        hit: &[BlockId],
+        end_pos: usize,
+        queried: usize,
+    ) -> Result<(), OutOfBlocks> {
+        debug_assert!(table.is_empty(), "admit into a non-empty table");
+        // Hit blocks that are free now leave the free pool when taken.
+        let revived = hit.iter().filter(|&&b| self.ref_count(b) == 0).count();
+        let fresh = self.blocks_for(end_pos).saturating_sub(hit.len());
+        self.check(revived + fresh)?;
+        for &b in hit {
+            self.acquire(b);
+            table.0.push(b);
+        }
+        self.allocate(table, end_pos)?;
+        self.counters.queried_tokens += queried as u64;
+        self.counters.hit_tokens += (hit.len() * self.block_size) as u64;
+        Ok(())
+    }
+
+    /// Registers the full, computed `block` under `hash` so later sequences can reuse it. A
+    /// no-op when caching is off, the block is already registered, or another block already
+    /// holds these contents (two sequences computed the same prefix at once).
+    pub fn register(&mut self, block: BlockId, hash: BlockHash) {
+        let b = block as usize;
+        if !self.caching || b >= self.hash_of.len() || self.hash_of[b].is_some() || self.cached.contains_key(&hash) {
+            return;
+        }
+        debug_assert!(self.ref_counts[b] > 0, "registering free block {block}");
+        self.hash_of[b] = Some(hash);
+        self.cached.insert(hash, block);
+    }
+
+    /// Forgets every registered hash (after a failed step, whose blocks may hold garbage).
+    pub fn clear_cache(&mut self) {
+        self.cached.clear();
+        self.hash_of.iter_mut().for_each(|h| *h = None);
+        self.free_cached = 0;
+    }
+
     /// A new table sharing every block of `table` (each ref count + 1). Writes to shared blocks
     /// must go through [`make_writable`](Self::make_writable) first.
     pub fn fork(&mut self, table: &BlockTable) -> BlockTable {
@@ -132,7 +249,8 @@ impl BlockManager {
     /// Copy-on-write: gives `table` exclusive ownership of every block touched by slots
     /// `first_pos..end_pos` (positions past the table are ignored: allocate first). Each shared
     /// block is swapped for a fresh one; the returned `(src, dst)` pairs tell the runner which
-    /// KV contents to copy, in order, before the step writes.
+    /// KV contents to copy, in order, before the step writes. An exclusively owned block that is
+    /// registered in the cache loses its registration: its contents are about to change.
     pub fn make_writable(
         &mut self,
         table: &mut BlockTable,
@@ -151,6 +269,8 @@ impl BlockManager {
                 self.decr(src);
                 table.0[i] = dst;
                 copies.push((src, dst));
+            } else {
+                self.unregister(src);
             }
         }
         Ok(copies)
@@ -175,11 +295,20 @@ impl BlockManager {
     }
 
     /// Drops `table`'s reference to each of its blocks and empties it. Blocks nobody references
-    /// any more go to the back of the free list.
+    /// any more become free, last block first: a sequence's tail is the least likely part to
+    /// be shared, so it is the first to be evicted.
     pub fn free(&mut self, table: &mut BlockTable) {
-        for b in table.0.drain(..) {
-            if self.decr(b) == 0 {
-                self.free.push_back(b);
+        for b in table.0.drain(..).rev() {
+            self.release(b);
+        }
+    }
+
+    /// Shrinks `table` to the blocks covering `num_tokens` slots, releasing the rest.
+    pub fn truncate(&mut self, table: &mut BlockTable, num_tokens: usize) {
+        let keep = self.blocks_for(num_tokens);
+        while table.0.len() > keep {
+            if let Some(b) = table.0.pop() {
+                self.release(b);
             }
         }
     }
@@ -206,14 +335,53 @@ impl BlockManager {
         Ok(())
     }
 
-    /// Pops a free block and gives it one reference. Callers check availability first.
+    /// Pops the least recently freed block and gives it one reference, evicting the cached
+    /// contents it may hold. Callers check availability first.
     fn take_free(&mut self) -> BlockId {
-        let b = self.free.pop_front();
+        let b = self.free.pop_first().map(|(_, b)| b);
         debug_assert!(b.is_some(), "take_free on an empty free list");
         let b = b.unwrap_or_default();
         debug_assert_eq!(self.ref_counts[b as usize], 0, "free block {b} has references");
+        if self.hash_of[b as usize].is_some() {
+            self.free_cached -= 1;
+            self.unregister(b);
+            self.counters.evictions += 1;
+        }
         self.ref_counts[b as usize] = 1;
         b
+    }
+
+    /// One more reference to `b`, taking it out of the free pool if it was free (a cache hit).
+    fn acquire(&mut self, b: BlockId) {
+        if self.ref_counts[b as usize] == 0 {
+            self.free.remove(&self.free_stamp[b as usize]);
+            if self.hash_of[b as usize].is_some() {
+                self.free_cached -= 1;
+            }
+        }
+        self.ref_counts[b as usize] += 1;
+    }
+
+    /// Drops one reference; the last one puts `b` at the back of the free pool.
+    fn release(&mut self, b: BlockId) {
+        if self.decr(b) != 0 {
+            return;
+        }
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        self.free_stamp[b as usize] = stamp;
+        self.free.insert(stamp, b);
+        if self.hash_of[b as usize].is_some() {
+            self.free_cached += 1;
+        }
+    }
+
+    fn unregister(&mut self, b: BlockId) {
+        if let Some(h) = self.hash_of[b as usize].take() {
+            if self.cached.get(&h) == Some(&b) {
+                self.cached.remove(&h);
+            }
+        }
     }
 
     fn incr(&mut self, b: BlockId) {
@@ -222,13 +390,13 @@ impl BlockManager {
     }
 
     /// Decrements `b`'s count and returns the new count. Underflow is an engine bug (a block
-    /// freed twice): loud in debug builds, clamped at 0 in release so the pool is not corrupted
-    /// into handing the block out twice.
+    /// freed twice): loud in debug builds, ignored in release (returns a non-zero count) so the
+    /// pool is not corrupted into handing the block out twice.
     fn decr(&mut self, b: BlockId) -> u32 {
         let rc = &mut self.ref_counts[b as usize];
         debug_assert!(*rc > 0, "ref count underflow on block {b}");
         if *rc == 0 {
-            // Already on the free list; do not push it again.
+            // Already in the free pool; do not add it again.
             return u32::MAX;
         }
         *rc -= 1;
@@ -237,257 +405,5 @@ impl BlockManager {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Checks the pool's bookkeeping against the live tables: each block's count equals the
-    /// number of table entries naming it, and exactly the unreferenced blocks are free, once.
-    fn check_consistent(bm: &BlockManager, tables: &[&BlockTable]) {
-        let mut expected = vec![0u32; bm.num_total()];
-        for t in tables {
-            for &b in t.blocks() {
-                expected[b as usize] += 1;
-            }
-        }
-        assert_eq!(bm.ref_counts, expected);
-        let mut free: Vec<BlockId> = bm.free.iter().copied().collect();
-        free.sort_unstable();
-        let unreferenced: Vec<BlockId> =
-            (0..bm.num_total() as BlockId).filter(|&b| expected[b as usize] == 0).collect();
-        assert_eq!(free, unreferenced);
-    }
-
-    #[test]
-    fn blocks_for_and_slot_mapping() {
-        let bm = BlockManager::new(8, 4);
-        assert_eq!(bm.blocks_for(0), 0);
-        assert_eq!(bm.blocks_for(1), 1);
-        assert_eq!(bm.blocks_for(4), 1);
-        assert_eq!(bm.blocks_for(5), 2);
-        let t = BlockTable(vec![3, 0, 7]);
-        assert_eq!(t.slot(0, 4), 12);
-        assert_eq!(t.slot(3, 4), 15);
-        assert_eq!(t.slot(4, 4), 0);
-        assert_eq!(t.slot(9, 4), 29);
-    }
-
-    #[test]
-    fn allocate_grows_only_as_needed_and_in_fifo_order() {
-        let mut bm = BlockManager::new(4, 4);
-        let mut t = BlockTable::new();
-        bm.allocate(&mut t, 5).unwrap();
-        assert_eq!(t.blocks(), &[0, 1]);
-        bm.allocate(&mut t, 8).unwrap(); // still covered
-        assert_eq!(t.len(), 2);
-        bm.allocate(&mut t, 3).unwrap(); // never shrinks
-        assert_eq!(t.len(), 2);
-        bm.allocate(&mut t, 9).unwrap();
-        assert_eq!(t.blocks(), &[0, 1, 2]);
-        assert_eq!(bm.num_free(), 1);
-        bm.free(&mut t);
-        assert!(t.is_empty());
-        // FIFO: 3 was free the longest, then 0, 1, 2 in the order they were released.
-        let mut u = BlockTable::new();
-        bm.allocate(&mut u, 16).unwrap();
-        assert_eq!(u.blocks(), &[3, 0, 1, 2]);
-        bm.free(&mut u);
-        check_consistent(&bm, &[]);
-    }
-
-    #[test]
-    fn allocate_is_all_or_nothing() {
-        let mut bm = BlockManager::new(3, 2);
-        let mut a = BlockTable::new();
-        bm.allocate(&mut a, 2).unwrap();
-        let mut b = BlockTable::new();
-        assert!(!bm.can_allocate(&b, 6));
-        assert_eq!(bm.allocate(&mut b, 6), Err(OutOfBlocks { needed: 3, free: 2 }));
-        assert!(b.is_empty());
-        assert_eq!(bm.num_free(), 2);
-        assert!(bm.can_allocate(&b, 4));
-        bm.allocate(&mut b, 4).unwrap();
-        check_consistent(&bm, &[&a, &b]);
-        bm.free(&mut a);
-        bm.free(&mut b);
-        assert_eq!(bm.num_free(), bm.num_total());
-    }
-
-    #[test]
-    fn fork_shares_blocks_and_free_releases_on_last_reference() {
-        let mut bm = BlockManager::new(4, 4);
-        let mut parent = BlockTable::new();
-        bm.allocate(&mut parent, 6).unwrap();
-        let mut child = bm.fork(&parent);
-        assert_eq!(child.blocks(), parent.blocks());
-        assert_eq!(bm.ref_count(0), 2);
-        assert_eq!(bm.num_free(), 2);
-        bm.free(&mut parent);
-        // The child still holds them.
-        assert_eq!(bm.num_free(), 2);
-        assert_eq!(bm.ref_count(0), 1);
-        check_consistent(&bm, &[&child]);
-        bm.free(&mut child);
-        assert_eq!(bm.num_free(), 4);
-        check_consistent(&bm, &[]);
-    }
-
-    #[test]
-    fn make_writable_copies_only_shared_blocks_in_range() {
-        let mut bm = BlockManager::new(8, 4);
-        let mut parent = BlockTable::new();
-        bm.allocate(&mut parent, 10).unwrap(); // blocks 0,1,2; positions 8,9 in block 2
-        let mut child = bm.fork(&parent);
-        // Parent writes position 10 (block index 2): only that block is copied.
-        let copies = bm.make_writable(&mut parent, 10, 11).unwrap();
-        assert_eq!(copies, vec![(2, 3)]);
-        assert_eq!(parent.blocks(), &[0, 1, 3]);
-        assert_eq!(bm.ref_count(2), 1);
-        assert_eq!(bm.ref_count(3), 1);
-        // The child is now the sole owner of block 2: writing it needs no copy.
-        assert_eq!(bm.make_writable(&mut child, 10, 11).unwrap(), vec![]);
-        assert_eq!(child.blocks(), &[0, 1, 2]);
-        // A range spanning two shared blocks copies both; an empty range copies nothing.
-        assert_eq!(bm.make_writable(&mut child, 3, 3).unwrap(), vec![]);
-        let copies = bm.make_writable(&mut child, 3, 5).unwrap();
-        assert_eq!(copies, vec![(0, 4), (1, 5)]);
-        check_consistent(&bm, &[&parent, &child]);
-        bm.free(&mut parent);
-        bm.free(&mut child);
-        assert_eq!(bm.num_free(), bm.num_total());
-    }
-
-    #[test]
-    fn make_writable_is_all_or_nothing() {
-        let mut bm = BlockManager::new(3, 2);
-        let mut parent = BlockTable::new();
-        bm.allocate(&mut parent, 4).unwrap();
-        let mut child = bm.fork(&parent);
-        let err = bm.make_writable(&mut child, 0, 4).unwrap_err();
-        assert_eq!(err, OutOfBlocks { needed: 2, free: 1 });
-        assert_eq!(child.blocks(), parent.blocks());
-        assert_eq!(bm.num_free(), 1);
-        check_consistent(&bm, &[&parent, &child]);
-        bm.free(&mut parent);
-        bm.free(&mut child);
-        assert_eq!(bm.num_free(), 3);
-    }
-
-    #[test]
-    fn prepare_write_counts_growth_and_copies_together() {
-        let mut bm = BlockManager::new(4, 2);
-        let mut parent = BlockTable::new();
-        bm.allocate(&mut parent, 3).unwrap(); // 2 blocks, position 3 free in block 1
-        let mut child = bm.fork(&parent);
-        // Writing 3..6 needs a copy of block 1 and one new block: 2 of the 2 free.
-        let mut other = BlockTable::new();
-        bm.allocate(&mut other, 1).unwrap();
-        assert_eq!(bm.num_free(), 1);
-        assert_eq!(bm.prepare_write(&mut child, 3, 6), Err(OutOfBlocks { needed: 2, free: 1 }));
-        assert_eq!(child.blocks(), parent.blocks());
-        bm.free(&mut other);
-        let copies = bm.prepare_write(&mut child, 3, 6).unwrap();
-        assert_eq!(copies, vec![(1, 3)]);
-        assert_eq!(child.blocks(), &[0, 3, 2]);
-        check_consistent(&bm, &[&parent, &child]);
-        bm.free(&mut parent);
-        bm.free(&mut child);
-        assert_eq!(bm.num_free(), bm.num_total());
-    }
-
-    #[test]
-    fn ref_counts_never_underflow_across_forks_and_frees() {
-        let mut bm = BlockManager::new(4, 4);
-        let mut a = BlockTable::new();
-        bm.allocate(&mut a, 8).unwrap();
-        let mut b = bm.fork(&a);
-        let mut c = bm.fork(&b);
-        assert_eq!(bm.ref_count(0), 3);
-        bm.free(&mut b);
-        bm.free(&mut b); // the table was emptied: a second free is harmless
-        assert_eq!(bm.ref_count(0), 2);
-        bm.free(&mut a);
-        bm.free(&mut c);
-        assert_eq!(bm.ref_count(0), 0);
-        assert_eq!(bm.num_free(), 4);
-        check_consistent(&bm, &[]);
-    }
-
-    /// A table smuggled past the counting (only possible inside this module) frees a block twice:
-    /// debug builds must catch it rather than put the block on the free list twice.
-    #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "ref count underflow")]
-    fn double_free_is_caught_in_debug_builds() {
-        let mut bm = BlockManager::new(2, 4);
-        let mut a = BlockTable::new();
-        bm.allocate(&mut a, 4).unwrap();
-        let mut smuggled = BlockTable(a.blocks().to_vec());
-        bm.free(&mut a);
-        bm.free(&mut smuggled);
-    }
-
-    /// Tiny xorshift PRNG: deterministic, no crates.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n.max(1) as u64) as usize
-        }
-    }
-
-    /// Random allocate/fork/make_writable/free on many tables; the pool always matches the
-    /// tables, written ranges are exclusive, and everything is free once all tables are freed.
-    #[test]
-    fn random_operations_keep_the_pool_consistent() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let mut bm = BlockManager::new(24, 4);
-        let mut tables: Vec<BlockTable> = Vec::new();
-        for _ in 0..5000 {
-            match rng.below(5) {
-                0 => {
-                    let mut t = BlockTable::new();
-                    let _ = bm.allocate(&mut t, rng.below(30));
-                    tables.push(t);
-                }
-                1 if !tables.is_empty() => {
-                    let i = rng.below(tables.len());
-                    let n = rng.below(40);
-                    let before = tables[i].len();
-                    if bm.allocate(&mut tables[i], n).is_err() {
-                        assert_eq!(tables[i].len(), before);
-                    }
-                }
-                2 if !tables.is_empty() => {
-                    let i = rng.below(tables.len());
-                    let t = bm.fork(&tables[i]);
-                    tables.push(t);
-                }
-                3 if !tables.is_empty() => {
-                    let i = rng.below(tables.len());
-                    let first = rng.below(tables[i].len() * 4 + 1);
-                    let end = first + rng.below(9);
-                    if bm.prepare_write(&mut tables[i], first, end).is_ok() {
-                        for p in first..end {
-                            assert_eq!(bm.ref_count(tables[i].blocks()[p / 4]), 1);
-                        }
-                    }
-                }
-                _ if !tables.is_empty() => {
-                    let i = rng.below(tables.len());
-                    let mut t = tables.swap_remove(i);
-                    bm.free(&mut t);
-                }
-                _ => {}
-            }
-            let refs: Vec<&BlockTable> = tables.iter().collect();
-            check_consistent(&bm, &refs);
-        }
-        for t in &mut tables {
-            bm.free(t);
-        }
-        assert_eq!(bm.num_free(), bm.num_total());
-        check_consistent(&bm, &[]);
-    }
-}
+#[path = "block_manager_tests.rs"]
+mod tests;

@@ -1,22 +1,24 @@
-//! The engine: one owner thread that holds every sequence, the scheduler, the block manager and
-//! the runner, and a cloneable [`EngineHandle`] that is the only way in. Each step: drain
-//! commands -> drop sequences whose caller is gone -> schedule -> run the model -> sample ->
-//! send events. No locks around engine parts, no globals.
+//! The engine's public face: its configuration and counters, and the cloneable [`EngineHandle`]
+//! that is the only way in (requests, sessions). One owner thread (`core.rs`) holds every
+//! sequence, the scheduler, the block manager and the runner; the handle talks to it over a
+//! bounded command channel. No locks around engine parts, no globals.
+//!
+//! Must not: compute on the engine's state from the caller's thread (it only validates,
+//! tokenizes, compiles grammars and sends commands).
 
+use crate::core::{Core, CoreParts};
 use crate::error::EngineError;
-use crate::grammar::{Compiled, GrammarCompiler, SeqGrammar};
+use crate::grammar::{Compiled, GrammarCompiler};
 use crate::params::SamplingParams;
 use crate::runner::Runner;
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
-use crate::sequence::{Group, Seq};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::stream::{Event, StreamSetup, TokenStream};
 use crate::tokenizer::Tokenizer;
-use llguidance::toktrie::SimpleVob;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Engine limits; `server` builds it from flags / env / TOML and passes it down.
 #[derive(Debug, Clone)]
@@ -32,6 +34,13 @@ pub struct EngineConfig {
     pub kv_dtype: kiln_models::KvDType,
     /// Pending commands before `generate` fails fast with `Overloaded`.
     pub queue_capacity: usize,
+    /// Requests accepted but not yet running; one more fails at once with `Overloaded` (HTTP
+    /// 429), so queueing delay stays bounded instead of growing with the backlog.
+    pub max_waiting_seqs: usize,
+    /// Reuse the K/V of full blocks whose token prefix was computed before (on by default).
+    pub enable_prefix_caching: bool,
+    /// A parked session's K/V is released after this long unused (its history stays).
+    pub session_ttl: Duration,
     /// Cap on prompt + generated tokens (defaults to the model's context length).
     pub max_model_len: Option<usize>,
     /// Exact number of KV blocks, ignoring `kv_cache_memory` (tests, experiments).
@@ -51,6 +60,9 @@ impl Default for EngineConfig {
             kv_cache_memory: 1 << 30,
             kv_dtype: kiln_models::KvDType::F16,
             queue_capacity: 1024,
+            max_waiting_seqs: 256,
+            enable_prefix_caching: true,
+            session_ttl: Duration::from_secs(600),
             max_model_len: None,
             num_blocks_override: None,
             llama_cpp_batch_arithmetic: false,
@@ -75,11 +87,33 @@ pub struct EngineStats {
     pub free_blocks: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
+    /// Free blocks that still hold cached prefixes (evictable; counted in `free_blocks` too).
+    pub free_cached_blocks: AtomicU64,
+    /// Prefix cache, cumulative: prompt tokens looked up, of those found cached, and cached
+    /// blocks evicted to be reused.
+    pub prefix_cache_queries: AtomicU64,
+    pub prefix_cache_hits: AtomicU64,
+    pub prefix_cache_evictions: AtomicU64,
+    /// Tokens computed by the model (prefill chunks and decodes), cumulative.
+    pub computed_tokens: AtomicU64,
+    /// Requests refused at once because `max_waiting_seqs` were already waiting.
+    pub rejected_requests: AtomicU64,
+    /// Parked sessions (holding KV between turns) and those evicted for room, cumulative.
+    pub parked_sessions: AtomicU64,
+    pub evicted_sessions: AtomicU64,
     /// Grammar masks computed, and the time they took (on the mask thread).
     pub grammar_masks: AtomicU64,
     pub grammar_mask_ns: AtomicU64,
     /// Tokens appended because a grammar forced them (no sampling, no step of their own).
     pub forced_tokens: AtomicU64,
+}
+
+/// Which session a request is a turn of, and how its tokens relate to the session's history.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionTurn {
+    pub id: SeqId,
+    /// The tokens are the whole conversation (else they are appended to the history).
+    pub replace: bool,
 }
 
 pub(crate) struct AddRequest {
@@ -88,21 +122,32 @@ pub(crate) struct AddRequest {
     pub grammar: Option<Compiled>,
     pub events: tokio::sync::mpsc::UnboundedSender<Event>,
     pub cancel: Arc<[AtomicBool]>,
+    pub session: Option<SessionTurn>,
+    /// Compute the prompt's K/V and park the session, sampling nothing.
+    pub prefill_only: bool,
 }
 
 pub(crate) enum Command {
     Add(Box<AddRequest>),
+    OpenSession(SeqId),
+    CloseSession(SeqId),
+    ForkSession { parent: SeqId, children: Vec<SeqId>, reply: tokio::sync::oneshot::Sender<Result<(), EngineError>> },
     Shutdown,
 }
 
 /// Cheap to clone; every clone talks to the same engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: SyncSender<Command>,
+    pub(crate) tx: SyncSender<Command>,
     tokenizer: Arc<Tokenizer>,
     info: Arc<ModelInfo>,
     stats: Arc<EngineStats>,
     grammars: Arc<GrammarCompiler>,
+    /// Ids of sequences and sessions, shared with the engine thread.
+    pub(crate) ids: Arc<AtomicU64>,
+    /// Requests accepted and not yet running (the engine thread counts them down).
+    queued: Arc<AtomicUsize>,
+    max_waiting: usize,
 }
 
 /// Which text a prompt is.
@@ -128,45 +173,87 @@ impl EngineHandle {
     }
 
     /// Tokenizes and compiles its grammar (on the caller's thread), validates and submits a
-    /// request. Fails fast with `Overloaded` when the command queue is full.
+    /// request. Fails fast with `Overloaded` when `max_waiting_seqs` requests are already
+    /// waiting (or the command queue is full).
     pub fn generate(&self, prompt: Prompt, params: SamplingParams) -> Result<TokenStream, EngineError> {
         let ids = match prompt {
             Prompt::Text(t) => self.tokenizer.encode_prompt(&t, true)?,
             Prompt::Tokens(ids) => ids,
         };
-        self.check(&ids, &params)?;
+        self.check_context(&ids, &params)?;
+        self.submit(ids, params, None, false)
+    }
+
+    /// Opens a session: a conversation whose K/V the engine keeps between turns.
+    pub fn session(&self) -> crate::session::Session {
+        crate::session::Session::open(self.clone())
+    }
+
+    /// Validates, compiles the grammar and sends one request (or session turn) to the engine.
+    pub(crate) fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        session: Option<SessionTurn>,
+        prefill_only: bool,
+    ) -> Result<TokenStream, EngineError> {
+        self.check(&prompt, &params)?;
         let grammar = params.constraint.as_ref().map(|c| self.grammars.compile(c)).transpose()?;
         let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
         let cancel: Arc<[AtomicBool]> = (0..params.n).map(|_| AtomicBool::new(false)).collect();
-        let tail_start = ids.len().saturating_sub(4);
+        let tail_start = prompt.len().saturating_sub(4);
         let setup = StreamSetup {
             n: params.n,
             stop: params.stop.clone(),
-            prompt_tail: ids[tail_start..].to_vec(),
-            prompt_tokens: ids.len(),
+            prompt_tail: prompt[tail_start..].to_vec(),
+            prompt_tokens: prompt.len(),
             cancel: cancel.clone(),
         };
-        let add = AddRequest { prompt: ids, params, grammar, events: etx, cancel };
-        match self.tx.try_send(Command::Add(Box::new(add))) {
-            Ok(()) => Ok(TokenStream::new(erx, self.tokenizer.clone(), setup)),
+        let add = AddRequest { prompt, params, grammar, events: etx, cancel, session, prefill_only };
+        self.admit(Command::Add(Box::new(add)))?;
+        Ok(TokenStream::new(erx, self.tokenizer.clone(), setup))
+    }
+
+    /// Admission control: counts the request as waiting unless `max_waiting_seqs` already are.
+    fn admit(&self, cmd: Command) -> Result<(), EngineError> {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.stats.rejected_requests.fetch_add(1, Ordering::Relaxed);
+            return Err(EngineError::Overloaded);
+        }
+        self.send(cmd).inspect_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        })
+    }
+
+    pub(crate) fn send(&self, cmd: Command) -> Result<(), EngineError> {
+        match self.tx.try_send(cmd) {
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(EngineError::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(EngineError::Shutdown),
         }
     }
 
+    /// Checks what does not depend on a session's history (that is checked on the engine
+    /// thread, which knows it).
     fn check(&self, ids: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
         params.validate(self.info.vocab_size)?;
-        if ids.is_empty() {
-            return Err(EngineError::InvalidParam { param: "prompt", message: "the prompt is empty".into() });
-        }
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.info.vocab_size) {
             return Err(EngineError::InvalidParam {
                 param: "prompt",
                 message: format!("token id {bad} is outside the vocabulary"),
             });
         }
+        Ok(())
+    }
+
+    /// A whole prompt must leave room in the context for what it asks to generate.
+    fn check_context(&self, ids: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+        if ids.is_empty() {
+            return Err(EngineError::InvalidParam { param: "prompt", message: "the prompt is empty".into() });
+        }
         let max = self.info.max_model_len;
-        let requested = ids.len() + params.max_tokens.unwrap_or(1);
+        let requested = ids.len().saturating_add(params.max_tokens.unwrap_or(1));
         if ids.len() >= max || requested > max {
             return Err(EngineError::ContextLengthExceeded { max, prompt: ids.len(), requested });
         }
@@ -198,260 +285,29 @@ pub fn spawn(
         max_num_batched_tokens: cfg.max_num_batched_tokens,
         num_blocks: runner.num_blocks(),
         block_size: cfg.block_size,
+        enable_prefix_caching: cfg.enable_prefix_caching,
     };
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity);
     let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size));
     let tokenizer = Arc::new(tokenizer);
     let stats = Arc::new(EngineStats::default());
-    let mut core = Core {
+    let (ids, queued) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut core = Core::new(CoreParts {
         runner,
         sched: Scheduler::new(sched_cfg),
-        seqs: HashMap::new(),
-        next_id: 0,
         eos: tokenizer.eos_ids.clone(),
         max_model_len,
         stats: stats.clone(),
-    };
+        ids: ids.clone(),
+        queued: queued.clone(),
+        caching: cfg.enable_prefix_caching,
+        session_ttl: cfg.session_ttl,
+    });
     let thread = std::thread::Builder::new()
         .name("kiln-engine".into())
         .spawn(move || core.run(rx))
         .map_err(|e| EngineError::Internal(format!("cannot start engine thread: {e}")))?;
-    Ok((EngineHandle { tx, tokenizer, info: Arc::new(info), stats, grammars }, thread))
-}
-
-/// A grammar's mask for the next token: `None` while it waits for its trigger.
-type MaskResult = Result<Option<SimpleVob>, String>;
-
-/// One step's logits rows plus the masks of its constrained sequences.
-type StepOutput = (Vec<Vec<f32>>, HashMap<SeqId, MaskResult>);
-
-/// Everything the engine thread owns.
-struct Core {
-    runner: Runner,
-    sched: Scheduler,
-    seqs: HashMap<SeqId, Seq>,
-    next_id: SeqId,
-    eos: Vec<u32>,
-    max_model_len: usize,
-    stats: Arc<EngineStats>,
-}
-
-impl Core {
-    fn run(&mut self, rx: Receiver<Command>) {
-        loop {
-            if !self.drain(&rx) {
-                break;
-            }
-            self.drop_cancelled();
-            if self.seqs.is_empty() {
-                self.publish(); // idle: make freed blocks visible before blocking on commands
-                continue;
-            }
-            // A bug in one step (an error or a panic) fails the sequences in flight, frees their
-            // blocks and keeps the engine serving; it must not take the whole server down.
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
-            let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(panic) => Some(panic_message(&panic)),
-            };
-            if let Some(msg) = failure {
-                tracing::error!(error = %msg, "engine step failed; failing its sequences");
-                self.fail_all(|| EngineError::Internal(msg.clone()));
-            }
-        }
-        self.fail_all(|| EngineError::Shutdown);
-    }
-
-    /// Takes queued commands; blocks only when there is nothing to compute. Returns false on
-    /// shutdown or when every handle is gone.
-    fn drain(&mut self, rx: &Receiver<Command>) -> bool {
-        if self.seqs.is_empty() {
-            match rx.recv() {
-                Ok(cmd) => {
-                    if !self.command(cmd) {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
-        loop {
-            match rx.try_recv() {
-                Ok(cmd) => {
-                    if !self.command(cmd) {
-                        return false;
-                    }
-                }
-                Err(TryRecvError::Empty) => return true,
-                Err(TryRecvError::Disconnected) => return !self.seqs.is_empty(),
-            }
-        }
-    }
-
-    fn command(&mut self, cmd: Command) -> bool {
-        match cmd {
-            Command::Shutdown => false,
-            Command::Add(req) => {
-                self.add(*req);
-                true
-            }
-        }
-    }
-
-    fn add(&mut self, req: AddRequest) {
-        let total =
-            (req.prompt.len() + req.params.max_tokens.unwrap_or(usize::MAX - req.prompt.len())).min(self.max_model_len);
-        if !self.sched.fits(total) {
-            let _ = req.events.send(Event::Error(EngineError::ContextLengthExceeded {
-                max: self.sched.num_total_blocks() * self.runner.block_size(),
-                prompt: req.prompt.len(),
-                requested: total,
-            }));
-            return;
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        let group = Arc::new(Group { params: req.params, events: req.events, cancel: req.cancel, max_len: total });
-        let mut seq = Seq::new(req.prompt, group, 0, req.grammar.map(SeqGrammar::new));
-        let (forced, finish) = seq.start();
-        self.stats.forced_tokens.fetch_add(forced as u64, Ordering::Relaxed);
-        if let Some(reason) = finish {
-            // The grammar forced the whole output: no model step at all, for any choice.
-            for index in 1..=seq.take_pending_forks() {
-                seq.fork(index).finish(reason);
-            }
-            seq.finish(reason);
-            return;
-        }
-        self.sched.add(id, seq.tokens().len(), seq.choices());
-        self.seqs.insert(id, seq);
-    }
-
-    fn drop_cancelled(&mut self) {
-        let gone: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.is_cancelled()).map(|(&id, _)| id).collect();
-        for id in gone {
-            self.sched.finish(id);
-            self.seqs.remove(&id);
-        }
-    }
-
-    fn step(&mut self) -> Result<(), EngineError> {
-        let out = self.sched.schedule();
-        // A preempted sequence keeps its tokens; the scheduler alone tracks that its KV is gone.
-        self.stats.preemptions.fetch_add(out.preempted.len() as u64, Ordering::Relaxed);
-        let _span = tracing::debug_span!("step", seqs = out.seqs.len(), tokens = out.num_batched_tokens).entered();
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        if !out.seqs.is_empty() {
-            let (logits, mut masks) = self.forward_and_masks(&out)?;
-            let mut rows = logits.into_iter();
-            for s in out.seqs.iter().filter(|s| s.needs_logits) {
-                let row = rows.next().ok_or_else(|| EngineError::Internal("missing logits row".into()))?;
-                match masks.remove(&s.id) {
-                    Some(Err(e)) => self.fail(s.id, EngineError::Internal(e)),
-                    mask => self.on_logits(s.id, row, mask.and_then(Result::ok).flatten()),
-                }
-            }
-        }
-        self.publish();
-        Ok(())
-    }
-
-    /// Runs the model while a second thread computes the grammar masks of the constrained
-    /// sequences that get logits this step: on a GPU the mask is then free; on a CPU it shares
-    /// the cores, but only constrained sequences pay anything.
-    fn forward_and_masks(&mut self, out: &SchedulerOutput) -> Result<StepOutput, EngineError> {
-        let mut lent: Vec<(SeqId, Box<SeqGrammar>, usize)> = out
-            .seqs
-            .iter()
-            .filter(|s| s.needs_logits)
-            .filter_map(|s| {
-                let seq = self.seqs.get_mut(&s.id)?;
-                let remaining = seq.remaining();
-                seq.needs_mask().then(|| seq.take_grammar()).flatten().map(|g| (s.id, g, remaining))
-            })
-            .collect();
-        if lent.is_empty() {
-            return Ok((self.runner.step(out, &self.seqs)?, HashMap::new()));
-        }
-        let (runner, seqs, stats) = (&mut self.runner, &self.seqs, &self.stats);
-        let (logits, masks) = std::thread::scope(|scope| {
-            let worker = scope.spawn(|| {
-                let t = std::time::Instant::now();
-                let masks =
-                    lent.iter_mut().map(|(id, g, remaining)| (*id, g.mask(*remaining))).collect::<HashMap<_, _>>();
-                stats.grammar_mask_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                stats.grammar_masks.fetch_add(masks.len() as u64, Ordering::Relaxed);
-                masks
-            });
-            let logits = runner.step(out, seqs);
-            (logits, worker.join())
-        });
-        for (id, g, _) in lent {
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.put_grammar(g);
-            }
-        }
-        let masks = masks.map_err(|p| EngineError::Internal(panic_message(&p)))?;
-        Ok((logits?, masks))
-    }
-
-    /// Samples the next token of `id` (and of its forks, for `n > 1` right after the prompt).
-    fn on_logits(&mut self, id: SeqId, row: Vec<f32>, mask: Option<SimpleVob>) {
-        let forks = self.seqs.get_mut(&id).map_or(0, |s| s.take_pending_forks());
-        for index in 1..=forks {
-            let child = self.next_id;
-            self.next_id += 1;
-            self.sched.fork(id, child);
-            let forked = self.seqs[&id].fork(index);
-            self.seqs.insert(child, forked);
-            self.sample_and_emit(child, row.clone(), mask.as_ref());
-        }
-        self.sample_and_emit(id, row, mask.as_ref());
-    }
-
-    fn sample_and_emit(&mut self, id: SeqId, mut row: Vec<f32>, mask: Option<&SimpleVob>) {
-        let Some(seq) = self.seqs.get_mut(&id) else { return };
-        match seq.sample(&mut row, &self.eos, mask) {
-            Ok(s) => {
-                self.sched.append_tokens(id, s.appended);
-                self.stats.forced_tokens.fetch_add(s.forced as u64, Ordering::Relaxed);
-                if let Some(reason) = s.finish {
-                    seq.finish(reason);
-                    self.sched.finish(id);
-                    self.seqs.remove(&id);
-                }
-            }
-            Err(e) => self.fail(id, e),
-        }
-    }
-
-    /// Ends one sequence with an error (its caller sees it; everyone else goes on).
-    fn fail(&mut self, id: SeqId, e: EngineError) {
-        tracing::warn!(seq = id, error = %e, "sequence failed");
-        if let Some(seq) = self.seqs.remove(&id) {
-            seq.fail(e);
-        }
-        self.sched.finish(id);
-    }
-
-    fn publish(&self) {
-        let s = &self.stats;
-        s.running.store(self.sched.num_running() as u64, Ordering::Relaxed);
-        s.waiting.store(self.sched.num_waiting() as u64, Ordering::Relaxed);
-        s.free_blocks.store(self.sched.num_free_blocks() as u64, Ordering::Relaxed);
-    }
-
-    fn fail_all(&mut self, error: impl Fn() -> EngineError) {
-        for (id, seq) in self.seqs.drain() {
-            self.sched.finish(id);
-            seq.fail(error());
-        }
-        self.publish();
-    }
-}
-
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    let text = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-    format!("engine step panicked: {}", text.unwrap_or_else(|| "unknown cause".into()))
+    let max_waiting = cfg.max_waiting_seqs.max(1);
+    let handle = EngineHandle { tx, tokenizer, info: Arc::new(info), stats, grammars, ids, queued, max_waiting };
+    Ok((handle, thread))
 }

@@ -10,9 +10,15 @@ pub enum EngineError {
     /// Prompt plus requested tokens do not fit the model's context.
     #[error("this model's maximum context length is {max} tokens, but the request needs {requested} ({prompt} in the prompt)")]
     ContextLengthExceeded { max: usize, prompt: usize, requested: usize },
-    /// The command queue is full: the caller should retry later (HTTP 429).
-    #[error("the engine is overloaded (command queue full); retry later")]
+    /// Too many requests are already waiting: the caller should retry later (HTTP 429).
+    #[error("the engine is overloaded (too many requests waiting); retry later")]
     Overloaded,
+    /// No open session has this id (closed, or never opened).
+    #[error("session {0} does not exist (closed or never opened)")]
+    UnknownSession(u64),
+    /// The session is running a turn; its next turn or fork must wait for that one to end.
+    #[error("session {0} is busy with a turn in progress")]
+    SessionBusy(u64),
     /// The engine thread has stopped (shutdown or a fatal error).
     #[error("the engine has shut down")]
     Shutdown,

@@ -1,7 +1,9 @@
 //! kiln-inference: the engine. One owner thread runs scheduler -> runner -> sampler each step;
 //! callers talk to it only through [`EngineHandle`] and the [`TokenStream`]s it returns.
 
+pub mod block_hash;
 pub mod block_manager;
+mod core;
 pub mod detok;
 pub mod embed;
 pub mod engine;
@@ -13,11 +15,13 @@ pub mod runner;
 pub mod sampler;
 pub mod scheduler;
 mod sequence;
+pub mod session;
 pub mod stop;
 pub mod stream;
 pub mod tokenizer;
 
 pub use engine::{EngineConfig, EngineHandle, Prompt};
+pub use session::{Session, SessionInput};
 pub use error::EngineError;
 pub use grammar::{Constraint, Grammar, Trigger};
 pub use params::SamplingParams;

@@ -4,16 +4,22 @@
 //! It is phase-free (vLLM v1's idea): a sequence is just `num_computed` (tokens whose K/V are in
 //! the cache) and `len` (prompt + generated tokens known so far). A step grants each scheduled
 //! sequence up to `len - num_computed` tokens under one token budget, so prefill, chunked prefill
-//! and decode are one code path. When blocks run out, the newest running sequence is preempted by
-//! recompute: its blocks are freed and it goes back to the front of the waiting queue.
+//! and decode are one code path. When blocks run out, parked sessions are released first (least
+//! recently parked first), then the newest running sequence is preempted by recompute: its blocks
+//! are freed and it goes back to the front of the waiting queue.
 //!
-//! It knows ids and counts only: it must not touch a tensor, a token id, a model or a request's
-//! sampling state. Engine misuse (unknown ids, duplicate ids) is a logged no-op, never a panic;
-//! internal invariants are `debug_assert`s.
+//! Prefix caching: a new sequence starts from the longest run of cached full blocks matching its
+//! block hashes (computed by the engine from its tokens); blocks become cached once a step has
+//! computed them ([`Scheduler::step_done`]). Sessions: a sequence can be parked between turns
+//! ([`Scheduler::park`]) keeping its blocks, resumed with more tokens, or forked.
+//!
+//! It knows ids, counts and hashes only: it must not touch a tensor, a token id, a model or a
+//! request's sampling state. Engine misuse (unknown ids, duplicate ids) is a logged no-op, never a
+//! panic; internal invariants are `debug_assert`s.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::block_manager::{BlockId, BlockManager, BlockTable};
+use crate::block_manager::{BlockHash, BlockId, BlockManager, BlockTable, CacheCounters};
 
 pub type SeqId = u64;
 
@@ -26,6 +32,8 @@ pub struct SchedulerConfig {
     pub num_blocks: usize,
     /// Token slots per KV block.
     pub block_size: usize,
+    /// Reuse cached full blocks across sequences (automatic prefix caching).
+    pub enable_prefix_caching: bool,
 }
 
 /// One sequence's share of a step: compute positions `start..start + num_tokens`.
@@ -45,6 +53,9 @@ pub struct ScheduledSeq {
 pub struct SchedulerOutput {
     /// Running sequences first (oldest first), then newly admitted ones (FCFS).
     pub seqs: Vec<ScheduledSeq>,
+    /// Sequences admitted from the waiting queue this step, with how many of their tokens were
+    /// already in the cache (prefix-cache hits, or a resumed session's own KV).
+    pub admitted: Vec<(SeqId, usize)>,
     /// Sequences preempted by recompute this step: their KV is gone, they wait to start over.
     pub preempted: Vec<SeqId>,
     /// Copy-on-write `(src, dst)` block copies. The runner must apply them in this order, before
@@ -63,18 +74,38 @@ struct SeqState {
     /// first). Counted at admission so forking later can never push past `max_num_seqs`.
     pending_forks: usize,
     table: BlockTable,
+    /// Chained hashes of the full blocks of the known tokens (the engine supplies them).
+    hashes: Vec<BlockHash>,
+    /// Leading blocks already offered to the prefix cache.
+    registered: usize,
+}
+
+impl SeqState {
+    fn new(len: usize, pending_forks: usize, hashes: Vec<BlockHash>) -> Self {
+        Self { num_computed: 0, len, pending_forks, table: BlockTable::new(), hashes, registered: 0 }
+    }
 }
 
 #[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
     blocks: BlockManager,
+    /// Running and waiting sequences.
     seqs: HashMap<SeqId, SeqState>,
     /// Scheduling priority, oldest first; a fork sits right after its parent. The back is the
     /// "newest" sequence, the first to be preempted.
     running: Vec<SeqId>,
-    /// FCFS; preempted sequences re-enter at the front. Waiting sequences hold no blocks.
+    /// FCFS; preempted sequences re-enter at the front. A waiting sequence holds blocks only
+    /// when it is a resumed session.
     waiting: VecDeque<SeqId>,
+    /// Sessions between turns: they keep their blocks until resumed, released or evicted.
+    parked: HashMap<SeqId, SeqState>,
+    /// Parked ids, least recently parked first (the eviction order).
+    parked_order: VecDeque<SeqId>,
+    /// Sequences computed in the step being run, whose full blocks join the prefix cache once
+    /// the step succeeds.
+    computing: Vec<SeqId>,
+    evicted_sessions: u64,
 }
 
 impl Scheduler {
@@ -84,22 +115,27 @@ impl Scheduler {
         assert!(cfg.max_num_seqs > 0, "max_num_seqs must be > 0");
         assert!(cfg.max_num_batched_tokens > 0, "max_num_batched_tokens must be > 0");
         Self {
-            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size),
+            blocks: BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching),
             cfg,
             seqs: HashMap::new(),
             running: Vec::new(),
             waiting: VecDeque::new(),
+            parked: HashMap::new(),
+            parked_order: VecDeque::new(),
+            computing: Vec::new(),
+            evicted_sessions: 0,
         }
     }
 
     /// Enqueues a new sequence at the back of the waiting queue. `reserve_seqs` is how many running
-    /// slots the request needs once its children are forked (OpenAI `n`).
+    /// slots the request needs once its children are forked (OpenAI `n`); `hashes` are the chained
+    /// hashes of its full prompt blocks (empty: no prefix caching for it).
     ///
     /// Requests that could block the queue forever are refused with a warning instead: an empty
     /// prompt (nothing to compute) or one that can never fit the cache. `reserve_seqs` is clamped
     /// to `1..=max_num_seqs` so an oversized `n` cannot stall admission either.
-    pub fn add(&mut self, id: SeqId, prompt_len: usize, reserve_seqs: usize) {
-        if self.seqs.contains_key(&id) {
+    pub fn add(&mut self, id: SeqId, prompt_len: usize, reserve_seqs: usize, hashes: Vec<BlockHash>) {
+        if self.knows(id) {
             tracing::warn!(seq = id, "scheduler: duplicate sequence id ignored");
             return;
         }
@@ -108,8 +144,7 @@ impl Scheduler {
             return;
         }
         let reserve = reserve_seqs.clamp(1, self.cfg.max_num_seqs);
-        let state = SeqState { num_computed: 0, len: prompt_len, pending_forks: reserve - 1, table: BlockTable::new() };
-        self.seqs.insert(id, state);
+        self.seqs.insert(id, SeqState::new(prompt_len, reserve - 1, hashes));
         self.waiting.push_back(id);
     }
 
@@ -117,7 +152,7 @@ impl Scheduler {
     /// and `len`, and is queued right after the parent (in running, or in waiting if the parent
     /// was preempted). Uses one of the parent's reserved slots when it has any.
     pub fn fork(&mut self, parent: SeqId, child: SeqId) {
-        if self.seqs.contains_key(&child) {
+        if self.knows(child) {
             tracing::warn!(seq = child, "scheduler: fork into an existing id ignored");
             return;
         }
@@ -126,8 +161,7 @@ impl Scheduler {
             return;
         };
         p.pending_forks = p.pending_forks.saturating_sub(1);
-        let state =
-            SeqState { num_computed: p.num_computed, len: p.len, pending_forks: 0, table: self.blocks.fork(&p.table) };
+        let state = Self::fork_state(&mut self.blocks, p);
         self.seqs.insert(child, state);
         if let Some(i) = self.running.iter().position(|&s| s == parent) {
             self.running.insert(i + 1, child);
@@ -135,6 +169,17 @@ impl Scheduler {
             self.waiting.insert(i + 1, child);
         } else {
             debug_assert!(false, "sequence {parent} is neither running nor waiting");
+        }
+    }
+
+    fn fork_state(blocks: &mut BlockManager, p: &SeqState) -> SeqState {
+        SeqState {
+            num_computed: p.num_computed,
+            len: p.len,
+            pending_forks: 0,
+            table: blocks.fork(&p.table),
+            hashes: p.hashes.clone(),
+            registered: p.registered,
         }
     }
 
@@ -151,9 +196,19 @@ impl Scheduler {
         }
     }
 
-    /// Removes `id` (finished or aborted, running or waiting) and frees its blocks. Unknown ids
-    /// are a no-op, so aborting twice is harmless.
+    /// Hashes of blocks of `id` that its appended tokens have filled.
+    pub fn add_hashes(&mut self, id: SeqId, hashes: &[BlockHash]) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.hashes.extend_from_slice(hashes);
+        }
+    }
+
+    /// Removes `id` (finished or aborted, running, waiting or parked) and frees its blocks.
+    /// Unknown ids are a no-op, so aborting twice is harmless.
     pub fn finish(&mut self, id: SeqId) {
+        if self.release_parked(id) {
+            return;
+        }
         let Some(mut s) = self.seqs.remove(&id) else { return };
         self.blocks.free(&mut s.table);
         if let Some(i) = self.running.iter().position(|&r| r == id) {
@@ -165,9 +220,12 @@ impl Scheduler {
 
     /// Plans one step: running sequences first (oldest first, preempting the newest when blocks
     /// run out), then waiting ones in FCFS order. `num_computed` advances by what was granted.
+    /// The caller runs the step, then calls [`step_done`](Self::step_done) or
+    /// [`step_failed`](Self::step_failed).
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        self.computing.clear();
         self.schedule_running(&mut out, &mut budget);
         // Blocks are short this step: admitting now would hand the blocks just freed straight to
         // a new sequence (possibly the one just preempted) and thrash.
@@ -175,7 +233,30 @@ impl Scheduler {
             self.admit_waiting(&mut out, &mut budget);
         }
         out.num_batched_tokens = self.cfg.max_num_batched_tokens - budget;
+        self.computing.extend(out.seqs.iter().map(|s| s.id));
         out
+    }
+
+    /// The step's forward pass wrote its K/V: full blocks now computed join the prefix cache.
+    pub fn step_done(&mut self) {
+        let bs = self.blocks.block_size();
+        for id in std::mem::take(&mut self.computing) {
+            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            let full = (s.num_computed / bs).min(s.hashes.len()).min(s.table.len());
+            for j in s.registered..full {
+                self.blocks.register(s.table.blocks()[j], s.hashes[j]);
+            }
+            s.registered = s.registered.max(full);
+        }
+    }
+
+    /// The step failed: its blocks may hold garbage, so nothing cached is trusted any more.
+    pub fn step_failed(&mut self) {
+        self.computing.clear();
+        self.blocks.clear_cache();
+        for s in self.seqs.values_mut().chain(self.parked.values_mut()) {
+            s.registered = 0;
+        }
     }
 
     fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
@@ -220,26 +301,68 @@ impl Scheduler {
             if used + slots > self.cfg.max_num_seqs {
                 break;
             }
-            debug_assert!(s.num_computed == 0 && s.table.is_empty(), "waiting sequence {id} holds KV");
-            let grant = s.len.saturating_sub(s.num_computed).min(*budget);
             // Stop at the first one that does not fit, so later (smaller) requests cannot
             // overtake it forever. Never preempt a running sequence to admit a waiting one.
-            let Some(copies) = self.reserve(id, grant) else { break };
-            debug_assert!(copies.is_empty(), "fresh blocks of {id} needed copy-on-write");
+            let Some((cached, copies)) = self.admit_one(id, *budget) else { break };
             self.waiting.pop_front();
             self.running.push(id);
             used += slots;
+            let grant = self.seqs.get(&id).map_or(0, |s| s.len - s.num_computed).min(*budget);
             *budget -= grant;
+            out.copies.extend(copies);
+            out.admitted.push((id, cached));
             out.seqs.extend(self.commit(id, grant));
         }
     }
 
-    /// Makes `id`'s table cover and own the slots of its next `grant` tokens. `None` when the
-    /// blocks are not there (nothing changed).
+    /// Gives the waiting sequence `id` the blocks for its first chunk under `budget`: a fresh
+    /// one starts from its longest cached prefix, a resumed session from its own KV. Returns the
+    /// tokens it starts with, plus copy-on-write copies. `None` when the blocks are not there
+    /// even after releasing parked sessions and unpinning other waiting sessions.
+    fn admit_one(&mut self, id: SeqId, budget: usize) -> Option<(usize, Vec<(BlockId, BlockId)>)> {
+        let mut unpinned = false;
+        loop {
+            let s = self.seqs.get_mut(&id)?;
+            let result = if s.table.is_empty() {
+                let bs = self.blocks.block_size();
+                // At least one token is computed, so the step has logits to sample from.
+                let hit = self.blocks.lookup(&s.hashes, (s.len - 1) / bs);
+                let start = hit.len() * bs;
+                let end = start + (s.len - start).min(budget);
+                self.blocks.admit(&mut s.table, &hit, end, s.len).map(|()| {
+                    (s.num_computed, s.registered) = (start, hit.len());
+                    (start, Vec::new())
+                })
+            } else {
+                let (start, end) = (s.num_computed, (s.len).min(s.num_computed + budget));
+                self.blocks.prepare_write(&mut s.table, start, end).map(|c| (start, c))
+            };
+            match result {
+                Ok(r) => return Some(r),
+                Err(_) if self.evict_parked() => continue,
+                Err(_) if !unpinned => {
+                    // Sessions waiting behind this one may hold the blocks it needs; they fall
+                    // back to the prefix cache (their blocks stay cached until reused).
+                    self.unpin_waiting(id);
+                    unpinned = true;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Makes `id`'s table cover and own the slots of its next `grant` tokens, releasing parked
+    /// sessions if blocks are short. `None` when the blocks are not there (nothing changed).
     fn reserve(&mut self, id: SeqId, grant: usize) -> Option<Vec<(BlockId, BlockId)>> {
-        let s = self.seqs.get_mut(&id)?;
-        let start = s.num_computed;
-        self.blocks.prepare_write(&mut s.table, start, start + grant).ok()
+        loop {
+            let s = self.seqs.get_mut(&id)?;
+            let start = s.num_computed;
+            match self.blocks.prepare_write(&mut s.table, start, start + grant) {
+                Ok(copies) => return Some(copies),
+                Err(_) if self.evict_parked() => continue,
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Advances `id` by `grant` tokens and describes that for the runner.
@@ -263,18 +386,41 @@ impl Scheduler {
         if let Some(i) = self.running.iter().rposition(|&r| r == id) {
             self.running.remove(i);
         }
-        if let Some(s) = self.seqs.get_mut(&id) {
-            self.blocks.free(&mut s.table);
-            s.num_computed = 0;
-        }
+        self.drop_kv(id);
         self.waiting.push_front(id);
         tracing::debug!(seq = id, free_blocks = self.blocks.num_free(), "preempted by recompute");
+    }
+
+    /// Frees the KV of a running or waiting sequence; it will be recomputed (from the prefix
+    /// cache where its blocks survive).
+    fn drop_kv(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            self.blocks.free(&mut s.table);
+            (s.num_computed, s.registered) = (0, 0);
+        }
+    }
+
+    /// Frees the blocks of every waiting sequence but `except` (resumed sessions hold some).
+    fn unpin_waiting(&mut self, except: SeqId) {
+        let pinned: Vec<SeqId> = self
+            .waiting
+            .iter()
+            .copied()
+            .filter(|&w| w != except && self.seqs.get(&w).is_some_and(|s| !s.table.is_empty()))
+            .collect();
+        for id in pinned {
+            self.drop_kv(id);
+        }
     }
 
     /// Running slots in use: running sequences plus the children they will still fork.
     fn used_slots(&self) -> usize {
         let pending: usize = self.running.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.pending_forks).sum();
         self.running.len() + pending
+    }
+
+    fn knows(&self, id: SeqId) -> bool {
+        self.seqs.contains_key(&id) || self.parked.contains_key(&id)
     }
 
     pub fn num_running(&self) -> usize {
@@ -289,6 +435,11 @@ impl Scheduler {
         self.blocks.num_free()
     }
 
+    /// Free blocks that still hold reusable cached prefixes (a subset of the free blocks).
+    pub fn num_free_cached_blocks(&self) -> usize {
+        self.blocks.num_free_cached()
+    }
+
     pub fn num_total_blocks(&self) -> usize {
         self.blocks.num_total()
     }
@@ -297,14 +448,24 @@ impl Scheduler {
         self.blocks.block_size()
     }
 
+    pub fn cache_counters(&self) -> CacheCounters {
+        self.blocks.counters()
+    }
+
+    /// Parked sessions released to make room for others (their next turn starts from the
+    /// prefix cache instead).
+    pub fn evicted_sessions(&self) -> u64 {
+        self.evicted_sessions
+    }
+
     /// Tokens of `id` whose K/V are in the cache; `None` for an unknown id.
     pub fn num_computed(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.num_computed)
+        self.seqs.get(&id).or_else(|| self.parked.get(&id)).map(|s| s.num_computed)
     }
 
     /// Prompt + generated tokens known for `id`; `None` for an unknown id.
     pub fn seq_len(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.len)
+        self.seqs.get(&id).or_else(|| self.parked.get(&id)).map(|s| s.len)
     }
 
     pub fn is_running(&self, id: SeqId) -> bool {
@@ -317,6 +478,9 @@ impl Scheduler {
         self.blocks.blocks_for(total_len) <= self.blocks.num_total()
     }
 }
+
+#[path = "scheduler_sessions.rs"]
+mod sessions;
 
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]

@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::*;
+use crate::block_hash::{block_hashes, extend_hashes};
 
 fn cfg(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize, block_size: usize) -> SchedulerConfig {
-    SchedulerConfig { max_num_seqs, max_num_batched_tokens, num_blocks, block_size }
+    SchedulerConfig { max_num_seqs, max_num_batched_tokens, num_blocks, block_size, enable_prefix_caching: true }
 }
 
 fn ids(out: &SchedulerOutput) -> Vec<SeqId> {
@@ -64,9 +65,11 @@ fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
     assert_eq!(s.running.len() + s.waiting.len(), s.seqs.len());
     let all: HashSet<SeqId> = s.running.iter().chain(s.waiting.iter()).copied().collect();
     assert_eq!(all.len(), s.seqs.len());
+    // Waiting sequences hold KV only as resumed sessions (covered like running ones).
     for id in &s.waiting {
-        assert_eq!(s.seqs[id].num_computed, 0);
-        assert!(s.seqs[id].table.is_empty());
+        let st = &s.seqs[id];
+        assert!(st.table.len() * bs >= st.num_computed);
+        assert_eq!(st.num_computed == 0, st.table.is_empty());
     }
     for id in &s.running {
         let st = &s.seqs[id];
@@ -81,7 +84,7 @@ fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
 /// unreferenced blocks are free.
 fn check_blocks(s: &Scheduler) {
     let mut refs = vec![0u32; s.num_total_blocks()];
-    for st in s.seqs.values() {
+    for st in s.seqs.values().chain(s.parked.values()) {
         for &b in st.table.blocks() {
             refs[b as usize] += 1;
         }
@@ -93,7 +96,7 @@ fn check_blocks(s: &Scheduler) {
 }
 
 fn assert_all_free(s: &Scheduler) {
-    assert_eq!(s.num_running() + s.num_waiting(), 0);
+    assert_eq!(s.num_running() + s.num_waiting() + s.num_parked(), 0);
     assert_eq!(s.num_free_blocks(), s.num_total_blocks());
     check_blocks(s);
 }
@@ -101,7 +104,7 @@ fn assert_all_free(s: &Scheduler) {
 #[test]
 fn prefill_then_decode_is_one_code_path() {
     let mut s = Scheduler::new(cfg(4, 64, 8, 4));
-    s.add(1, 10, 1);
+    s.add(1, 10, 1, Vec::new());
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 0, 10, true)]);
     assert_eq!(out.seqs[0].block_table, vec![0, 1, 2]);
@@ -116,8 +119,8 @@ fn prefill_then_decode_is_one_code_path() {
 #[test]
 fn chunked_prefill_respects_token_budget_exactly() {
     let mut s = Scheduler::new(cfg(4, 8, 16, 4));
-    s.add(1, 20, 1);
-    s.add(2, 5, 1);
+    s.add(1, 20, 1, Vec::new());
+    s.add(2, 5, 1, Vec::new());
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 0, 8, false)]);
     assert_eq!(out.num_batched_tokens, 8);
@@ -139,10 +142,10 @@ fn chunked_prefill_respects_token_budget_exactly() {
 #[test]
 fn decode_is_scheduled_before_new_prefills() {
     let mut s = Scheduler::new(cfg(4, 4, 16, 4));
-    s.add(1, 3, 1);
-    s.add(2, 1, 1);
+    s.add(1, 3, 1, Vec::new());
+    s.add(2, 1, 1, Vec::new());
     assert_eq!(plan(&step(&mut s)), vec![(1, 0, 3, true), (2, 0, 1, true)]);
-    s.add(3, 10, 1);
+    s.add(3, 10, 1, Vec::new());
     // Both decoders first, then the new prompt gets only what is left of the budget.
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 3, 1, true), (2, 1, 1, true), (3, 0, 2, false)]);
@@ -157,9 +160,9 @@ fn decode_is_scheduled_before_new_prefills() {
 #[test]
 fn admission_is_fcfs_and_stops_at_first_misfit() {
     let mut s = Scheduler::new(cfg(3, 64, 16, 4));
-    s.add(1, 4, 2);
-    s.add(2, 4, 2);
-    s.add(3, 4, 1);
+    s.add(1, 4, 2, Vec::new());
+    s.add(2, 4, 2, Vec::new());
+    s.add(3, 4, 1, Vec::new());
     // 1 takes 2 slots; 2 needs 2 more (4 > 3) and stops the queue, so 3 cannot overtake it.
     assert_eq!(ids(&step(&mut s)), vec![1]);
     assert_eq!(s.num_waiting(), 2);
@@ -174,10 +177,10 @@ fn admission_is_fcfs_and_stops_at_first_misfit() {
 #[test]
 fn admission_waits_for_blocks_without_preempting() {
     let mut s = Scheduler::new(cfg(8, 64, 4, 4));
-    s.add(1, 12, 1); // 3 of 4 blocks
+    s.add(1, 12, 1, Vec::new()); // 3 of 4 blocks
     assert_eq!(ids(&step(&mut s)), vec![1]);
-    s.add(2, 8, 1); // needs 2 blocks, 1 free
-    s.add(3, 2, 1); // would fit, but must not overtake 2
+    s.add(2, 8, 1, Vec::new()); // needs 2 blocks, 1 free
+    s.add(3, 2, 1, Vec::new()); // would fit, but must not overtake 2
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 12, 1, true)]);
     assert!(out.preempted.is_empty());
@@ -193,7 +196,7 @@ fn admission_waits_for_blocks_without_preempting() {
 fn max_num_seqs_caps_running() {
     let mut s = Scheduler::new(cfg(4, 64, 32, 4));
     for id in 0..6 {
-        s.add(id, 3, 1);
+        s.add(id, 3, 1, Vec::new());
     }
     assert_eq!(ids(&step(&mut s)), vec![0, 1, 2, 3]);
     assert_eq!((s.num_running(), s.num_waiting()), (4, 2));
@@ -210,9 +213,9 @@ fn max_num_seqs_caps_running() {
 #[test]
 fn reservation_holds_slots_until_children_fork() {
     let mut s = Scheduler::new(cfg(4, 64, 32, 4));
-    s.add(1, 5, 3); // 3 slots
-    s.add(2, 5, 1); // 1 slot: 4 in use
-    s.add(3, 5, 1); // no room
+    s.add(1, 5, 3, Vec::new()); // 3 slots
+    s.add(2, 5, 1, Vec::new()); // 1 slot: 4 in use
+    s.add(3, 5, 1, Vec::new()); // no room
     assert_eq!(ids(&step(&mut s)), vec![1, 2]);
     s.fork(1, 10);
     s.fork(1, 11);
@@ -237,11 +240,11 @@ fn reservation_holds_slots_until_children_fork() {
 fn preemption_picks_newest_requeues_it_at_front_and_it_resumes() {
     let mut s = Scheduler::new(cfg(8, 64, 4, 4));
     for id in 1..=4 {
-        s.add(id, 4, 1);
+        s.add(id, 4, 1, Vec::new());
     }
     assert_eq!(ids(&step(&mut s)), vec![1, 2, 3, 4]);
     assert_eq!(s.num_free_blocks(), 0);
-    s.add(5, 2, 1);
+    s.add(5, 2, 1, Vec::new());
     // Every decoder now needs a fifth slot, i.e. a new block: 1 takes 4's, 2 takes 3's.
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 4, 1, true), (2, 4, 1, true)]);
@@ -264,8 +267,8 @@ fn preemption_picks_newest_requeues_it_at_front_and_it_resumes() {
 #[test]
 fn sequence_preempts_itself_when_it_is_the_newest() {
     let mut s = Scheduler::new(cfg(8, 64, 3, 2));
-    s.add(1, 3, 1); // 2 blocks
-    s.add(2, 2, 1); // 1 block
+    s.add(1, 3, 1, Vec::new()); // 2 blocks
+    s.add(2, 2, 1, Vec::new()); // 1 block
     assert_eq!(ids(&step(&mut s)), vec![1, 2]);
     // 1 writes position 3 inside its block; 2 needs a new block and is the newest.
     let out = step(&mut s);
@@ -283,7 +286,7 @@ fn sequence_preempts_itself_when_it_is_the_newest() {
 #[test]
 fn fork_copies_the_shared_partial_block_once_per_extra_writer() {
     let mut s = Scheduler::new(cfg(3, 64, 8, 4));
-    s.add(1, 6, 3);
+    s.add(1, 6, 3, Vec::new());
     let out = step(&mut s);
     assert_eq!(out.seqs[0].block_table, vec![0, 1]);
     // n = 3: the engine forks after the prompt's logits, then samples one token for each.
@@ -314,7 +317,7 @@ fn fork_copies_the_shared_partial_block_once_per_extra_writer() {
 #[test]
 fn fork_on_a_block_boundary_needs_no_copy() {
     let mut s = Scheduler::new(cfg(2, 64, 8, 4));
-    s.add(1, 8, 2);
+    s.add(1, 8, 2, Vec::new());
     step(&mut s);
     s.fork(1, 2);
     s.append_token(1);
@@ -332,8 +335,8 @@ fn fork_on_a_block_boundary_needs_no_copy() {
 #[test]
 fn fork_of_a_preempted_parent_waits_right_behind_it() {
     let mut s = Scheduler::new(cfg(4, 64, 2, 2));
-    s.add(1, 2, 1);
-    s.add(2, 2, 2);
+    s.add(1, 2, 1, Vec::new());
+    s.add(2, 2, 2, Vec::new());
     step(&mut s);
     let out = step(&mut s); // both need a 3rd slot: 2 is preempted for 1
     assert_eq!(out.preempted, vec![2]);
@@ -353,7 +356,7 @@ fn all_blocks_free_after_a_fake_model_loop_finishes_everything() {
     let mut s = Scheduler::new(cfg(3, 10, 12, 4));
     let targets: BTreeMap<SeqId, usize> = (0..8).map(|id| (id, 3 + 5 * id as usize)).collect();
     for (&id, &t) in &targets {
-        s.add(id, 1 + (t / 2), 1);
+        s.add(id, 1 + (t / 2), 1, Vec::new());
     }
     let mut steps = 0;
     while s.num_running() + s.num_waiting() > 0 {
@@ -372,9 +375,9 @@ fn all_blocks_free_after_a_fake_model_loop_finishes_everything() {
 #[test]
 fn abort_while_waiting_leaves_the_queue_and_blocks_untouched() {
     let mut s = Scheduler::new(cfg(1, 64, 8, 4));
-    s.add(1, 4, 1);
-    s.add(2, 4, 1);
-    s.add(3, 4, 1);
+    s.add(1, 4, 1, Vec::new());
+    s.add(2, 4, 1, Vec::new());
+    s.add(3, 4, 1, Vec::new());
     step(&mut s);
     let free = s.num_free_blocks();
     s.finish(2);
@@ -389,7 +392,7 @@ fn abort_while_waiting_leaves_the_queue_and_blocks_untouched() {
 #[test]
 fn abort_mid_prefill_frees_its_blocks() {
     let mut s = Scheduler::new(cfg(4, 8, 8, 4));
-    s.add(1, 20, 1);
+    s.add(1, 20, 1, Vec::new());
     assert_eq!(plan(&step(&mut s)), vec![(1, 0, 8, false)]);
     assert_eq!(s.num_free_blocks(), 6);
     s.finish(1);
@@ -400,8 +403,8 @@ fn abort_mid_prefill_frees_its_blocks() {
 #[test]
 fn preempted_then_finished_frees_everything() {
     let mut s = Scheduler::new(cfg(4, 64, 2, 2));
-    s.add(1, 2, 1);
-    s.add(2, 2, 1);
+    s.add(1, 2, 1, Vec::new());
+    s.add(2, 2, 1, Vec::new());
     step(&mut s);
     assert_eq!(step(&mut s).preempted, vec![2]);
     s.finish(2); // aborted while preempted
@@ -415,14 +418,14 @@ fn engine_misuse_is_a_noop() {
     s.finish(42);
     s.append_token(42);
     s.fork(42, 43);
-    s.add(1, 0, 1); // empty prompt: nothing to compute, would block the queue
-    s.add(2, 17, 1); // never fits 16 slots
+    s.add(1, 0, 1, Vec::new()); // empty prompt: nothing to compute, would block the queue
+    s.add(2, 17, 1, Vec::new()); // never fits 16 slots
     assert_eq!(s.num_waiting(), 0);
-    s.add(3, 4, 1);
-    s.add(3, 8, 1); // duplicate id
+    s.add(3, 4, 1, Vec::new());
+    s.add(3, 8, 1, Vec::new()); // duplicate id
     s.fork(3, 3); // into an existing id
     assert_eq!((s.num_waiting(), s.seq_len(3)), (1, Some(4)));
-    s.add(4, 4, 100); // n larger than the cap is clamped, not stuck forever
+    s.add(4, 4, 100, Vec::new()); // n larger than the cap is clamped, not stuck forever
     assert_eq!(ids(&step(&mut s)), vec![3]);
     s.finish(3);
     assert_eq!(ids(&step(&mut s)), vec![4]);
@@ -464,17 +467,24 @@ struct World {
     target: BTreeMap<SeqId, usize>,
     /// Children still to fork at the first logits (OpenAI `n - 1`).
     forks: BTreeMap<SeqId, usize>,
+    /// Chained block hashes of each live sequence's known tokens.
+    hashes: BTreeMap<SeqId, Vec<BlockHash>>,
+    /// Parked sessions' tokens.
+    parked: BTreeMap<SeqId, Vec<u32>>,
     kv: Vec<u32>,
     next_id: SeqId,
     preemptions: usize,
     copies: usize,
+    resumed: usize,
 }
 
 impl World {
     fn new(c: SchedulerConfig, seed: u64) -> Self {
         let kv = vec![u32::MAX; c.num_blocks * c.block_size];
         let (tokens, target, forks) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
-        Self { s: Scheduler::new(c), rng: Rng(seed), tokens, target, forks, kv, next_id: 0, preemptions: 0, copies: 0 }
+        let (hashes, parked) = (BTreeMap::new(), BTreeMap::new());
+        let (s, rng) = (Scheduler::new(c), Rng(seed));
+        Self { s, rng, tokens, target, forks, hashes, parked, kv, next_id: 0, preemptions: 0, copies: 0, resumed: 0 }
     }
 
     fn add_random(&mut self) {
@@ -486,8 +496,13 @@ impl World {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let toks = (0..prompt).map(|_| self.rng.below(1000) as u32).collect();
-        self.s.add(id, prompt, n);
+        // A few shared stems, so prompts often share cached prefixes.
+        let stem = self.rng.below(3) as u32;
+        let toks: Vec<u32> =
+            (0..prompt as u32).map(|i| if i < 14 { 5000 + stem * 100 + i } else { self.rng.below(1000) as u32 }).collect();
+        let hashes = block_hashes(&toks, self.s.block_size());
+        self.s.add(id, prompt, n, hashes.clone());
+        self.hashes.insert(id, hashes);
         self.tokens.insert(id, toks);
         self.target.insert(id, total);
         self.forks.insert(id, n - 1);
@@ -507,6 +522,62 @@ impl World {
         self.tokens.remove(&id);
         self.target.remove(&id);
         self.forks.remove(&id);
+        self.hashes.remove(&id);
+    }
+
+    /// Ends `id`'s turn: parks it (a session) or finishes it.
+    fn end_turn(&mut self, id: SeqId) {
+        if self.rng.below(3) == 0 && self.forks.get(&id).copied().unwrap_or(0) == 0 {
+            let toks = self.tokens.remove(&id).unwrap_or_default();
+            assert!(self.s.park(id));
+            self.parked.insert(id, toks);
+            self.target.remove(&id);
+            self.forks.remove(&id);
+            self.hashes.remove(&id);
+        } else {
+            self.remove(id);
+        }
+    }
+
+    /// A random session operation: resume with a rollback and new tokens, fork, or release.
+    fn session_op(&mut self) {
+        let Some(&id) = self.parked.keys().nth(self.rng.below(self.parked.len().max(1))) else { return };
+        match self.rng.below(4) {
+            0 => {
+                let child = self.next_id;
+                self.next_id += 1;
+                if self.s.fork_parked(id, child) {
+                    self.parked.insert(child, self.parked[&id].clone());
+                }
+            }
+            1 => {
+                self.s.finish(id);
+                self.parked.remove(&id);
+            }
+            _ => self.resume(id),
+        }
+    }
+
+    fn resume(&mut self, id: SeqId) {
+        let mut toks = self.parked.remove(&id).unwrap_or_default();
+        let keep = toks.len() - self.rng.below(3).min(toks.len());
+        toks.truncate(keep);
+        toks.extend((0..1 + self.rng.below(6)).map(|_| self.rng.below(1000) as u32));
+        let total = toks.len() + 1 + self.rng.below(6);
+        if !self.s.fits(total) {
+            self.s.finish(id);
+            return;
+        }
+        let hashes = block_hashes(&toks, self.s.block_size());
+        if self.s.resume(id, toks.len(), keep, hashes.clone()) {
+            self.resumed += 1;
+        } else {
+            self.s.add(id, toks.len(), 1, hashes.clone());
+        }
+        self.hashes.insert(id, hashes);
+        self.tokens.insert(id, toks);
+        self.target.insert(id, total);
+        self.forks.insert(id, 0);
     }
 
     /// One engine step: schedule, apply copies, "compute" (write KV), verify every running
@@ -527,6 +598,7 @@ impl World {
                 self.kv[slot] = self.tokens[&q.id][p];
             }
         }
+        self.s.step_done();
         self.verify_kv();
         for q in out.seqs.iter().filter(|q| q.needs_logits) {
             let mut family = vec![q.id];
@@ -535,6 +607,7 @@ impl World {
                 self.next_id += 1;
                 self.s.fork(q.id, child);
                 self.tokens.insert(child, self.tokens[&q.id].clone());
+                self.hashes.insert(child, self.hashes[&q.id].clone());
                 self.target.insert(child, self.target[&q.id]);
                 family.push(child);
             }
@@ -542,20 +615,27 @@ impl World {
                 let tok = self.rng.below(1000) as u32;
                 self.tokens.entry(id).or_default().push(tok);
                 self.s.append_token(id);
+                let hashes = self.hashes.entry(id).or_default();
+                let known = hashes.len();
+                extend_hashes(hashes, &self.tokens[&id], bs);
+                self.s.add_hashes(id, &hashes[known..]);
                 assert_eq!(self.s.seq_len(id), Some(self.tokens[&id].len()));
                 if self.tokens[&id].len() >= self.target[&id] {
-                    self.remove(id);
+                    self.end_turn(id);
                 }
             }
         }
     }
 
+    /// Every sequence holding KV (running, waiting after a resume, parked) reads back its own
+    /// tokens, cache hits included.
     fn verify_kv(&self) {
         let bs = self.s.block_size();
-        for id in &self.s.running {
-            let st = &self.s.seqs[id];
+        let live = self.s.seqs.iter().map(|(id, st)| (st, &self.tokens[id]));
+        let parked = self.s.parked.iter().map(|(id, st)| (st, &self.parked[id]));
+        for (st, toks) in live.chain(parked) {
             for p in 0..st.num_computed {
-                assert_eq!(self.kv[st.table.slot(p, bs) as usize], self.tokens[id][p], "seq {id} KV at {p}");
+                assert_eq!(self.kv[st.table.slot(p, bs) as usize], toks[p], "KV at {p}");
             }
         }
     }
@@ -574,6 +654,7 @@ fn random_steps_keep_invariants() {
                 match w.rng.below(10) {
                     0..=3 => w.add_random(),
                     4 => w.abort_random(),
+                    5 | 6 => w.session_op(),
                     _ => {}
                 }
             }
@@ -585,8 +666,19 @@ fn random_steps_keep_invariants() {
             assert!(drain < 10_000, "config {k}: no progress while draining");
             w.step();
         }
+        for id in std::mem::take(&mut w.parked).into_keys() {
+            w.s.finish(id);
+        }
         assert_all_free(&w.s);
-        eprintln!("config {k}: {} preemptions, {} copies", w.preemptions, w.copies);
+        let c = w.s.cache_counters();
+        eprintln!(
+            "config {k}: {} preemptions, {} copies, {} resumed, {} evicted sessions, {c:?}",
+            w.preemptions,
+            w.copies,
+            w.resumed,
+            w.s.evicted_sessions()
+        );
+        assert!(c.hit_tokens > 0 && w.resumed > 0, "config {k}: no cache hit or no resumed session");
         // The loose cache (config 2) is there to cover the no-pressure path.
         assert!(k == 2 || w.preemptions > 0, "config {k} never preempted");
         assert!(w.copies > 0, "config {k} never copied on write");

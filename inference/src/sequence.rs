@@ -2,6 +2,7 @@
 //! sampler state, and the channel back to the caller. Scheduling state (computed tokens, blocks)
 //! lives in the scheduler, not here.
 
+use crate::block_hash::{extend_hashes, BlockHash};
 use crate::error::EngineError;
 use crate::grammar::{Accepted, SeqGrammar};
 use crate::params::SamplingParams;
@@ -19,6 +20,10 @@ pub(crate) struct Group {
     pub cancel: Arc<[AtomicBool]>,
     /// Prompt + generated tokens may not exceed this.
     pub max_len: usize,
+    /// A session's turn: it parks with its K/V when it ends.
+    pub session: bool,
+    /// Compute the prompt's K/V only; nothing is sampled.
+    pub prefill_only: bool,
 }
 
 pub(crate) struct Seq {
@@ -35,6 +40,10 @@ pub(crate) struct Seq {
     /// A token closing the JSON before the budget ends replaced the model's pick: however the
     /// output now ends, it was the budget that ended it (`length`).
     overruled: bool,
+    /// Chained hashes of the full blocks of `tokens` (empty when prefix caching is off).
+    pub block_hashes: Vec<BlockHash>,
+    /// Still counted by admission control as waiting (until first scheduled or gone).
+    pub counted_waiting: bool,
 }
 
 /// What one sample did to a sequence.
@@ -52,6 +61,8 @@ impl Seq {
         let pending_forks = if index == 0 { group.params.n - 1 } else { 0 };
         let grammar = grammar.map(Box::new);
         Self {
+            block_hashes: Vec::new(),
+            counted_waiting: false,
             prompt_len: prompt.len(),
             tokens: prompt,
             group,
@@ -89,7 +100,28 @@ impl Seq {
         for &t in &self.tokens[self.prompt_len..] {
             child.push(t, None);
         }
+        child.block_hashes = self.block_hashes.clone();
         child
+    }
+
+    /// Hashes the blocks that appended tokens have filled; returns the new hashes.
+    pub fn extend_hashes(&mut self, block_size: usize) -> &[BlockHash] {
+        let known = self.block_hashes.len();
+        extend_hashes(&mut self.block_hashes, &self.tokens, block_size);
+        &self.block_hashes[known..]
+    }
+
+    /// Tells the caller how many prompt tokens were already cached when it started.
+    pub fn report_cached(&self, tokens: usize) {
+        let _ = self.group.events.send(Event::Cached { tokens });
+    }
+
+    pub fn is_session(&self) -> bool {
+        self.group.session
+    }
+
+    pub fn prefill_only(&self) -> bool {
+        self.group.prefill_only
     }
 
     /// Appends what the grammar forces before anything is sampled (a schema's opening

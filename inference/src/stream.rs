@@ -45,6 +45,12 @@ pub struct TokenLogprob {
 pub(crate) enum Event {
     Token { index: usize, token: u32, logprob: Option<(f32, Vec<(u32, f32)>)> },
     Finished { index: usize, reason: FinishReason },
+    /// Prompt tokens whose K/V were already cached when the request started (sent once, before
+    /// its first token).
+    Cached { tokens: usize },
+    /// A session turn's real prompt (history plus input), known only on the engine thread: its
+    /// length and last tokens (the detokenizer's context). Sent before anything else.
+    Prompt { tokens: usize, tail: Vec<u32> },
     Error(EngineError),
 }
 
@@ -90,7 +96,8 @@ impl TokenStream {
         self.prompt_tokens
     }
 
-    /// Prompt tokens whose KV was reused rather than computed (prefix sharing).
+    /// Prompt tokens whose KV was reused rather than computed (prefix cache or session), known
+    /// once the request has started (before its first token).
     pub fn cached_tokens(&self) -> usize {
         self.cached_tokens
     }
@@ -141,6 +148,17 @@ impl TokenStream {
                 Some(Err(e))
             }
             Event::Token { index, token, logprob } => self.on_token(index, token, logprob),
+            Event::Cached { tokens } => {
+                self.cached_tokens = tokens;
+                None
+            }
+            Event::Prompt { tokens, tail } => {
+                self.prompt_tokens = tokens;
+                for c in &mut self.choices {
+                    c.detok = IncrementalDetokenizer::new(self.tokenizer.inner(), &tail);
+                }
+                None
+            }
             Event::Finished { index, reason } => {
                 let c = self.choices.get_mut(index)?;
                 if c.done {

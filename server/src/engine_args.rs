@@ -34,6 +34,13 @@ pub struct EngineArgs {
     /// outputs bit for bit; gives up batch invariance (results depend on what shares a step).
     #[arg(long, env = "KILN_LLAMA_CPP_BATCH_ARITHMETIC")]
     pub llama_cpp_batch_arithmetic: bool,
+    /// Turn off automatic prefix caching (reuse of the K/V of prompt prefixes computed before).
+    #[arg(long, env = "KILN_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
+    /// Requests accepted but not yet running; one more is refused at once with 429 and
+    /// Retry-After, so queueing delay stays bounded (default: 4 x --max-num-seqs).
+    #[arg(long, env = "KILN_MAX_WAITING_SEQS")]
+    pub max_waiting_seqs: Option<usize>,
 }
 
 impl EngineArgs {
@@ -53,6 +60,8 @@ impl EngineArgs {
             kv_dtype: if self.kv_cache_dtype == "f32" { KvDType::F32 } else { KvDType::F16 },
             max_model_len: self.max_model_len,
             llama_cpp_batch_arithmetic: self.llama_cpp_batch_arithmetic,
+            enable_prefix_caching: !self.no_prefix_caching,
+            max_waiting_seqs: self.max_waiting_seqs.unwrap_or(4 * self.max_num_seqs).max(1),
             ..EngineConfig::default()
         })
     }

@@ -113,54 +113,7 @@ impl Metrics {
         let lb = format!("{{{}}}", l.trim_end_matches(','));
         let mut gauge = |name: &str, help: &str, kind: &str, v: f64| scalar(&mut out, (name, help, kind), &lb, v);
         if let Some(h) = engine {
-            let s = h.stats();
-            let total = h.info().num_blocks as f64;
-            let free = s.free_blocks.load(Ordering::Relaxed) as f64;
-            gauge(
-                "kiln:num_requests_running",
-                "Sequences in the running batch.",
-                "gauge",
-                s.running.load(Ordering::Relaxed) as f64,
-            );
-            gauge(
-                "kiln:num_requests_waiting",
-                "Sequences waiting to be scheduled.",
-                "gauge",
-                s.waiting.load(Ordering::Relaxed) as f64,
-            );
-            gauge("kiln:kv_blocks_total", "KV cache blocks in the pool.", "gauge", total);
-            gauge("kiln:kv_blocks_used", "KV cache blocks held by sequences.", "gauge", total - free);
-            gauge(
-                "kiln:kv_cache_usage_perc",
-                "Fraction of KV cache blocks in use (0-1).",
-                "gauge",
-                if total > 0.0 { (total - free) / total } else { 0.0 },
-            );
-            gauge(
-                "kiln:num_preemptions_total",
-                "Sequences preempted by recompute.",
-                "counter",
-                s.preemptions.load(Ordering::Relaxed) as f64,
-            );
-            gauge(
-                "kiln:grammar_masks_total",
-                "Token masks computed for constrained sequences.",
-                "counter",
-                s.grammar_masks.load(Ordering::Relaxed) as f64,
-            );
-            let mask_s = s.grammar_mask_ns.load(Ordering::Relaxed) as f64 * 1e-9;
-            gauge(
-                "kiln:grammar_mask_seconds_total",
-                "Time spent computing token masks (beside the forward pass).",
-                "counter",
-                mask_s,
-            );
-            gauge(
-                "kiln:grammar_forced_tokens_total",
-                "Tokens a grammar forced, appended without sampling.",
-                "counter",
-                s.forced_tokens.load(Ordering::Relaxed) as f64,
-            );
+            engine_gauges(&mut out, h, &lb);
         }
         gauge(
             "kiln:prompt_tokens_total",
@@ -256,6 +209,89 @@ impl Metrics {
 }
 
 /// One single-valued metric with its HELP and TYPE lines; `labels` is `{...}` or empty.
+/// The engine's gauges and counters, read from its published stats.
+fn engine_gauges(out: &mut String, h: &EngineHandle, labels: &str) {
+    let s = h.stats();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let total = h.info().num_blocks as f64;
+    let used = total - load(&s.free_blocks);
+    let usage = if total > 0.0 { used / total } else { 0.0 };
+    let (running, waiting) = (load(&s.running), load(&s.waiting));
+    let rows = [
+        ("kiln:num_requests_running", "Sequences in the running batch.", "gauge", running),
+        ("kiln:num_requests_waiting", "Sequences waiting to be scheduled.", "gauge", waiting),
+        ("kiln:kv_blocks_total", "KV cache blocks in the pool.", "gauge", total),
+        ("kiln:kv_blocks_used", "KV cache blocks held by sequences and parked sessions.", "gauge", used),
+        ("kiln:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "gauge", usage),
+        (
+            "kiln:kv_blocks_cached_free",
+            "Free KV blocks still holding reusable cached prefixes (evicted LRU when needed).",
+            "gauge",
+            load(&s.free_cached_blocks),
+        ),
+        (
+            "kiln:prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            "counter",
+            load(&s.prefix_cache_queries),
+        ),
+        (
+            "kiln:prefix_cache_hits_total",
+            "Prompt tokens whose K/V came from the prefix cache.",
+            "counter",
+            load(&s.prefix_cache_hits),
+        ),
+        (
+            "kiln:prefix_cache_evictions_total",
+            "Cached KV blocks evicted for reuse.",
+            "counter",
+            load(&s.prefix_cache_evictions),
+        ),
+        ("kiln:num_sessions_parked", "Sessions holding their KV between turns.", "gauge", load(&s.parked_sessions)),
+        (
+            "kiln:sessions_evicted_total",
+            "Parked sessions whose KV was released for room.",
+            "counter",
+            load(&s.evicted_sessions),
+        ),
+        (
+            "kiln:num_requests_rejected_total",
+            "Requests refused with 429 because too many were waiting.",
+            "counter",
+            load(&s.rejected_requests),
+        ),
+        ("kiln:computed_tokens_total", "Tokens run through the model.", "counter", load(&s.computed_tokens)),
+        ("kiln:num_preemptions_total", "Sequences preempted by recompute.", "counter", load(&s.preemptions)),
+        (
+            "kiln:grammar_masks_total",
+            "Token masks computed for constrained sequences.",
+            "counter",
+            load(&s.grammar_masks),
+        ),
+        (
+            "kiln:grammar_mask_seconds_total",
+            "Time spent computing token masks (beside the forward pass).",
+            "counter",
+            load(&s.grammar_mask_ns) * 1e-9,
+        ),
+        (
+            "kiln:grammar_forced_tokens_total",
+            "Tokens a grammar forced, appended without sampling.",
+            "counter",
+            load(&s.forced_tokens),
+        ),
+        // Under vLLM's own names: what the Gateway API Inference Extension / llm-d endpoint
+        // pickers read to route between replicas.
+        ("vllm:num_requests_running", "Sequences in the running batch.", "gauge", running),
+        ("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", "gauge", waiting),
+        ("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", "gauge", usage),
+        ("vllm:gpu_cache_usage_perc", "Fraction of KV cache blocks in use (0-1; the older name).", "gauge", usage),
+    ];
+    for (name, help, kind, v) in rows {
+        scalar(out, (name, help, kind), labels, v);
+    }
+}
+
 fn scalar(out: &mut String, (name, help, kind): (&str, &str, &str), labels: &str, v: f64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {v}");
 }

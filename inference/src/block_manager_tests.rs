@@ -11,7 +11,6 @@ impl BlockManager {
     }
 }
 
-
 /// Checks the pool's bookkeeping against the live tables: each block's count equals the
 /// number of table entries naming it, and exactly the unreferenced blocks are free, once.
 fn check_consistent(bm: &BlockManager, tables: &[&BlockTable]) {
@@ -24,8 +23,7 @@ fn check_consistent(bm: &BlockManager, tables: &[&BlockTable]) {
     assert_eq!(bm.ref_counts, expected);
     let mut free: Vec<BlockId> = bm.free.values().copied().collect();
     free.sort_unstable();
-    let unreferenced: Vec<BlockId> =
-        (0..bm.num_total() as BlockId).filter(|&b| expected[b as usize] == 0).collect();
+    let unreferenced: Vec<BlockId> = (0..bm.num_total() as BlockId).filter(|&b| expected[b as usize] == 0).collect();
     assert_eq!(free, unreferenced);
     for (&stamp, &b) in &bm.free {
         assert_eq!(bm.free_stamp[b as usize], stamp, "block {b} filed under a stale stamp");

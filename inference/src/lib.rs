@@ -21,8 +21,8 @@ pub mod stream;
 pub mod tokenizer;
 
 pub use engine::{EngineConfig, EngineHandle, Prompt};
-pub use session::{Session, SessionInput};
 pub use error::EngineError;
 pub use grammar::{Constraint, Grammar, Trigger};
 pub use params::SamplingParams;
+pub use session::{Session, SessionInput};
 pub use stream::{Delta, FinishReason, TokenLogprob, TokenStream};

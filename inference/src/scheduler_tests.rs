@@ -498,8 +498,9 @@ impl World {
         self.next_id += 1;
         // A few shared stems, so prompts often share cached prefixes.
         let stem = self.rng.below(3) as u32;
-        let toks: Vec<u32> =
-            (0..prompt as u32).map(|i| if i < 14 { 5000 + stem * 100 + i } else { self.rng.below(1000) as u32 }).collect();
+        let toks: Vec<u32> = (0..prompt as u32)
+            .map(|i| if i < 14 { 5000 + stem * 100 + i } else { self.rng.below(1000) as u32 })
+            .collect();
         let hashes = block_hashes(&toks, self.s.block_size());
         self.s.add(id, prompt, n, hashes.clone());
         self.hashes.insert(id, hashes);

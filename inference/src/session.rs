@@ -60,10 +60,16 @@ impl Session {
     /// Computes the K/V of `input` and parks the session without generating: a shared prefix
     /// (instructions, documents) for later turns or forks. The stream ends with no tokens.
     pub fn prefill(&self, input: SessionInput) -> Result<TokenStream, EngineError> {
-        self.turn(input, SamplingParams::default(), true)
+        // One token of room: nothing is generated, but the context must hold the prompt.
+        self.turn(input, SamplingParams { max_tokens: Some(1), ..SamplingParams::default() }, true)
     }
 
-    fn turn(&self, input: SessionInput, params: SamplingParams, prefill_only: bool) -> Result<TokenStream, EngineError> {
+    fn turn(
+        &self,
+        input: SessionInput,
+        params: SamplingParams,
+        prefill_only: bool,
+    ) -> Result<TokenStream, EngineError> {
         let (tokens, replace) = match input {
             SessionInput::Append(t) => (t, false),
             SessionInput::Replace(t) => (t, true),

@@ -43,14 +43,26 @@ pub struct TokenLogprob {
 /// What the engine thread sends for one choice.
 #[derive(Debug)]
 pub(crate) enum Event {
-    Token { index: usize, token: u32, logprob: Option<(f32, Vec<(u32, f32)>)> },
-    Finished { index: usize, reason: FinishReason },
+    Token {
+        index: usize,
+        token: u32,
+        logprob: Option<(f32, Vec<(u32, f32)>)>,
+    },
+    Finished {
+        index: usize,
+        reason: FinishReason,
+    },
     /// Prompt tokens whose K/V were already cached when the request started (sent once, before
     /// its first token).
-    Cached { tokens: usize },
+    Cached {
+        tokens: usize,
+    },
     /// A session turn's real prompt (history plus input), known only on the engine thread: its
     /// length and last tokens (the detokenizer's context). Sent before anything else.
-    Prompt { tokens: usize, tail: Vec<u32> },
+    Prompt {
+        tokens: usize,
+        tail: Vec<u32>,
+    },
     Error(EngineError),
 }
 

@@ -111,10 +111,10 @@ impl Metrics {
         let mut out = String::new();
         let l = format!("model_name=\"{}\",", self.model);
         let lb = format!("{{{}}}", l.trim_end_matches(','));
-        let mut gauge = |name: &str, help: &str, kind: &str, v: f64| scalar(&mut out, (name, help, kind), &lb, v);
         if let Some(h) = engine {
             engine_gauges(&mut out, h, &lb);
         }
+        let mut gauge = |name: &str, help: &str, kind: &str, v: f64| scalar(&mut out, (name, help, kind), &lb, v);
         gauge(
             "kiln:prompt_tokens_total",
             "Prompt tokens processed.",

@@ -121,7 +121,6 @@ struct PartState {
 fn part_stream(ctx: Arc<StreamCtx>, part: Part, totals: Arc<Totals>) -> BoxStream<'static, Event> {
     let n = part.tracked.num_choices();
     totals.prompt.fetch_add(part.tracked.prompt_tokens(), Ordering::Relaxed);
-    totals.cached.fetch_add(part.tracked.cached_tokens(), Ordering::Relaxed);
     let parsers = if ctx.tool_calls { (0..n).map(|_| CallParser::new()).collect() } else { Vec::new() };
     let st = PartState {
         part,
@@ -145,6 +144,8 @@ fn part_stream(ctx: Arc<StreamCtx>, part: Part, totals: Arc<Totals>) -> BoxStrea
                 None => {
                     st.done = true;
                     st.totals.completion.fetch_add(st.part.tracked.generated, Ordering::Relaxed);
+                    // Known once the request was admitted, i.e. by the end of its stream.
+                    st.totals.cached.fetch_add(st.part.tracked.cached_tokens(), Ordering::Relaxed);
                 }
                 Some(Err(e)) => {
                     st.done = true;

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_agent;
 pub mod config;
 pub mod engine_args;
 pub mod generate;

@@ -5,7 +5,7 @@
 mod embed_cli;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use kiln_server::{bench, config, generate, serve};
+use kiln_server::{bench, bench_agent, config, generate, serve};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "High-performance LLM inference server")]
@@ -25,6 +25,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill, decode and batched decode throughput of the engine.
     Bench(bench::BenchArgs),
+    /// Measure prefix caching, sessions and fork against the same engine without them.
+    BenchAgent(bench_agent::BenchAgentArgs),
     /// Embed texts with an embedding model and print the vectors.
     Embed(embed_cli::EmbedArgs),
     /// Measure sentences/s of the embedding engine on batches of texts.
@@ -42,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchAgent(a) => bench_agent::run(a),
         Command::Embed(a) => embed_cli::run(a),
         Command::EmbedBench(a) => embed_cli::bench(a),
     }

@@ -118,55 +118,43 @@ fn eviction_in_a_tiny_cache_keeps_outputs_exact() -> Result<()> {
     wait_all_blocks_free(&tiny.handle)
 }
 
-/// The user turns of the session tests, each followed by `<|im_end|>` + the assistant header.
-const TURNS: &[&str] = &["Who is Ember?", "And when is the kiln fired?", "What about glazes?", "Thanks!"];
-
-fn user_turn(text: &str) -> String {
-    format!("<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
-}
-
-/// A 4-turn conversation through a session: each turn reuses the previous turn's K/V (cached
-/// tokens = the history minus at most its last, uncomputed token) and produces exactly the
-/// tokens of the same conversation sent as fresh requests with caching off.
-#[test]
-fn a_session_prefills_only_what_each_turn_appends() -> Result<()> {
-    let model = smollm2()?;
-    let fresh = start(&model, &EngineConfig { enable_prefix_caching: false, ..test_config() })?;
-    let eng = start(&model, &test_config())?;
+/// Runs a conversation through one session: `first` opens it, each of `follow_ups` is appended
+/// after the previous output. Every turn must prefill exactly what it appended (plus the
+/// previous turn's last token when a length finish left it uncomputed), per the engine's
+/// computed-token counter, and produce the tokens of the same conversation sent whole to an
+/// engine with caching off.
+fn session_loop(model: &std::path::PathBuf, first: &str, follow_ups: &[String]) -> Result<()> {
+    let fresh = start(model, &EngineConfig { enable_prefix_caching: false, ..test_config() })?;
+    let eng = start(model, &test_config())?;
     let tok = eng.handle.tokenizer().clone();
     let session = eng.handle.session();
-    let mut history: Vec<u32> = tok.encode_prompt(&chat(&system_prompt(), TURNS[0]), true)?;
-    let mut input = history.clone();
-    for (i, user) in TURNS.iter().enumerate() {
+    let mut input = tok.encode_prompt(first, true)?;
+    let (mut history, mut uncomputed) = (Vec::new(), 0);
+    for i in 0..=follow_ups.len() {
+        history.extend(&input);
         let computed_before = counter(&eng.handle, |s| &s.computed_tokens);
-        let mut stream = session.generate(SessionInput::Append(input), params(Some(i as u64), 1))?;
+        let mut stream = session.generate(SessionInput::Append(input.clone()), params(Some(i as u64), 1))?;
         let (outs, cached) = drain(&mut stream)?;
-        ensure!(
-            stream.prompt_tokens() == history.len(),
-            "turn {i}: prompt {} != {}",
-            stream.prompt_tokens(),
-            history.len()
-        );
+        ensure!(stream.prompt_tokens() == history.len(), "turn {i}: prompt {}", stream.prompt_tokens());
         let out = &outs[0];
         let want = run(&fresh.handle, Prompt::Tokens(history.clone()), params(Some(i as u64), 1))?;
         ensure!(out == &want[0], "turn {i}: the session's output differs from a fresh request");
-        let computed = counter(&eng.handle, |s| &s.computed_tokens) - computed_before;
-        // Prefilled = prompt - cached; decoded = each generated token, but for a last one that a
-        // length finish leaves uncomputed (the next turn computes it).
-        let by_length = out.finish_reason == Some("length");
-        let decoded = (out.tokens.len() - usize::from(by_length)) as u64;
-        ensure!(computed == (history.len() - cached) as u64 + decoded, "turn {i}: computed {computed}");
+        let prefilled = history.len() - cached;
         if i > 0 {
-            let appended = input_len(&tok, user)?;
-            let prefilled = history.len() - cached;
-            ensure!(prefilled <= appended + 1, "turn {i}: prefilled {prefilled} for {appended} appended tokens");
+            ensure!(
+                prefilled == input.len() + uncomputed,
+                "turn {i}: prefilled {prefilled} for {} appended",
+                input.len()
+            );
         }
+        // Decoded: each generated token, but a last one a length finish leaves uncomputed.
+        uncomputed = usize::from(out.finish_reason == Some("length"));
+        let decoded = out.tokens.len() - uncomputed;
+        let computed = counter(&eng.handle, |s| &s.computed_tokens) - computed_before;
+        ensure!(computed == (prefilled + decoded) as u64, "turn {i}: computed {computed}");
         history.extend(&out.tokens);
-        let next = TURNS.get(i + 1).map_or(String::new(), |u| user_turn(u));
-        input = tok.encode_prompt(&next, true)?;
-        history.extend(&input);
-        if next.is_empty() {
-            break;
+        if let Some(next) = follow_ups.get(i) {
+            input = tok.encode_prompt(next, true)?;
         }
     }
     ensure!(counter(&eng.handle, |s| &s.parked_sessions) == 1);
@@ -174,8 +162,31 @@ fn a_session_prefills_only_what_each_turn_appends() -> Result<()> {
     wait_all_blocks_free(&eng.handle)
 }
 
-fn input_len(tok: &kiln_inference::tokenizer::Tokenizer, user: &str) -> Result<usize> {
-    Ok(tok.encode_prompt(&user_turn(user), true)?.len())
+/// A 4-turn chat on SmolLM2 through a session.
+#[test]
+fn a_session_prefills_only_what_each_turn_appends() -> Result<()> {
+    let turns = ["And when is the kiln fired?", "What about glazes?", "Thanks!"];
+    let follow_ups: Vec<String> =
+        turns.iter().map(|t| format!("<|im_end|>\n<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n")).collect();
+    session_loop(&smollm2()?, &chat(&system_prompt(), "Who is Ember?"), &follow_ups)
+}
+
+/// A 6-step tool loop on Qwen2.5-Coder through a session (skipped when the optional model is
+/// not fetched): each step appends a tool result.
+#[test]
+fn a_qwen_tool_loop_in_a_session_prefills_only_the_tool_results() -> Result<()> {
+    let Some(model) = kiln_tests::qwen25() else { return Ok(()) };
+    let system = "You are a weather assistant. Call get_weather(city) to answer.";
+    let first = chat(system, "What is the weather in Oslo, then Paris, Rome, Lima, Cairo and Tokyo?");
+    let follow_ups: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                "<|im_end|>\n<|im_start|>user\n<tool_response>\n{{\"temperature\": {}, \"step\": {i}}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+                10 + i
+            )
+        })
+        .collect();
+    session_loop(&model, &first, &follow_ups)
 }
 
 /// A ~1,000-token prefix prefilled once in a session, forked into 4 children that each answer

@@ -40,7 +40,7 @@ async fn post(app: &Router, uri: &str, body: &Value) -> (StatusCode, Option<Stri
 
 /// ~2,000 tokens of instructions.
 fn long_system() -> String {
-    (0..70)
+    (0..95)
         .map(|i| format!("Rule {i}: answer politely, cite rule {i} when asked, and keep it short."))
         .collect::<Vec<_>>()
         .join(" ")
@@ -119,13 +119,18 @@ async fn multi_turn_chat_reuses_the_previous_prompt_and_answers_the_same() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_past_max_waiting_gets_429_with_retry_after() {
-    let cfg = EngineConfig { max_waiting_seqs: 4, max_num_seqs: 2, ..kiln_tests::test_config() };
+    let cfg = EngineConfig { max_waiting_seqs: 4, max_num_seqs: 1, ..kiln_tests::test_config() };
     let (app, _) = app(cfg);
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 16});
-    let calls = (0..32).map(|_| {
-        let (app, body) = (app.clone(), body.clone());
-        tokio::spawn(async move { post(&app, "/v1/chat/completions", &body).await })
-    });
+    // Each request runs 96 steps alone, far longer than the burst takes to arrive.
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to ten."}],
+                      "max_tokens": 96, "ignore_eos": true});
+    // Collected first: all 32 are in flight before any answer is awaited.
+    let calls: Vec<_> = (0..32)
+        .map(|_| {
+            let (app, body) = (app.clone(), body.clone());
+            tokio::spawn(async move { post(&app, "/v1/chat/completions", &body).await })
+        })
+        .collect();
     let (mut ok, mut limited) = (0, 0);
     for c in calls {
         let (status, retry, text) = c.await.expect("task");
@@ -141,7 +146,7 @@ async fn a_burst_past_max_waiting_gets_429_with_retry_after() {
             other => panic!("unexpected {other}: {text}"),
         }
     }
-    assert!(ok >= 4 && limited > 0, "ok {ok}, limited {limited}");
+    assert!(ok >= 5 && limited >= 16, "ok {ok}, limited {limited}");
     let (status, metrics) = get_metrics(&app).await;
     assert_eq!(status, StatusCode::OK);
     let rejected = metric(&metrics, "kiln:num_requests_rejected_total");

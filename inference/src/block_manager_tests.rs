@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::block_hash::block_hashes;
+use crate::test_rng::Rng;
 
 impl BlockManager {
     fn new_for_test(num_blocks: usize, block_size: usize) -> Self {
@@ -204,17 +205,6 @@ fn double_free_is_caught_in_debug_builds() {
     let mut smuggled = BlockTable(a.blocks().to_vec());
     bm.free(&mut a);
     bm.free(&mut smuggled);
-}
-
-/// Tiny xorshift PRNG: deterministic, no crates.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
 }
 
 /// Random allocate/fork/make_writable/free on many tables; the pool always matches the

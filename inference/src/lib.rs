@@ -18,6 +18,8 @@ mod sequence;
 pub mod session;
 pub mod stop;
 pub mod stream;
+#[cfg(test)]
+mod test_rng;
 pub mod tokenizer;
 
 pub use engine::{EngineConfig, EngineHandle, Prompt};

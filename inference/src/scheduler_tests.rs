@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::*;
 use crate::block_hash::{block_hashes, extend_hashes};
+use crate::test_rng::Rng;
 
 fn cfg(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize, block_size: usize) -> SchedulerConfig {
     SchedulerConfig { max_num_seqs, max_num_batched_tokens, num_blocks, block_size, enable_prefix_caching: true }
@@ -442,18 +443,6 @@ fn fits_matches_cache_capacity() {
     assert!(s.fits(16));
     assert!(!s.fits(17));
     assert_eq!(s.num_total_blocks(), 4);
-}
-
-/// Tiny xorshift64 PRNG: deterministic, no crates.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
 }
 
 /// The fake engine around the scheduler in the property test. `kv` simulates the cache contents

@@ -71,6 +71,11 @@ pub struct Output {
 
 /// Drains a stream into one output per choice.
 pub fn collect(mut stream: TokenStream) -> Result<Vec<Output>> {
+    Ok(collect_cached(&mut stream)?.0)
+}
+
+/// [`collect`], plus how many prompt tokens the engine found cached.
+pub fn collect_cached(stream: &mut TokenStream) -> Result<(Vec<Output>, usize)> {
     let mut outs = vec![
         Output { text: String::new(), tokens: vec![], logprobs: vec![], finish_reason: None };
         stream.num_choices()
@@ -85,7 +90,7 @@ pub fn collect(mut stream: TokenStream) -> Result<Vec<Output>> {
             o.finish_reason = Some(r.as_str());
         }
     }
-    Ok(outs)
+    Ok((outs, stream.cached_tokens()))
 }
 
 pub fn run(h: &EngineHandle, prompt: Prompt, params: SamplingParams) -> Result<Vec<Output>> {

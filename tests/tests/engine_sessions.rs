@@ -7,8 +7,8 @@
 
 use anyhow::{ensure, Result};
 use kiln_inference::engine::{EngineConfig, EngineHandle, Prompt};
-use kiln_inference::{EngineError, SamplingParams, SessionInput, TokenStream};
-use kiln_tests::{collect, run, smollm2, start, test_config, wait_all_blocks_free, Output};
+use kiln_inference::{EngineError, SamplingParams, SessionInput};
+use kiln_tests::{collect, collect_cached, run, smollm2, start, test_config, wait_all_blocks_free, Output};
 use std::sync::atomic::Ordering;
 
 /// A system prompt long enough to span many 16-token blocks (~300 tokens).
@@ -43,27 +43,7 @@ fn counter(h: &EngineHandle, f: impl Fn(&kiln_inference::engine::EngineStats) ->
 
 /// Runs `prompt` and returns its outputs and how many prompt tokens were cached.
 fn run_cached(h: &EngineHandle, prompt: &str, p: SamplingParams) -> Result<(Vec<Output>, usize)> {
-    let mut stream = h.generate(Prompt::Text(prompt.to_string()), p)?;
-    let (outs, cached) = drain(&mut stream)?;
-    Ok((outs, cached))
-}
-
-fn drain(stream: &mut TokenStream) -> Result<(Vec<Output>, usize)> {
-    let mut outs = vec![
-        Output { text: String::new(), tokens: vec![], logprobs: vec![], finish_reason: None };
-        stream.num_choices()
-    ];
-    while let Some(d) = stream.blocking_next() {
-        let d = d?;
-        let o = &mut outs[d.index];
-        o.text.push_str(&d.text);
-        o.tokens.extend(&d.tokens);
-        o.logprobs.extend(d.logprobs);
-        if let Some(r) = d.finish_reason {
-            o.finish_reason = Some(r.as_str());
-        }
-    }
-    Ok((outs, stream.cached_tokens()))
+    collect_cached(&mut h.generate(Prompt::Text(prompt.to_string()), p)?)
 }
 
 /// A cache hit gives bit-identical tokens and logprobs to a cold run and to caching off, with
@@ -134,7 +114,7 @@ fn session_loop(model: &std::path::PathBuf, first: &str, follow_ups: &[String]) 
         history.extend(&input);
         let computed_before = counter(&eng.handle, |s| &s.computed_tokens);
         let mut stream = session.generate(SessionInput::Append(input.clone()), params(Some(i as u64), 1))?;
-        let (outs, cached) = drain(&mut stream)?;
+        let (outs, cached) = collect_cached(&mut stream)?;
         ensure!(stream.prompt_tokens() == history.len(), "turn {i}: prompt {}", stream.prompt_tokens());
         let out = &outs[0];
         let want = run(&fresh.handle, Prompt::Tokens(history.clone()), params(Some(i as u64), 1))?;
@@ -218,7 +198,7 @@ fn forked_children_share_a_prefix_computed_once() -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     for (mut stream, input) in streams {
-        let (outs, cached) = drain(&mut stream)?;
+        let (outs, cached) = collect_cached(&mut stream)?;
         ensure!(cached == prefix.len(), "a child recomputed its prefix (cached {cached})");
         let whole: Vec<u32> = prefix.iter().chain(&input).copied().collect();
         let want = run(&fresh.handle, Prompt::Tokens(whole), params(None, 1))?;

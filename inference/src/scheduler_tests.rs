@@ -624,8 +624,8 @@ impl World {
         let live = self.s.seqs.iter().map(|(id, st)| (st, &self.tokens[id]));
         let parked = self.s.parked.iter().map(|(id, st)| (st, &self.parked[id]));
         for (st, toks) in live.chain(parked) {
-            for p in 0..st.num_computed {
-                assert_eq!(self.kv[st.table.slot(p, bs) as usize], toks[p], "KV at {p}");
+            for (p, &tok) in toks.iter().enumerate().take(st.num_computed) {
+                assert_eq!(self.kv[st.table.slot(p, bs) as usize], tok, "KV at {p}");
             }
         }
     }

@@ -81,7 +81,7 @@ fn instructions(n: usize) -> String {
 }
 
 fn multi_turn(on: &EngineHandle, off: &EngineHandle, gen: usize) -> Result<serde_json::Value> {
-    let mut conv = format!("<|im_start|>system\n{}<|im_end|>\n", instructions(80));
+    let mut conv = format!("<|im_start|>system\n{}<|im_end|>\n", instructions(95));
     let mut rows = Vec::new();
     for (i, q) in ["Hello!", "What is rule 3?", "And rule 40?", "Summarize rule 7.", "Thanks."].iter().enumerate() {
         conv.push_str(&format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"));

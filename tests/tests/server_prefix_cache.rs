@@ -56,7 +56,7 @@ fn usage(body: &str, stream: bool) -> Value {
         .filter(|l| *l != "[DONE]")
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| v.get("usage").filter(|u| !u.is_null()).cloned())
-        .last()
+        .next_back()
         .expect("a usage chunk")
 }
 

@@ -4,7 +4,7 @@
 //! send events. No locks around engine parts, no globals.
 
 use crate::error::EngineError;
-use crate::grammar::{Compiled, GrammarCompiler, SeqGrammar};
+use crate::grammar::{CacheUsage, Compiled, GrammarCompiler, GrammarLimits, SeqGrammar};
 use crate::params::SamplingParams;
 use crate::runner::Runner;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId};
@@ -40,6 +40,8 @@ pub struct EngineConfig {
     /// (reproduces its outputs bit for bit, e.g. against reference files), at the price of
     /// batch invariance: a sequence's numbers then depend on what shares its steps.
     pub llama_cpp_batch_arithmetic: bool,
+    /// Bounds on constrained-decoding grammars (size, compile time, cache bytes).
+    pub grammar: GrammarLimits,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +56,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             num_blocks_override: None,
             llama_cpp_batch_arithmetic: false,
+            grammar: GrammarLimits::default(),
         }
     }
 }
@@ -127,7 +130,12 @@ impl EngineHandle {
         &self.stats
     }
 
-    /// Tokenizes and compiles its grammar (on the caller's thread), validates and submits a
+    /// What the cache of compiled grammars holds (entries, estimated bytes, bound).
+    pub fn grammar_cache_usage(&self) -> CacheUsage {
+        self.grammars.cache_usage()
+    }
+
+    /// Tokenizes and compiles its grammar (on a compile thread; the caller waits), validates and submits a
     /// request. Fails fast with `Overloaded` when the command queue is full.
     pub fn generate(&self, prompt: Prompt, params: SamplingParams) -> Result<TokenStream, EngineError> {
         let ids = match prompt {
@@ -200,7 +208,7 @@ pub fn spawn(
         block_size: cfg.block_size,
     };
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity);
-    let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size));
+    let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size, cfg.grammar.clone()));
     let tokenizer = Arc::new(tokenizer);
     let stats = Arc::new(EngineStats::default());
     let mut core = Core {
@@ -361,14 +369,13 @@ impl Core {
     /// sequences that get logits this step: on a GPU the mask is then free; on a CPU it shares
     /// the cores, but only constrained sequences pay anything.
     fn forward_and_masks(&mut self, out: &SchedulerOutput) -> Result<StepOutput, EngineError> {
-        let mut lent: Vec<(SeqId, Box<SeqGrammar>, usize)> = out
+        let mut lent: Vec<(SeqId, Box<SeqGrammar>)> = out
             .seqs
             .iter()
             .filter(|s| s.needs_logits)
             .filter_map(|s| {
                 let seq = self.seqs.get_mut(&s.id)?;
-                let remaining = seq.remaining();
-                seq.needs_mask().then(|| seq.take_grammar()).flatten().map(|g| (s.id, g, remaining))
+                seq.needs_mask().then(|| seq.take_grammar()).flatten().map(|g| (s.id, g))
             })
             .collect();
         if lent.is_empty() {
@@ -378,8 +385,7 @@ impl Core {
         let (logits, masks) = std::thread::scope(|scope| {
             let worker = scope.spawn(|| {
                 let t = std::time::Instant::now();
-                let masks =
-                    lent.iter_mut().map(|(id, g, remaining)| (*id, g.mask(*remaining))).collect::<HashMap<_, _>>();
+                let masks = lent.iter_mut().map(|(id, g)| (*id, g.mask())).collect::<HashMap<_, _>>();
                 stats.grammar_mask_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 stats.grammar_masks.fetch_add(masks.len() as u64, Ordering::Relaxed);
                 masks
@@ -387,7 +393,7 @@ impl Core {
             let logits = runner.step(out, seqs);
             (logits, worker.join())
         });
-        for (id, g, _) in lent {
+        for (id, g) in lent {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.put_grammar(g);
             }

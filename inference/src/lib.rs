@@ -2,6 +2,7 @@
 //! callers talk to it only through [`EngineHandle`] and the [`TokenStream`]s it returns.
 
 pub mod block_manager;
+pub mod defaults;
 pub mod detok;
 pub mod embed;
 pub mod engine;
@@ -17,6 +18,7 @@ pub mod stop;
 pub mod stream;
 pub mod tokenizer;
 
+pub use defaults::SamplingDefaults;
 pub use engine::{EngineConfig, EngineHandle, Prompt};
 pub use error::EngineError;
 pub use grammar::{Constraint, Grammar, Trigger};

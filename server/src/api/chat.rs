@@ -33,7 +33,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
             "response_format cannot be combined with tool calls; use tool_choice \"none\" or drop one",
         ));
     }
-    let mut params = req.params()?;
+    let mut params = req.params(&state.sampling_defaults())?;
     let include_usage = req.sampling.include_usage()?;
     let engine = state.engine()?.clone();
     let template = engine

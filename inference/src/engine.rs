@@ -228,7 +228,7 @@ pub fn spawn(
 }
 
 /// A grammar's mask for the next token: `None` while it waits for its trigger.
-type MaskResult = Result<Option<SimpleVob>, String>;
+type MaskResult = Result<Option<SimpleVob>, EngineError>;
 
 /// One step's logits rows plus the masks of its constrained sequences.
 type StepOutput = (Vec<Vec<f32>>, HashMap<SeqId, MaskResult>);
@@ -356,7 +356,7 @@ impl Core {
             for s in out.seqs.iter().filter(|s| s.needs_logits) {
                 let row = rows.next().ok_or_else(|| EngineError::Internal("missing logits row".into()))?;
                 match masks.remove(&s.id) {
-                    Some(Err(e)) => self.fail(s.id, EngineError::Internal(e)),
+                    Some(Err(e)) => self.fail(s.id, e),
                     mask => self.on_logits(s.id, row, mask.and_then(Result::ok).flatten()),
                 }
             }

@@ -117,7 +117,7 @@ impl Seq {
             return Ok(Sampled { appended: 0, forced: 0, finish: Some(FinishReason::Stop) });
         }
         let accepted = match self.grammar.as_mut() {
-            Some(g) => g.accept(s.token).map_err(EngineError::Internal)?,
+            Some(g) => g.accept(s.token)?,
             None => Accepted::Continue,
         };
         let before = self.tokens.len();

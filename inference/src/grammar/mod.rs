@@ -159,7 +159,13 @@ impl GrammarCompiler {
                 };
                 let job = {
                     let factory = factory.clone();
-                    move || factory.create_parser(top).map_err(|e| EngineError::Grammar(clean_error(&e.to_string())))
+                    move || {
+                        usable(
+                            factory
+                                .create_parser(top)
+                                .map_err(|e| EngineError::Grammar(clean_error(&e.to_string())))?,
+                        )
+                    }
                 };
                 let p = self.slots.run(self.limits.compile_timeout, job)?;
                 self.lock_cache()?.put(key, &p);
@@ -175,6 +181,19 @@ impl GrammarCompiler {
 
     fn lock_cache(&self) -> Result<std::sync::MutexGuard<'_, Lru>, EngineError> {
         self.cache.lock().map_err(|_| EngineError::Internal("grammar cache poisoned".into()))
+    }
+}
+
+/// `p` if it can begin an output: a grammar that compiles but admits no token at all (a schema
+/// that is only a reference to itself, `{"$ref": "#"}`) would otherwise fail the sequence on its
+/// first step, as an internal error. Costs one mask, on the compile thread, once per grammar.
+fn usable(p: TokenParser) -> Result<TokenParser, EngineError> {
+    let mut m = llguidance::Matcher::new(Ok(p.deep_clone()));
+    match m.compute_mask() {
+        Ok(mask) if !mask.is_zero() => Ok(p),
+        _ => Err(EngineError::Grammar(
+            "no output can satisfy it (for example a schema that only refers to itself)".into(),
+        )),
     }
 }
 

@@ -3,6 +3,7 @@
 //! sampled token, and hands out tokens the grammar forces so the engine can append them without
 //! sampling (`{"name": "` after a tool was chosen costs no model steps).
 
+use crate::error::EngineError;
 use llguidance::toktrie::{SimpleVob, TokEnv, TokTrie};
 use llguidance::{Matcher, TokenParser};
 
@@ -78,20 +79,20 @@ impl SeqGrammar {
 
     /// The tokens the grammar allows next (EOS included once it is complete); `None` while
     /// waiting for the trigger.
-    pub fn mask(&mut self) -> Result<Option<SimpleVob>, String> {
+    pub fn mask(&mut self) -> Result<Option<SimpleVob>, EngineError> {
         let Phase::Engaged(m) = &mut self.phase else { return Ok(None) };
         let mask = m.compute_mask().map_err(engine)?;
         if mask.is_zero() {
-            return Err("the grammar allows no token here".into());
+            return Err(EngineError::Internal("the grammar allows no token here".into()));
         }
         Ok(Some(mask))
     }
 
     /// Advances past a sampled token (which the mask allowed).
-    pub fn accept(&mut self, token: u32) -> Result<Accepted, String> {
+    pub fn accept(&mut self, token: u32) -> Result<Accepted, EngineError> {
         match &mut self.phase {
             Phase::Engaged(m) => {
-                m.consume_token(token).map_err(|e| format!("grammar engine rejected token {token}: {e}"))?;
+                m.consume_token(token).map_err(|e| engine(format!("rejected token {token}: {e}")))?;
                 Ok(if m.is_stopped() { Accepted::Complete } else { Accepted::Continue })
             }
             Phase::Waiting(w) => {
@@ -154,7 +155,7 @@ fn engage(
     replay: &[u8],
     trigger_len: usize,
     token: &[u8],
-) -> Result<(Matcher, Accepted), String> {
+) -> Result<(Matcher, Accepted), EngineError> {
     let mut m = Matcher::new(Ok(proto.deep_clone()));
     let all = env.tokenize_bytes(replay);
     if m.try_consume_tokens(&all).map_err(engine)? == all.len() {
@@ -162,13 +163,23 @@ fn engage(
     }
     let mut m = Matcher::new(Ok(proto.deep_clone()));
     let trigger = env.tokenize_bytes(&replay[..trigger_len]);
-    m.consume_tokens(&trigger).map_err(|e| format!("the grammar does not begin with its trigger: {e}"))?;
+    m.consume_tokens(&trigger).map_err(|e| engine(format!("the grammar does not begin with its trigger: {e}")))?;
     let extra = replay.len() - trigger_len;
     Ok((m, Accepted::Replace(env.tokenize_bytes(&token[..token.len() - extra]))))
 }
 
-fn engine(e: impl std::fmt::Display) -> String {
-    format!("grammar engine: {e}")
+/// A grammar engine error while decoding, first line only (llguidance may append its state,
+/// which must not reach a client). Its parser limits (items per step, lexer fuel) are hit by
+/// grammars too wide to decode, such as an object with thousands of optional properties: the
+/// request's fault, so [`EngineError::GrammarLimit`]; anything else is kiln's (`Internal`).
+fn engine(e: impl std::fmt::Display) -> EngineError {
+    let e = e.to_string();
+    let line = e.lines().next().unwrap_or_default();
+    if line.contains("max is") || line.contains("fuel") {
+        EngineError::GrammarLimit(format!("the grammar is too wide to decode (grammar engine limit): {line}"))
+    } else {
+        EngineError::Internal(format!("grammar engine: {line}"))
+    }
 }
 
 /// The bytes a token adds to the text (special tokens are stored behind toktrie's 0xFF marker).

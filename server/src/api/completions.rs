@@ -73,7 +73,7 @@ async fn collect_part(
     echo: Option<&str>,
     want_logprobs: bool,
 ) -> ApiResult<Vec<Value>> {
-    let outs = collect(t).await.map_err(|e| ApiError::from_engine(e, "prompt"))?;
+    let outs = collect(t).await.map_err(engine_error)?;
     Ok(outs
         .into_iter()
         .enumerate()

@@ -141,14 +141,12 @@ impl Seq {
     /// Appends what the grammar forces (no model step needed to pick them), within the length
     /// limits. Callers skip it when logprobs are requested: forced tokens have none to report.
     fn push_forced(&mut self) -> usize {
+        let remaining = self.remaining();
         let Some(g) = self.grammar.as_mut() else { return 0 };
-        let mut n = 0;
-        for t in g.forced() {
-            if self.at_max_len() {
-                break;
-            }
+        let forced = g.forced(remaining);
+        let n = forced.len();
+        for t in forced {
             self.push(t, None);
-            n += 1;
         }
         n
     }

@@ -105,6 +105,9 @@ fn forced_text_trigger_forks_and_errors() -> Result<()> {
     assert_eq!(o.text, fixed);
     assert_eq!(o.finish_reason, Some("stop"));
     assert_eq!(o.tokens, h.tokenizer().encode(fixed, false)?, "forced tokens are the canonical tokenization");
+    // A forced run cut by the budget is `length`, not a grammar that completed out of sight.
+    let cut = one(h, "Q: what is six times seven?\nA:", constrained(Constraint::lark(&lark), None, 3))?;
+    assert_eq!((&cut.tokens[..], cut.finish_reason), (&o.tokens[..3], Some("length")));
 
     // A trigger: the text up to it is what the free model writes; after it, the grammar.
     let prompt = "The capital of France is";

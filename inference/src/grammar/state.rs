@@ -105,12 +105,18 @@ impl SeqGrammar {
         }
     }
 
-    /// Tokens the grammar now forces, already consumed by it (empty when a choice remains).
-    pub fn forced(&mut self) -> Vec<u32> {
-        match &mut self.phase {
-            Phase::Engaged(m) => m.consume_ff_tokens(),
-            Phase::Waiting(_) => Vec::new(),
+    /// Up to `limit` of the tokens the grammar now forces, already consumed by it (empty when a
+    /// choice remains). Only what the output takes is consumed: a forced run cut by the budget
+    /// must not leave the grammar complete (`stop`) while the output is not. A failure leaves the
+    /// matcher in its error state, which the next mask reports (as `consume_ff_tokens` does).
+    pub fn forced(&mut self, limit: usize) -> Vec<u32> {
+        let Phase::Engaged(m) = &mut self.phase else { return Vec::new() };
+        let mut forced = m.compute_ff_tokens();
+        forced.truncate(limit);
+        if forced.is_empty() || m.consume_tokens(&forced).is_err() {
+            return Vec::new();
         }
+        forced
     }
 
     pub fn is_complete(&self) -> bool {

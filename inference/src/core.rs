@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A grammar's mask for the next token: `None` while it waits for its trigger.
-type MaskResult = Result<Option<SimpleVob>, String>;
+type MaskResult = Result<Option<SimpleVob>, EngineError>;
 
 /// One step's logits rows plus the masks of its constrained sequences.
 type StepOutput = (Vec<Vec<f32>>, HashMap<SeqId, MaskResult>);
@@ -255,7 +255,7 @@ impl Core {
             for s in out.seqs.iter().filter(|s| s.needs_logits) {
                 let row = rows.next().ok_or_else(|| EngineError::Internal("missing logits row".into()))?;
                 match masks.remove(&s.id) {
-                    Some(Err(e)) => self.fail(s.id, EngineError::Internal(e)),
+                    Some(Err(e)) => self.fail(s.id, e),
                     mask => self.on_logits(s.id, row, mask.and_then(Result::ok).flatten()),
                 }
             }
@@ -281,14 +281,13 @@ impl Core {
     /// sequences that get logits this step: on a GPU the mask is then free; on a CPU it shares
     /// the cores, but only constrained sequences pay anything.
     fn forward_and_masks(&mut self, out: &SchedulerOutput) -> Result<StepOutput, EngineError> {
-        let mut lent: Vec<(SeqId, Box<SeqGrammar>, usize)> = out
+        let mut lent: Vec<(SeqId, Box<SeqGrammar>)> = out
             .seqs
             .iter()
             .filter(|s| s.needs_logits)
             .filter_map(|s| {
                 let seq = self.seqs.get_mut(&s.id)?;
-                let remaining = seq.remaining();
-                seq.needs_mask().then(|| seq.take_grammar()).flatten().map(|g| (s.id, g, remaining))
+                seq.needs_mask().then(|| seq.take_grammar()).flatten().map(|g| (s.id, g))
             })
             .collect();
         if lent.is_empty() {
@@ -298,8 +297,7 @@ impl Core {
         let (logits, masks) = std::thread::scope(|scope| {
             let worker = scope.spawn(|| {
                 let t = std::time::Instant::now();
-                let masks =
-                    lent.iter_mut().map(|(id, g, remaining)| (*id, g.mask(*remaining))).collect::<HashMap<_, _>>();
+                let masks = lent.iter_mut().map(|(id, g)| (*id, g.mask())).collect::<HashMap<_, _>>();
                 stats.grammar_mask_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 stats.grammar_masks.fetch_add(masks.len() as u64, Ordering::Relaxed);
                 masks
@@ -307,7 +305,7 @@ impl Core {
             let logits = runner.step(out, seqs);
             (logits, worker.join())
         });
-        for (id, g, _) in lent {
+        for (id, g) in lent {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.put_grammar(g);
             }

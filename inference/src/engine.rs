@@ -8,7 +8,7 @@
 
 use crate::core::{Core, CoreParts};
 use crate::error::EngineError;
-use crate::grammar::{Compiled, GrammarCompiler};
+use crate::grammar::{CacheUsage, Compiled, GrammarCompiler, GrammarLimits};
 use crate::params::SamplingParams;
 use crate::runner::Runner;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
@@ -49,6 +49,8 @@ pub struct EngineConfig {
     /// (reproduces its outputs bit for bit, e.g. against reference files), at the price of
     /// batch invariance: a sequence's numbers then depend on what shares its steps.
     pub llama_cpp_batch_arithmetic: bool,
+    /// Bounds on constrained-decoding grammars (size, compile time, cache bytes).
+    pub grammar: GrammarLimits,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +68,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             num_blocks_override: None,
             llama_cpp_batch_arithmetic: false,
+            grammar: GrammarLimits::default(),
         }
     }
 }
@@ -172,8 +175,13 @@ impl EngineHandle {
         &self.stats
     }
 
-    /// Tokenizes and compiles its grammar (on the caller's thread), validates and submits a
-    /// request. Fails fast with `Overloaded` when `max_waiting_seqs` requests are already
+    /// What the cache of compiled grammars holds (entries, estimated bytes, bound).
+    pub fn grammar_cache_usage(&self) -> CacheUsage {
+        self.grammars.cache_usage()
+    }
+
+    /// Tokenizes and compiles its grammar (on a compile thread; the caller waits), validates and
+    /// submits a request. Fails fast with `Overloaded` when `max_waiting_seqs` requests are already
     /// waiting (or the command queue is full).
     pub fn generate(&self, prompt: Prompt, params: SamplingParams) -> Result<TokenStream, EngineError> {
         let ids = match prompt {
@@ -288,7 +296,7 @@ pub fn spawn(
         enable_prefix_caching: cfg.enable_prefix_caching,
     };
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity);
-    let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size));
+    let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size, cfg.grammar.clone()));
     let tokenizer = Arc::new(tokenizer);
     let stats = Arc::new(EngineStats::default());
     let (ids, queued) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicUsize::new(0)));

@@ -26,6 +26,10 @@ pub enum EngineError {
     /// the server knows which request field it came from).
     #[error("{0}")]
     Grammar(String),
+    /// A grammar over one of the configured limits (size, nodes, depth, compile time): HTTP 400
+    /// naming the limit.
+    #[error("{0}")]
+    GrammarLimit(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("chat template error: {0}")]

@@ -4,6 +4,7 @@
 pub mod block_hash;
 pub mod block_manager;
 mod core;
+pub mod defaults;
 pub mod detok;
 pub mod embed;
 pub mod engine;
@@ -22,6 +23,7 @@ pub mod stream;
 mod test_rng;
 pub mod tokenizer;
 
+pub use defaults::SamplingDefaults;
 pub use engine::{EngineConfig, EngineHandle, Prompt};
 pub use error::EngineError;
 pub use grammar::{Constraint, Grammar, Trigger};

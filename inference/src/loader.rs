@@ -2,6 +2,7 @@
 //! into a running engine: weights, tokenizer, KV cache, engine thread. Hub downloads only fill a
 //! local directory; loading always goes through the local-path code.
 
+use crate::defaults::SamplingDefaults;
 use crate::engine::{spawn, EngineConfig, EngineHandle};
 use crate::error::EngineError;
 use crate::runner::Runner;
@@ -15,6 +16,8 @@ pub struct LoadedEngine {
     pub handle: EngineHandle,
     pub thread: JoinHandle<()>,
     pub format: ModelFormat,
+    /// The model's own default sampling (`generation_config.json` / GGUF `general.sampling.*`).
+    pub sampling_defaults: SamplingDefaults,
 }
 
 /// Loads `model` and starts its engine thread.
@@ -24,8 +27,9 @@ pub fn start_engine(model: &str, cfg: &EngineConfig, device: &Device) -> Result<
     let quant_form = if cfg.llama_cpp_batch_arithmetic { QuantForm::LlamaCppBatch } else { QuantForm::Invariant };
     let model = kiln_models::load_with(&format, device, LoadOptions { quant_form, ..LoadOptions::default() })?;
     let runner = Runner::new(model, cfg)?;
+    let sampling_defaults = SamplingDefaults::from_model(&format)?;
     let (handle, thread) = spawn(runner, tokenizer, cfg)?;
-    Ok(LoadedEngine { handle, thread, format })
+    Ok(LoadedEngine { handle, thread, format, sampling_defaults })
 }
 
 /// A local path if it exists, else a Hugging Face id (`org/name` or `org/name/file.gguf`).

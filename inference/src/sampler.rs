@@ -92,15 +92,8 @@ impl SeqSampler {
     /// when given (a grammar's). The row is scratch: the sparse bias/penalty edits are restored
     /// before returning, masked-out entries stay at -inf.
     pub fn sample(&mut self, logits: &mut [f32], mask: Option<&SimpleVob>) -> Sampled {
-        self.sample_or(logits, mask, None).0
-    }
-
-    /// As [`Self::sample`], but the draw is replaced by `instead` (a grammar closing the output
-    /// at the end of the budget); says whether that changed the token. The RNG advances the same
-    /// either way, so a seed's later draws do not depend on it.
-    pub fn sample_or(&mut self, logits: &mut [f32], mask: Option<&SimpleVob>, instead: Option<u32>) -> (Sampled, bool) {
         if logits.is_empty() {
-            return (Sampled { token: 0, logprob: 0.0, top_logprobs: Vec::new() }, false);
+            return Sampled { token: 0, logprob: 0.0, top_logprobs: Vec::new() };
         }
         let raw = self.params.logprobs.then(|| raw_logprobs(logits, self.params.top_logprobs));
         if let Some(m) = mask {
@@ -108,19 +101,17 @@ impl SeqSampler {
         }
         let undo = self.adjust(logits);
         // `> 0` rather than `== 0` so a NaN temperature can never reach the division.
-        let drawn = if self.params.temperature > 0.0 { self.draw(logits) } else { argmax(logits) as u32 };
-        let token = instead.unwrap_or(drawn);
+        let token = if self.params.temperature > 0.0 { self.draw(logits) } else { argmax(logits) as u32 };
         for &(i, x) in undo.iter().rev() {
             logits[i] = x;
         }
-        let sampled = match raw {
+        match raw {
             Some(raw) => {
                 let l = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
                 Sampled { token, logprob: (l as f64 - raw.lse) as f32, top_logprobs: raw.top }
             }
             None => Sampled { token, logprob: 0.0, top_logprobs: Vec::new() },
-        };
-        (sampled, token != drawn)
+        }
     }
 
     /// Applies logit_bias, the repetition penalty and presence/frequency penalties in place, in

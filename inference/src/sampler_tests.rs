@@ -335,28 +335,3 @@ fn seeded_stream_is_pinned() {
     let toks: Vec<u32> = (0..12).map(|i| s.sample(&mut random_logits(500 + i, 1000, 3.0), None).token).collect();
     assert_eq!(toks, [36, 837, 678, 892, 121, 923, 472, 194, 543, 669, 519, 189]);
 }
-
-#[test]
-fn a_replaced_draw_leaves_the_seed_stream_unchanged() {
-    // A grammar's closing replaces one draw; every later draw is the one the seed gives anyway.
-    let p = seeded(|p| {
-        p.temperature = 1.0;
-        p.logprobs = true;
-    });
-    let logits = random_logits(3, 500, 4.0);
-    let (mut plain, mut replaced) = (SeqSampler::new(&p, 0, &[]), SeqSampler::new(&p, 0, &[]));
-    let first = plain.sample(&mut logits.clone(), None);
-    let instead = (first.token + 1) % 500;
-    let (s, overruled) = replaced.sample_or(&mut logits.clone(), None, Some(instead));
-    assert!(overruled && s.token == instead);
-    let lse = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
-    assert!((s.logprob as f64 - (logits[instead as usize] as f64 - lse)).abs() < 1e-4, "the replacement's own logprob");
-    for _ in 0..20 {
-        let (a, overruled) = replaced.sample_or(&mut logits.clone(), None, None);
-        assert!(!overruled);
-        assert_eq!(a.token, plain.sample(&mut logits.clone(), None).token);
-    }
-    // Replacing a draw by the token drawn anyway is not an overrule.
-    let mut again = SeqSampler::new(&p, 0, &[]);
-    assert!(!again.sample_or(&mut logits.clone(), None, Some(first.token)).1);
-}

@@ -37,9 +37,6 @@ pub(crate) struct Seq {
     pending_forks: usize,
     /// Constrained decoding state; `None` for free generation.
     grammar: Option<Box<SeqGrammar>>,
-    /// A token closing the JSON before the budget ends replaced the model's pick: however the
-    /// output now ends, it was the budget that ended it (`length`).
-    overruled: bool,
     /// Chained hashes of the full blocks of `tokens` (empty when prefix caching is off).
     pub block_hashes: Vec<BlockHash>,
     /// Still counted by admission control as waiting (until first scheduled or gone).
@@ -70,7 +67,6 @@ impl Seq {
             sampler,
             pending_forks,
             grammar,
-            overruled: false,
         }
     }
 
@@ -155,20 +151,13 @@ impl Seq {
         mask: Option<&SimpleVob>,
     ) -> Result<Sampled, EngineError> {
         let (logprobs, ignore_eos) = (self.group.params.logprobs, self.group.params.ignore_eos);
-        let remaining = self.remaining();
-        let closer = match (mask, self.grammar.as_deref_mut()) {
-            (Some(m), Some(g)) => g.closing_token(remaining, m).map_err(EngineError::Internal)?,
-            _ => None,
-        };
-        let (s, overruled) = self.sampler.sample_or(logits, mask, closer);
-        // Once the budget overrules the model's own pick, it is what ends the output.
-        self.overruled |= overruled;
+        let s = self.sampler.sample(logits, mask);
         let is_stop = eos.contains(&s.token) || self.group.params.stop_token_ids.contains(&s.token);
         if is_stop && !ignore_eos {
-            return Ok(Sampled { appended: 0, forced: 0, finish: Some(self.stop_reason()) });
+            return Ok(Sampled { appended: 0, forced: 0, finish: Some(FinishReason::Stop) });
         }
         let accepted = match self.grammar.as_mut() {
-            Some(g) => g.accept(s.token).map_err(EngineError::Internal)?,
+            Some(g) => g.accept(s.token)?,
             None => Accepted::Continue,
         };
         let before = self.tokens.len();
@@ -184,32 +173,20 @@ impl Seq {
     /// A complete grammar ends the sequence (`stop`), as do the length limits (`length`).
     fn end_reason(&self) -> Option<FinishReason> {
         if self.grammar.as_ref().is_some_and(|g| g.is_complete()) {
-            return Some(self.stop_reason());
+            return Some(FinishReason::Stop);
         }
         self.at_max_len().then_some(FinishReason::Length)
-    }
-
-    /// Why an EOS or a complete grammar ends the output: the model's choice, or the budget's
-    /// once a closing token overruled the model.
-    fn stop_reason(&self) -> FinishReason {
-        if self.overruled {
-            FinishReason::Length
-        } else {
-            FinishReason::Stop
-        }
     }
 
     /// Appends what the grammar forces (no model step needed to pick them), within the length
     /// limits. Callers skip it when logprobs are requested: forced tokens have none to report.
     fn push_forced(&mut self) -> usize {
+        let remaining = self.remaining();
         let Some(g) = self.grammar.as_mut() else { return 0 };
-        let mut n = 0;
-        for t in g.forced() {
-            if self.at_max_len() {
-                break;
-            }
+        let forced = g.forced(remaining);
+        let n = forced.len();
+        for t in forced {
             self.push(t, None);
-            n += 1;
         }
         n
     }
@@ -219,7 +196,7 @@ impl Seq {
     }
 
     /// Tokens this sequence may still generate (`max_tokens`, then the context length).
-    pub fn remaining(&self) -> usize {
+    fn remaining(&self) -> usize {
         let generated = self.tokens.len() - self.prompt_len;
         let by_request = self.group.params.max_tokens.map_or(usize::MAX, |m| m.saturating_sub(generated));
         by_request.min(self.group.max_len.saturating_sub(self.tokens.len()))

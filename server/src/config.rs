@@ -50,6 +50,10 @@ fn to_env_value(key: &str, v: &toml::Value) -> Result<String> {
         toml::Value::Float(f) => f.to_string(),
         toml::Value::Boolean(b) => b.to_string(),
         toml::Value::Array(items) => items.iter().map(|i| to_env_value(key, i)).collect::<Result<Vec<_>>>()?.join(","),
+        // `[default_sampling]` with `top_k = 40` ... -> "top_k=40,...".
+        toml::Value::Table(t) => {
+            t.iter().map(|(k, v)| Ok(format!("{k}={}", to_env_value(key, v)?))).collect::<Result<Vec<_>>>()?.join(",")
+        }
         other => bail!("setting '{key}': unsupported value {other}"),
     })
 }
@@ -78,6 +82,10 @@ mod tests {
         assert_eq!(std::env::var("KILN_MAX_NUM_SEQS").unwrap(), "7");
         assert_eq!(std::env::var("KILN_PORT").unwrap(), "1234");
         assert_eq!(std::env::var("KILN_API_KEY").unwrap(), "a,b");
+        std::env::remove_var("KILN_DEFAULT_SAMPLING");
+        std::fs::write(&f, "[default_sampling]\nmin_p = 0.05\ntop_k = 40\n").unwrap();
+        apply_file(&f, &["KILN_DEFAULT_SAMPLING".to_string()]).unwrap();
+        assert_eq!(std::env::var("KILN_DEFAULT_SAMPLING").unwrap(), "min_p=0.05,top_k=40");
         std::fs::write(&f, "max_num_seq = 7\n").unwrap();
         let e = apply_file(&f, &known).unwrap_err().to_string();
         assert!(e.contains("unknown setting 'max_num_seq'"), "{e}");

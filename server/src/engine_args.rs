@@ -2,8 +2,11 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use kiln_inference::defaults::LLAMA_CPP_DEFAULTS;
 use kiln_inference::engine::EngineConfig;
+use kiln_inference::grammar::GrammarLimits;
 use kiln_inference::loader::{start_engine, LoadedEngine};
+use kiln_inference::SamplingDefaults;
 use kiln_models::{Device, KvDType};
 
 #[derive(Args, Debug, Clone)]
@@ -41,6 +44,42 @@ pub struct EngineArgs {
     /// Retry-After, so queueing delay stays bounded (default: 4 x --max-num-seqs).
     #[arg(long, env = "KILN_MAX_WAITING_SEQS")]
     pub max_waiting_seqs: Option<usize>,
+    /// Sampling defaults for fields a request leaves out, over the model's own
+    /// (`generation_config.json` / GGUF `general.sampling.*`), e.g. `top_k=40,top_p=0.95,min_p=0.05`
+    /// (keys: temperature, top_p, top_k, min_p, repetition_penalty). Fields neither this nor the
+    /// model sets fall back to llama.cpp's top_k=40, top_p=0.95, min_p=0.05; `none` turns that
+    /// fallback off (OpenAI's neutral defaults). In TOML also a `[default_sampling]` table.
+    #[arg(long, env = "KILN_DEFAULT_SAMPLING", value_parser = parse_default_sampling)]
+    pub default_sampling: Option<DefaultSampling>,
+    /// Largest response_format schema or tool grammar, in bytes (suffixes K, M, G accepted).
+    #[arg(long, default_value = "1M", env = "KILN_MAX_GRAMMAR_BYTES", value_parser = parse_bytes)]
+    pub max_grammar_bytes: usize,
+    /// Most JSON values in one response_format schema.
+    #[arg(long, default_value_t = 100_000, env = "KILN_MAX_GRAMMAR_NODES")]
+    pub max_grammar_nodes: usize,
+    /// Deepest JSON nesting of one response_format schema.
+    #[arg(long, default_value_t = 64, env = "KILN_MAX_GRAMMAR_DEPTH")]
+    pub max_grammar_depth: usize,
+    /// Seconds one grammar may take to compile before the request is refused (400).
+    #[arg(long, default_value_t = 10.0, env = "KILN_GRAMMAR_COMPILE_TIMEOUT")]
+    pub grammar_compile_timeout: f64,
+    /// Memory the cache of compiled grammars may hold (estimated; suffixes K, M, G accepted).
+    #[arg(long, default_value = "256M", env = "KILN_GRAMMAR_CACHE_MEMORY", value_parser = parse_bytes)]
+    pub grammar_cache_memory: usize,
+}
+
+/// `--default-sampling`: fields to set, and whether llama.cpp's fallback stays under them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefaultSampling {
+    pub fields: SamplingDefaults,
+    pub fallback: bool,
+}
+
+fn parse_default_sampling(s: &str) -> Result<DefaultSampling, String> {
+    match s.trim() {
+        "none" => Ok(DefaultSampling { fields: SamplingDefaults::default(), fallback: false }),
+        s => Ok(DefaultSampling { fields: SamplingDefaults::parse(s)?, fallback: true }),
+    }
 }
 
 impl EngineArgs {
@@ -62,8 +101,31 @@ impl EngineArgs {
             llama_cpp_batch_arithmetic: self.llama_cpp_batch_arithmetic,
             enable_prefix_caching: !self.no_prefix_caching,
             max_waiting_seqs: self.max_waiting_seqs.unwrap_or(4 * self.max_num_seqs).max(1),
+            grammar: self.grammar_limits()?,
             ..EngineConfig::default()
         })
+    }
+
+    fn grammar_limits(&self) -> Result<GrammarLimits> {
+        let timeout = self.grammar_compile_timeout;
+        anyhow::ensure!(timeout > 0.0 && timeout.is_finite(), "--grammar-compile-timeout must be positive");
+        Ok(GrammarLimits {
+            max_bytes: self.max_grammar_bytes,
+            max_nodes: self.max_grammar_nodes,
+            max_depth: self.max_grammar_depth,
+            compile_timeout: std::time::Duration::from_secs_f64(timeout),
+            cache_bytes: self.grammar_cache_memory,
+            ..GrammarLimits::default()
+        })
+    }
+
+    /// What requests get for the sampling fields they leave out: this flag, then the model's
+    /// own recommendation, then (unless `none`) llama.cpp's defaults.
+    pub fn sampling_defaults(&self, model: SamplingDefaults) -> SamplingDefaults {
+        let flag =
+            self.default_sampling.clone().unwrap_or(DefaultSampling { fields: Default::default(), fallback: true });
+        let under = if flag.fallback { model.over(LLAMA_CPP_DEFAULTS) } else { model };
+        flag.fields.over(under)
     }
 
     pub fn start(&self) -> Result<LoadedEngine> {

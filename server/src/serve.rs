@@ -63,7 +63,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     });
     let engine_args = a.engine.clone();
     let (embed_model, embed_name) = (a.embedding_model.clone(), a.served_embedding_model_name.clone());
-    let embed_state = state.clone();
+    let (embed_state, sampling_state) = (state.clone(), state.clone());
     let loading = tokio::task::spawn_blocking(move || -> Result<EngineHandle> {
         if let Some(path) = embed_model {
             let h = kiln_inference::embed::start_embedder(&path, &kiln_inference::embed::EmbedConfig::default())
@@ -72,6 +72,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
             embed_state.set_embedder(embed_name.unwrap_or_else(|| default_name(&path)), h);
         }
         let engine = engine_args.start()?;
+        let defaults = engine_args.sampling_defaults(engine.sampling_defaults);
+        tracing::info!(?defaults, "default sampling for fields requests leave out");
+        sampling_state.set_sampling_defaults(defaults);
         warm_up(&engine.handle)?;
         Ok(engine.handle)
     });

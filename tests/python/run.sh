@@ -87,7 +87,8 @@ PYEOF
 }
 
 PORT=$(free_port)
-start_server open "$PORT" --embedding-model "$EMBED_DIR"
+# The default model with its documented sampling defaults (scripts/run.sh, README).
+start_server open "$PORT" --embedding-model "$EMBED_DIR" --default-sampling repetition_penalty=1.1
 open_pid=${pids[-1]}
 AUTH_PORT=$(free_port)
 start_server auth "$AUTH_PORT" --api-key "other-key" --api-key "$API_KEY"

@@ -312,6 +312,79 @@ def test_parse_is_deterministic_and_seeded(client):
     assert outs[0].choices[0].message.content == outs[1].choices[0].message.content
 
 
+# --- sampled parse() with free strings (issue 10 item 6) --------------------------------------
+#
+# Lists bounded, strings not: what a user's plain pydantic model looks like. At temperature 1.0
+# with OpenAI's neutral sampling a 135M model drifts inside a free string until max_tokens; the
+# server's default sampling for this model (llama.cpp's top-k 40, top-p 0.95, min-p 0.05 plus
+# repetition_penalty 1.1, under the request's own fields, shown in GET /v1/models/{id}) keeps it
+# on track. Measured on 100 samples: 99 parse with these, 86 without the penalty.
+
+
+class Recipe(BaseModel):
+    title: str
+    ingredients: conlist(str, max_length=5)
+    minutes: int
+
+
+class Movie(BaseModel):
+    title: str
+    year: int
+    genres: conlist(str, max_length=3)
+
+
+class Contact(BaseModel):
+    name: str
+    email: str
+    city: str
+
+
+class Trip(BaseModel):
+    destination: str
+    days: int
+    activities: conlist(str, max_length=4)
+
+
+class Review(BaseModel):
+    product: str
+    rating: int
+    summary: str
+
+
+FREE_STRING_CASES = [
+    (Recipe, "Give me a simple pancake recipe."),
+    (Movie, "Describe a classic science fiction movie."),
+    (Contact, "Make up a contact card for a friend."),
+    (Trip, "Plan a short trip to Italy."),
+    (Review, "Review a pair of running shoes."),
+]
+
+
+def test_default_sampling_params_are_visible(client):
+    card = client.models.retrieve(MODEL).model_extra
+    # run.sh starts the default model as scripts/run.sh does: llama.cpp's fallback + its penalty.
+    assert card["default_sampling_params"] == {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.1}, card
+
+
+def test_sampled_parse_with_free_strings_24_of_25(client):
+    """25 seeded samples at temperature 1.0 (5 per model): >= 24 parse."""
+
+    def one(case):
+        (model_cls, prompt), seed = case
+        try:
+            r = parse_one(client, model_cls, prompt, temperature=1.0, seed=seed)
+            return "ok" if isinstance(r.choices[0].message.parsed, model_cls) else f"not parsed: {r.choices[0]}"
+        except Exception as e:  # noqa: BLE001 - counted below (LengthFinishReasonError above all)
+            return f"{type(e).__name__}: {str(e)[:200]}"
+
+    cases = [(c, seed) for c in FREE_STRING_CASES for seed in range(5)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, cases))
+    failed = [(c[0][0].__name__, c[1], r) for c, r in zip(cases, results) if r != "ok"]
+    print(f"sampled parse(): {25 - len(failed)}/25 parsed; failures: {failed}")
+    assert len(failed) <= 1, failed
+
+
 # --- json_object -----------------------------------------------------------------------------
 
 JSON_OBJECT_PROMPT = "Describe your favourite animal as a JSON object with a name, a habitat and a fun fact."
@@ -334,18 +407,20 @@ def test_json_object_50_seeded_samples(client):
     bad, cut = [], []
     for seed, r in enumerate(results):
         ch = r.choices[0]
+        if ch.finish_reason == "length":
+            # The budget ran out: an honest truncation, never JSON kiln made up to look whole.
+            assert r.usage.completion_tokens == 200, (seed, r.usage)
+            cut.append(seed)
+            continue
         try:
-            ok = isinstance(json.loads(ch.message.content), dict) and ch.finish_reason in ("stop", "length")
+            ok = isinstance(json.loads(ch.message.content), dict) and ch.finish_reason == "stop"
         except json.JSONDecodeError:
             ok = False
         if not ok:
             bad.append((seed, ch.finish_reason, ch.message.content))
-        elif ch.finish_reason == "length":
-            cut.append(seed)
-    # Issue 5's bar: 50/50 parse. At temperature 1.0 the 135M model sometimes never closes a
-    # string; near max_tokens kiln closes the JSON itself and says `length` (grammar/closing.rs).
-    print(f"json_object: {50 - len(bad)}/50 parse as objects; closed at the budget: {cut}")
-    assert not bad, f"{len(bad)}/50 samples not a JSON object: {bad[:3]}"
+    # Every output either parses as an object (`stop`) or says `length` with the budget spent.
+    print(f"json_object: {50 - len(bad) - len(cut)}/50 parse as objects; cut by max_tokens: {cut}")
+    assert not bad, f"{len(bad)}/50 samples neither an object nor cut by the budget: {bad[:3]}"
     # Seeded: the same seed gives the same object (under the load above and alone).
     assert json_object_sample(client, 7).choices[0].message.content == results[7].choices[0].message.content
     assert len({r.choices[0].message.content for r in results}) > 10, "seeds should give different samples"

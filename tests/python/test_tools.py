@@ -116,13 +116,15 @@ def ask(client, model, prompt, tools=TOOLS, **kw):
 def check_calls(r, allowed=None, expect_calls=True, budget_closed_ok=False):
     """The OpenAI shape of a tool-calling response (or one of its choices); every call names a
     tool and its arguments validate against that tool's schema. Returns [(name, parsed arguments)].
-    `budget_closed_ok`: `length` is accepted too (calls chained until max_tokens, the last one
-    closed by kiln at the budget), its calls held to the same bar."""
+    `budget_closed_ok`: `length` is accepted too (calls chained until max_tokens; a call the
+    budget cut off is dropped whole, so there may be none left), its calls held to the same bar."""
     ch = r.choices[0] if hasattr(r, "choices") else r
     msg = ch.message
     assert msg.role == "assistant"
     if not expect_calls:
         assert not msg.tool_calls, msg
+        return []
+    if budget_closed_ok and ch.finish_reason == "length" and not msg.tool_calls:
         return []
     assert msg.tool_calls, f"no tool call: finish_reason={ch.finish_reason} content={msg.content!r}"
     assert ch.finish_reason == "tool_calls" or (budget_closed_ok and ch.finish_reason == "length"), (ch.finish_reason, msg)
@@ -174,7 +176,8 @@ def sampled_n(client, model, requests=5, n=10, **kw):
 
 def check_all_valid(results, allowed=None):
     """Every sample's calls are valid, including those of samples that chained calls until
-    max_tokens (counted apart: the model's choice at temperature 1.0, not a malformed call)."""
+    max_tokens (counted apart: the model's choice at temperature 1.0, not a malformed call; the
+    call the budget cut is dropped)."""
     bad, ids, cut = [], [], []
     for label, ch in results:
         try:
@@ -182,8 +185,8 @@ def check_all_valid(results, allowed=None):
                 raise ch
             check_calls(ch, allowed, budget_closed_ok=True)
             if ch.finish_reason == "length":
-                cut.append((label, len(ch.message.tool_calls)))
-            ids += [c.id for c in ch.message.tool_calls]
+                cut.append((label, len(ch.message.tool_calls or [])))
+            ids += [c.id for c in ch.message.tool_calls or []]
         except Exception as e:  # noqa: BLE001 - collected so the message shows every failure
             msg = None if isinstance(ch, Exception) else (ch.finish_reason, ch.message)
             bad.append((label, f"{type(e).__name__}: {str(e)[:300]}", msg))
@@ -409,6 +412,82 @@ def test_qwen_server_clean_after_tools(qwen):
     assert not five, five
 
 
+# Issue 10 item 6, as measured: neither schema says `additionalProperties`; kiln closes both.
+OPEN_WEATHER = fn_tool(
+    "get_weather",
+    "Get the current weather in a city.",
+    {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"],
+    },
+)
+GET_TIME = fn_tool("get_time", "Get the current time.", {"type": "object", "properties": {}})
+DECLARED = {"get_weather": {"city", "unit"}, "get_time": set()}
+NAMED_TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def named_time_20_seeded(client, model):
+    def one(seed):
+        r = ask(client, model, "What time is it in Oslo?", tools=[OPEN_WEATHER, GET_TIME], tool_choice=NAMED_TIME, temperature=1.0, seed=seed)
+        return [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls or []]
+
+    with ThreadPoolExecutor(8) as pool:
+        calls = list(pool.map(one, range(20)))
+    good = sum(c == [("get_time", "{}")] for c in calls)
+    print(f"named parameterless tool: {good}/20 gave '{{}}'")
+    assert good == 20, [c for c in calls if c != [("get_time", "{}")]]
+
+
+def test_qwen_named_parameterless_tool_20_seeded(qwen):
+    named_time_20_seeded(qwen, QWEN_MODEL)
+
+
+def test_qwen_required_50_sampled_declared_keys_only(qwen):
+    results = sampled_n(qwen, QWEN_MODEL, tools=[OPEN_WEATHER, GET_TIME], tool_choice="required")
+    bad, calls = [], 0
+    for label, ch in results:
+        assert not isinstance(ch, Exception), (label, ch)
+        for c in ch.message.tool_calls or []:
+            calls += 1
+            keys = set(json.loads(c.function.arguments))
+            if not keys <= DECLARED[c.function.name]:
+                bad.append((label, c.function.name, c.function.arguments))
+    print(f"required, T=1: {calls} calls in 50 samples, {len(bad)} with undeclared keys")
+    assert calls >= 50 and not bad, bad[:5]
+
+
+def budget_prefixes(client, model, seeds, budgets, **kw):
+    """For each seed: the calls under each max_tokens are a prefix of the calls under 1024 (a call
+    the budget cut is dropped whole, none is padded, no argument differs), `length` only when the
+    budget was spent, and the streamed response drops exactly what the plain one does."""
+    kw = dict(tool_choice="required", temperature=1.0, **kw)
+    cut_calls = 0
+    for seed in seeds:
+        prompt = PROMPTS[seed % len(PROMPTS)]
+        full = ask(client, model, prompt, seed=seed, max_tokens=1024, **kw)
+        full_calls = [(c.function.name, c.function.arguments) for c in full.choices[0].message.tool_calls or []]
+        for n in budgets:
+            r = ask(client, model, prompt, seed=seed, max_tokens=n, **kw)
+            ch = r.choices[0]
+            calls = [(c.function.name, c.function.arguments) for c in ch.message.tool_calls or []]
+            assert calls == full_calls[: len(calls)], (seed, n, calls, full_calls)
+            if ch.finish_reason == "length":
+                assert r.usage.completion_tokens == n, (seed, n, r.usage)
+                cut_calls += len(full_calls) - len(calls)
+            else:
+                assert (calls, ch.finish_reason) == (full_calls, full.choices[0].finish_reason), (seed, n)
+        content, streamed, finish = stream_calls(client, model, prompt, seed=seed, max_tokens=budgets[0], **kw)
+        plain = ask(client, model, prompt, seed=seed, max_tokens=budgets[0], **kw)
+        same_calls(streamed, plain)
+        assert finish == plain.choices[0].finish_reason
+    print(f"budget prefixes: {len(seeds)} seeds x {budgets}: {cut_calls} calls dropped whole")
+
+
+def test_qwen_budget_cuts_are_prefixes(qwen):
+    budget_prefixes(qwen, QWEN_MODEL, range(10), [12, 24, 40, 60], parallel_tool_calls=False)
+
+
 # ============================ SmolLM2 (generic tool format injected) ============================
 
 
@@ -427,7 +506,7 @@ def test_smol_stream_matches_non_stream(client):
         plain = ask(client, MODEL, PROMPTS[seed], **kw)
         content, calls, finish = stream_calls(client, MODEL, PROMPTS[seed], **kw)
         same_calls(calls, plain)
-        # `length`: the sample chained calls until the budget, which closed the last one.
+        # `length`: the sample chained calls until the budget; the call it cut is dropped.
         assert finish == plain.choices[0].finish_reason in ("tool_calls", "length")
         check_calls(plain, budget_closed_ok=True)
         assert content == ""
@@ -471,6 +550,15 @@ def test_smol_parameterless_tool(client):
             parallel_tool_calls=False)
     assert [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls] == [("get_current_time", "{}")]
     assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_smol_named_parameterless_tool_20_seeded(client):
+    named_time_20_seeded(client, MODEL)
+
+
+def test_smol_budget_cuts_are_prefixes(client):
+    # One call per turn: at temperature 1.0 the 135M model may otherwise chain calls to 1024 tokens.
+    budget_prefixes(client, MODEL, range(25), [10, 20, 30, 40, 50, 60], parallel_tool_calls=False)
 
 
 def test_smol_none_never_calls(client):

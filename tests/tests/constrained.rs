@@ -1,13 +1,14 @@
 //! Constrained decoding in the engine, on the real SmolLM2 model and tokenizer: JSON-schema
 //! output is valid for every seed, forced text costs no sampling, a trigger leaves the text before
 //! it untouched, grammars survive `n > 1`, concurrency and preemption, and a schema the grammar
-//! engine cannot honour is a typed error, an output the token budget would cut is closed as JSON.
-//! Every block is free afterwards.
+//! engine cannot honour is a typed error, the token budget cuts constrained output exactly where it
+//! would cut the unbounded one (never closing or inventing anything), and the cache of compiled
+//! grammars stays within its byte bound. Every block is free afterwards.
 
 use anyhow::Result;
 use kiln_inference::engine::{EngineConfig, EngineHandle, Prompt};
-use kiln_inference::grammar::compact_json_schema;
-use kiln_inference::{Constraint, EngineError, SamplingParams, Trigger};
+use kiln_inference::grammar::{closed_objects, compact_json_schema, inline_json_schema, GrammarLimits};
+use kiln_inference::{Constraint, EngineError, Grammar, SamplingParams, Trigger};
 use kiln_tests::{collect, run, smollm2, start, test_config, wait_all_blocks_free, Output};
 use serde_json::{json, Value};
 
@@ -104,6 +105,9 @@ fn forced_text_trigger_forks_and_errors() -> Result<()> {
     assert_eq!(o.text, fixed);
     assert_eq!(o.finish_reason, Some("stop"));
     assert_eq!(o.tokens, h.tokenizer().encode(fixed, false)?, "forced tokens are the canonical tokenization");
+    // A forced run cut by the budget is `length`, not a grammar that completed out of sight.
+    let cut = one(h, "Q: what is six times seven?\nA:", constrained(Constraint::lark(&lark), None, 3))?;
+    assert_eq!((&cut.tokens[..], cut.finish_reason), (&o.tokens[..3], Some("length")));
 
     // A trigger: the text up to it is what the free model writes; after it, the grammar.
     let prompt = "The capital of France is";
@@ -149,39 +153,98 @@ fn forced_text_trigger_forks_and_errors() -> Result<()> {
     Ok(())
 }
 
+/// A `required` tool-call grammar as the server builds it (`server/src/api/tools/grammar.rs`).
+fn tool_calls() -> Constraint {
+    let weather = inline_json_schema(closed_objects(json!({"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]})));
+    let time = inline_json_schema(closed_objects(json!({"type": "object", "properties": {}})));
+    let lit = |s: &str| serde_json::to_string(s).expect("a string");
+    let head = |name: &str| lit(&format!("{{\"name\": \"{name}\", \"arguments\": "));
+    Constraint::lark(format!(
+        "start: {open} call ({next} call)*\ncall: {nl} body {close}\nbody: fn_0 | fn_1\n\
+         fn_0: {h0} args_0 {brace}\nargs_0: %json {weather}\nfn_1: {h1} args_1 {brace}\nargs_1: %json {time}\n",
+        open = lit("<tool_call>"),
+        next = lit("\n<tool_call>"),
+        nl = lit("\n"),
+        close = lit("\n</tool_call>"),
+        h0 = head("get_weather"),
+        h1 = head("get_time"),
+        brace = lit("}"),
+    ))
+}
+
+const TOOL_CHAT: &str = "<|im_start|>system\nCall get_weather(city, unit) or get_time() inside <tool_call></tool_call> tags.<|im_end|>\n<|im_start|>user\nWhat's the weather in Oslo, and the time?<|im_end|>\n<|im_start|>assistant\n";
+
 #[test]
-fn the_budget_closes_the_json() -> Result<()> {
+fn budget_cuts_are_prefixes_of_the_unbounded_output() -> Result<()> {
     let model = smollm2()?;
     let e = start(&model, &test_config())?;
     let h = &e.handle;
-    let any_object = Constraint::json_schema(compact_json_schema(json!({"type": "object"})));
-    let prompt = "<|im_start|>user\nWrite a JSON object describing a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n";
-    let mut closed = 0;
-    for max_tokens in [10, 16, 24, 40] {
-        for seed in 0..6u64 {
-            let o = one(h, prompt, constrained(any_object.clone(), Some(seed), max_tokens))?;
-            let v: Value = serde_json::from_str(&o.text)
-                .map_err(|err| anyhow::anyhow!("max_tokens {max_tokens} seed {seed}: {err}: {:?}", o.text))?;
-            assert!(v.is_object() && o.tokens.len() <= max_tokens, "{:?}", o.text);
-            closed += usize::from(o.finish_reason == Some("length"));
+    let (pets, tools) = (Constraint::json_schema(compact_json_schema(pet_schema())), tool_calls());
+    // 25 seeds of a schema and 25 of `required` tool calls, each unbounded and at six budgets.
+    let cases: Vec<(&str, &Constraint, u64)> =
+        (0..25).map(|s| (CHAT, &pets, s)).chain((0..25).map(|s| (TOOL_CHAT, &tools, s))).collect();
+    let budgets = [10, 20, 30, 40, 50, 60];
+    let submit = |max: usize| -> Result<Vec<Output>> {
+        let streams = cases
+            .iter()
+            .map(|&(p, c, s)| h.generate(Prompt::Text(p.into()), constrained(c.clone(), Some(s), max)))
+            .collect::<Result<Vec<_>, _>>()?;
+        streams.into_iter().map(|st| Ok(collect(st)?.remove(0))).collect()
+    };
+    let full = submit(1024)?;
+    for (o, &(_, c, seed)) in full.iter().zip(&cases) {
+        anyhow::ensure!(o.finish_reason == Some("stop"), "seed {seed}: unbounded output did not end: {:?}", o.text);
+        if matches!(c.grammar, Grammar::JsonSchema(_)) {
+            check_pet(&o.text).map_err(|err| anyhow::anyhow!("seed {seed}: {err}"))?;
         }
     }
-    // Most of these budgets are too short for the model's own object: the closing did the work,
-    // and said so (`length`).
-    assert!(closed >= 12, "only {closed}/24 closed at the budget");
-    // Required keys still missing when the budget nears its end are written too (the closing is
-    // planned on the grammar, not only on the nesting).
-    let pets = Constraint::json_schema(compact_json_schema(pet_schema()));
-    for max_tokens in [28, 36, 48] {
-        for seed in 0..4u64 {
-            let o = one(h, CHAT, constrained(pets.clone(), Some(seed), max_tokens))?;
-            check_pet(&o.text).map_err(|err| anyhow::anyhow!("max_tokens {max_tokens} seed {seed}: {err}"))?;
-            assert!(o.tokens.len() <= max_tokens);
+    let mut cut = 0;
+    for n in budgets {
+        for ((o, f), &(_, _, seed)) in submit(n)?.iter().zip(&full).zip(&cases) {
+            let at = format!("seed {seed}, max_tokens {n}: {:?} vs {:?}", o.text, f.text);
+            anyhow::ensure!(f.tokens.starts_with(&o.tokens), "not a prefix: {at}");
+            if o.finish_reason == Some("length") {
+                anyhow::ensure!(o.tokens.len() == n, "`length` before the budget was spent: {at}");
+                cut += 1;
+            } else {
+                anyhow::ensure!(o.tokens == f.tokens && o.finish_reason == f.finish_reason, "{at}");
+            }
         }
     }
-    // Free generation is untouched by any of it.
-    let free = one(h, prompt, SamplingParams { temperature: 0.0, max_tokens: Some(10), ..SamplingParams::default() })?;
-    assert_eq!((free.tokens.len(), free.finish_reason), (10, Some("length")));
+    // Most budgets are shorter than the answers: the test did cut outputs.
+    assert!(cut >= 100, "only {cut}/300 outputs were cut by their budget");
     wait_all_blocks_free(h)?;
     Ok(())
+}
+
+#[test]
+fn the_grammar_cache_stays_within_its_byte_bound() -> Result<()> {
+    let model = smollm2()?;
+    let bound = 16 << 20;
+    let cfg =
+        EngineConfig { grammar: GrammarLimits { cache_bytes: bound, ..GrammarLimits::default() }, ..test_config() };
+    let e = start(&model, &cfg)?;
+    let h = &e.handle;
+    let rss_before = rss_bytes();
+    for i in 0..150 {
+        // 150 distinct schemas, as many distinct clients would send.
+        let mut schema = pet_schema();
+        schema["properties"][format!("extra_{i}")] = json!({"type": "string", "maxLength": 8});
+        let c = Constraint::json_schema(compact_json_schema(schema));
+        drop(h.generate(Prompt::Text(CHAT.into()), constrained(c, None, 1))?);
+        let u = h.grammar_cache_usage();
+        anyhow::ensure!(u.bytes <= bound && u.max_bytes == bound, "after {} schemas: {u:?}", i + 1);
+    }
+    let u = h.grammar_cache_usage();
+    eprintln!("grammar cache after 150 schemas: {u:?}; RSS grew {} MiB", (rss_bytes() - rss_before) >> 20);
+    assert!(u.entries > 0 && u.entries < 150, "the bound evicted some: {u:?}");
+    wait_all_blocks_free(h)?;
+    Ok(())
+}
+
+/// Resident set size of this process (Linux `/proc/self/statm`), 0 where unknown.
+fn rss_bytes() -> i64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<i64>().ok()).unwrap_or(0) * 4096
 }

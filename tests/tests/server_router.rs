@@ -235,7 +235,8 @@ async fn metrics_use_vllm_names_with_kiln_prefix() {
             typed.insert(name.to_string());
         } else if !line.starts_with("# HELP ") {
             let (name, labels, v) = sample(line);
-            assert!(name.starts_with("kiln:"), "{line}");
+            // kiln's names, plus the few vLLM gauges the Kubernetes endpoint pickers read.
+            assert!(name.starts_with("kiln:") || name.starts_with("vllm:"), "{line}");
             let family = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
             assert!(typed.contains(name) || typed.contains(family), "sample before its # TYPE: {line}");
             samples.push((name.to_string(), labels.to_string(), v));
@@ -471,7 +472,11 @@ async fn chat_json_and_sse_framing() {
         .collect();
     let (last, body) = chunks.split_last().unwrap();
     assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"], v["usage"], "streamed usage == non-streamed usage (greedy)");
+    // Same counts; the second request may find its prompt in the prefix cache.
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][k], v["usage"][k], "streamed usage == non-streamed usage (greedy)");
+    }
+    assert!(last["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
     assert!(body
         .iter()
         .all(|c| c["usage"].is_null() && c["object"] == "chat.completion.chunk" && c["id"] == last["id"]));
@@ -499,4 +504,110 @@ async fn completions_choices_are_numbered_per_prompt() -> Result<()> {
     let texts: Vec<&str> = v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
     assert_eq!(texts[0], texts[1], "greedy choices of one prompt agree");
     Ok(())
+}
+
+/// A `response_format` with `n` string properties: issue 14's reproducer at 6,500 (~300 KB), which
+/// overflowed a 2 MiB worker stack inside llguidance's JSON compiler and aborted the process.
+fn wide_format(n: usize, required: bool) -> Value {
+    let names: Vec<String> = (0..n).map(|i| format!("property_number_{i:05}_name")).collect();
+    let props: serde_json::Map<String, Value> = names.iter().map(|k| (k.clone(), json!({"type": "string"}))).collect();
+    let mut schema = json!({"type": "object", "properties": props});
+    if required {
+        schema["required"] = json!(names);
+    }
+    json!({"type": "json_schema", "json_schema": {"name": "wide", "schema": schema}})
+}
+
+/// A schema nested `levels` objects deep.
+fn deep_format(levels: usize) -> Value {
+    let mut s = json!({"type": "string"});
+    for _ in 0..levels {
+        s = json!({"type": "object", "properties": {"a": s}});
+    }
+    json!({"type": "json_schema", "json_schema": {"name": "deep", "schema": s}})
+}
+
+#[tokio::test]
+async fn a_huge_schema_compiles_off_the_runtime_without_crashing() {
+    let app = app();
+    let completion =
+        |format: &Value| json!({"model": MODEL, "prompt": "JSON:", "max_tokens": 2, "response_format": format});
+    // All required: compiles (on the large compile stack) and decodes.
+    let wide = wide_format(6_500, true);
+    assert!(wide.to_string().len() > 300_000);
+    let chat = post(&app, "/v1/chat/completions", chat_body(json!({"response_format": wide, "max_tokens": 2}))).await;
+    assert_eq!(chat.status, StatusCode::OK, "{}", chat.text());
+    let r = post(&app, "/v1/completions", completion(&wide)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // All optional (the reproducer as sent): compiles too, but once the model opens the object
+    // any of 6,500 keys may come next, past the grammar engine's per-step limit: a 400 naming it
+    // (greedy chat does this) or, if the model closes the object at once, `{}` (completions).
+    let wide = wide_format(6_500, false);
+    let chat = post(&app, "/v1/chat/completions", chat_body(json!({"response_format": wide, "max_tokens": 2}))).await;
+    let completions = post(&app, "/v1/completions", completion(&wide)).await;
+    for r in [chat, completions] {
+        if r.status != StatusCode::OK {
+            let e = r.error(StatusCode::BAD_REQUEST);
+            assert_eq!((e["param"].as_str(), e["code"].as_str()), (Some("response_format"), Some("grammar_too_large")));
+        }
+    }
+    assert_eq!(post(&app, "/v1/chat/completions", chat_body(json!({}))).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn grammars_over_the_limits_are_400_naming_the_limit() {
+    let app = app();
+    let enum_values: Vec<u32> = (0..100_001).collect();
+    let too_many = json!({"type": "json_schema", "json_schema": {"name": "many", "schema": {"enum": enum_values}}});
+    for (format, limit) in [
+        (wide_format(25_000, false), "max_grammar_bytes"),
+        (deep_format(40), "max_grammar_depth"),
+        (too_many, "max_grammar_nodes"),
+    ] {
+        let e = post(&app, "/v1/chat/completions", chat_body(json!({"response_format": format})))
+            .await
+            .error(StatusCode::BAD_REQUEST);
+        assert_eq!((e["param"].as_str(), e["code"].as_str()), (Some("response_format"), Some("grammar_too_large")));
+        assert!(e["message"].as_str().unwrap().contains(limit), "{e}");
+        let body = json!({"model": MODEL, "prompt": "JSON:", "max_tokens": 2, "response_format": format});
+        let e = post(&app, "/v1/completions", body).await.error(StatusCode::BAD_REQUEST);
+        assert!(e["message"].as_str().unwrap().contains(limit), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn a_self_referencing_schema_is_a_short_400() {
+    let app = app();
+    let format = json!({"type": "json_schema", "json_schema": {"name": "loop", "schema": {"$ref": "#"}}});
+    for (uri, body) in [
+        ("/v1/chat/completions", chat_body(json!({"response_format": format}))),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "JSON:", "max_tokens": 2, "response_format": format})),
+    ] {
+        let e = post(&app, uri, body).await.error(StatusCode::BAD_REQUEST);
+        let m = e["message"].as_str().unwrap();
+        assert_eq!(e["param"], "response_format", "{e}");
+        // One short sentence: no parser state, no grammar dump, no internal positions.
+        assert!(m.len() < 300 && !m.contains('\n') && !m.to_lowercase().contains("state"), "{m}");
+    }
+}
+
+#[tokio::test]
+async fn a_named_parameterless_tool_gets_empty_arguments_on_every_seed() {
+    let app = app();
+    // As issue 10 measured it: neither schema says `additionalProperties`.
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+    ]);
+    for seed in 0..20 {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "What time is it in Oslo?"}],
+            "tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+            "temperature": 1.0, "seed": seed, "max_tokens": 64});
+        let r = post(&app, "/v1/chat/completions", body).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let calls = r.json()["choices"][0]["message"]["tool_calls"].clone();
+        assert_eq!(calls[0]["function"]["arguments"], "{}", "seed {seed}: {calls}");
+        assert_eq!(calls.as_array().map(Vec::len), Some(1), "seed {seed}: {calls}");
+    }
 }

@@ -3,20 +3,17 @@
 //! sampled token, and hands out tokens the grammar forces so the engine can append them without
 //! sampling (`{"name": "` after a tool was chosen costs no model steps).
 
+use crate::error::EngineError;
 use llguidance::toktrie::{SimpleVob, TokEnv, TokTrie};
 use llguidance::{Matcher, TokenParser};
-use std::sync::Arc;
 
-use super::closing::{self, Closers, Progress};
 use super::{Compiled, Trigger};
 
+/// The model alone decides what is written: the token budget never overrules it, so the output
+/// under a smaller `max_tokens` is a prefix of the output under a larger one (same seed).
 pub(crate) struct SeqGrammar {
     env: TokEnv,
     phase: Phase,
-    /// Set when the output is JSON to close at the end of the budget.
-    closers: Option<Arc<Closers>>,
-    /// How far the output since the grammar engaged is from an end.
-    progress: Progress,
 }
 
 enum Phase {
@@ -58,7 +55,7 @@ impl SeqGrammar {
                 head: Vec::new(),
             }))
         };
-        Self { env: c.env, phase, closers: c.closers, progress: Progress::default() }
+        Self { env: c.env, phase }
     }
 
     /// An independent copy for a sibling choice (`n > 1`).
@@ -72,7 +69,7 @@ impl SeqGrammar {
             })),
             Phase::Engaged(m) => Phase::Engaged(Box::new(m.deep_clone())),
         };
-        Self { env: self.env.clone(), phase, closers: self.closers.clone(), progress: self.progress.clone() }
+        Self { env: self.env.clone(), phase }
     }
 
     /// Whether the next token needs a mask.
@@ -81,89 +78,45 @@ impl SeqGrammar {
     }
 
     /// The tokens the grammar allows next (EOS included once it is complete); `None` while
-    /// waiting for the trigger. With `remaining` tokens of budget near their end, the closing is
-    /// (re)planned here too, beside the forward pass.
-    pub fn mask(&mut self, remaining: usize) -> Result<Option<SimpleVob>, String> {
+    /// waiting for the trigger.
+    pub fn mask(&mut self) -> Result<Option<SimpleVob>, EngineError> {
         let Phase::Engaged(m) = &mut self.phase else { return Ok(None) };
         let mask = m.compute_mask().map_err(engine)?;
         if mask.is_zero() {
-            return Err("the grammar allows no token here".into());
-        }
-        if self.closers.is_some() && self.progress.wants_simulation(remaining) {
-            let tokens = self.simulate_closing(&mask)?;
-            self.progress.set_simulated(tokens);
+            return Err(EngineError::Internal("the grammar allows no token here".into()));
         }
         Ok(Some(mask))
     }
 
-    /// Tokens it takes to end the output from here with the closing's own choices
-    /// ([`closing_choice`]): run on a copy of the matcher, so required keys still missing
-    /// (`"rating": 0`) are counted, which the byte scan alone cannot see. Costs a mask per
-    /// simulated token; only done near the end of the budget, on the mask thread.
-    fn simulate_closing(&self, mask: &SimpleVob) -> Result<usize, String> {
-        let (Phase::Engaged(m), Some(closers)) = (&self.phase, self.closers.as_ref()) else { return Ok(0) };
-        let trie = self.env.tok_trie();
-        let (mut m, mut progress, mut mask) = (m.deep_clone(), self.progress.clone(), mask.clone());
-        let mut tokens = 0;
-        while tokens < closing::SIMULATION_LIMIT && !m.is_accepting().map_err(engine)? {
-            let Some(t) = closing_choice(closers, &progress, &mut m, &mask, trie)? else { break };
-            m.consume_token(t).map_err(engine)?;
-            progress.feed(output_bytes(trie, t));
-            tokens += 1;
-            for f in m.consume_ff_tokens() {
-                progress.feed(output_bytes(trie, f));
-                tokens += 1;
-            }
-            if m.is_stopped() {
-                break;
-            }
-            mask = m.compute_mask().map_err(engine)?;
-        }
-        Ok(tokens)
-    }
-
     /// Advances past a sampled token (which the mask allowed).
-    pub fn accept(&mut self, token: u32) -> Result<Accepted, String> {
+    pub fn accept(&mut self, token: u32) -> Result<Accepted, EngineError> {
         match &mut self.phase {
             Phase::Engaged(m) => {
-                m.consume_token(token).map_err(|e| format!("grammar engine rejected token {token}: {e}"))?;
-                self.progress.feed(output_bytes(self.env.tok_trie(), token));
+                m.consume_token(token).map_err(|e| engine(format!("rejected token {token}: {e}")))?;
                 Ok(if m.is_stopped() { Accepted::Complete } else { Accepted::Continue })
             }
             Phase::Waiting(w) => {
                 let bytes = output_bytes(self.env.tok_trie(), token);
                 let Some((replay, trigger_len)) = w.watch(bytes) else { return Ok(Accepted::Continue) };
                 let (matcher, accepted) = engage(&self.env, &w.proto, &replay, trigger_len, bytes)?;
-                let engaged =
-                    if matches!(accepted, Accepted::Replace(_)) { &replay[..trigger_len] } else { &replay[..] };
-                self.progress.feed(engaged);
                 self.phase = Phase::Engaged(Box::new(matcher));
                 Ok(accepted)
             }
         }
     }
 
-    /// Tokens the grammar now forces, already consumed by it (empty when a choice remains).
-    pub fn forced(&mut self) -> Vec<u32> {
-        let forced = match &mut self.phase {
-            Phase::Engaged(m) => m.consume_ff_tokens(),
-            Phase::Waiting(_) => Vec::new(),
-        };
-        for &t in &forced {
-            self.progress.feed(output_bytes(self.env.tok_trie(), t));
+    /// Up to `limit` of the tokens the grammar now forces, already consumed by it (empty when a
+    /// choice remains). Only what the output takes is consumed: a forced run cut by the budget
+    /// must not leave the grammar complete (`stop`) while the output is not. A failure leaves the
+    /// matcher in its error state, which the next mask reports (as `consume_ff_tokens` does).
+    pub fn forced(&mut self, limit: usize) -> Vec<u32> {
+        let Phase::Engaged(m) = &mut self.phase else { return Vec::new() };
+        let mut forced = m.compute_ff_tokens();
+        forced.truncate(limit);
+        if forced.is_empty() || m.consume_tokens(&forced).is_err() {
+            return Vec::new();
         }
         forced
-    }
-
-    /// With `remaining` tokens of budget left, the allowed token that best closes the output
-    /// (see `closing.rs`); `None` while there is room. Once begun, the closing goes on to the end.
-    pub fn closing_token(&mut self, remaining: usize, mask: &SimpleVob) -> Result<Option<u32>, String> {
-        let (Phase::Engaged(m), Some(closers)) = (&mut self.phase, self.closers.as_ref()) else { return Ok(None) };
-        if !self.progress.is_closing() && remaining > self.progress.reserve() {
-            return Ok(None);
-        }
-        self.progress.begin_closing();
-        closing_choice(closers, &self.progress, m, mask, self.env.tok_trie())
     }
 
     pub fn is_complete(&self) -> bool {
@@ -208,7 +161,7 @@ fn engage(
     replay: &[u8],
     trigger_len: usize,
     token: &[u8],
-) -> Result<(Matcher, Accepted), String> {
+) -> Result<(Matcher, Accepted), EngineError> {
     let mut m = Matcher::new(Ok(proto.deep_clone()));
     let all = env.tokenize_bytes(replay);
     if m.try_consume_tokens(&all).map_err(engine)? == all.len() {
@@ -216,52 +169,23 @@ fn engage(
     }
     let mut m = Matcher::new(Ok(proto.deep_clone()));
     let trigger = env.tokenize_bytes(&replay[..trigger_len]);
-    m.consume_tokens(&trigger).map_err(|e| format!("the grammar does not begin with its trigger: {e}"))?;
+    m.consume_tokens(&trigger).map_err(|e| engine(format!("the grammar does not begin with its trigger: {e}")))?;
     let extra = replay.len() - trigger_len;
     Ok((m, Accepted::Replace(env.tokenize_bytes(&token[..token.len() - extra]))))
 }
 
-/// The closing's choice among the allowed tokens, the same for the plan (`simulate_closing`)
-/// and its execution (`closing_token`): EOS or the closer that most shortens the JSON; else
-/// one of a few tokens after which the grammar may end; else the closing's fallback.
-fn closing_choice(
-    closers: &Closers,
-    progress: &Progress,
-    m: &mut Matcher,
-    mask: &SimpleVob,
-    trie: &TokTrie,
-) -> Result<Option<u32>, String> {
-    if let Some(t) = closers.pick(progress, mask) {
-        return Ok(Some(t));
+/// A grammar engine error while decoding, first line only (llguidance may append its state,
+/// which must not reach a client). Its parser limits (items per step, lexer fuel) are hit by
+/// grammars too wide to decode, such as an object with thousands of optional properties: the
+/// request's fault, so [`EngineError::GrammarLimit`]; anything else is kiln's (`Internal`).
+fn engine(e: impl std::fmt::Display) -> EngineError {
+    let e = e.to_string();
+    let line = e.lines().next().unwrap_or_default();
+    if line.contains("max is") || line.contains("fuel") {
+        EngineError::GrammarLimit(format!("the grammar is too wide to decode (grammar engine limit): {line}"))
+    } else {
+        EngineError::Internal(format!("grammar engine: {line}"))
     }
-    if let Some(t) = step_to_end(m, mask)? {
-        return Ok(Some(t));
-    }
-    Ok(closers.fallback(progress, mask, trie))
-}
-
-/// Among a few allowed tokens, one after which the grammar may end. The JSON is closed but
-/// text remains (a tool call's `</tool_call>`, which the model may spell in pieces): without
-/// this a `>\n` could begin the next call where `>` would have ended the output.
-fn step_to_end(m: &mut Matcher, mask: &SimpleVob) -> Result<Option<u32>, String> {
-    const MAX_CANDIDATES: usize = 16;
-    if mask.num_set() > MAX_CANDIDATES {
-        return Ok(None);
-    }
-    for t in mask.iter() {
-        if m.try_consume_tokens(&[t]).map_err(engine)? == 1 {
-            let ends = m.is_accepting().map_err(engine)?;
-            m.rollback(1).map_err(engine)?;
-            if ends {
-                return Ok(Some(t));
-            }
-        }
-    }
-    Ok(None)
-}
-
-fn engine(e: impl std::fmt::Display) -> String {
-    format!("grammar engine: {e}")
 }
 
 /// The bytes a token adds to the text (special tokens are stored behind toktrie's 0xFF marker).

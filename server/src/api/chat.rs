@@ -33,7 +33,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
             "response_format cannot be combined with tool calls; use tool_choice \"none\" or drop one",
         ));
     }
-    let mut params = req.params()?;
+    let mut params = req.params(&state.sampling_defaults())?;
     let include_usage = req.sampling.include_usage()?;
     let engine = state.engine()?.clone();
     let template = engine
@@ -61,7 +61,8 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
         ctx.tool_calls = calls;
         return Ok(sse::response(ctx, vec![Part { tracked, offset: 0, echo: None }]));
     }
-    let outs = collect(&mut tracked).await.map_err(|e| ApiError::from_engine(e, "messages"))?;
+    // A grammar can pass compilation and still hit the grammar engine's limits while decoding.
+    let outs = collect(&mut tracked).await.map_err(|e| grammar_error(e, grammar_param, "messages"))?;
     let completion: usize = outs.iter().map(|o| o.tokens).sum();
     let choices: Vec<Value> = outs
         .iter()

@@ -29,7 +29,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
             "suffix is not supported: the served model has no fill-in-the-middle training",
         ));
     }
-    let mut params = req.params()?;
+    let mut params = req.params(&state.sampling_defaults())?;
     params.constraint = response_format::constraint(req.response_format.as_ref())?;
     if req.best_of.is_some_and(|b| b != params.n as i64) {
         return Err(ApiError::invalid("best_of", "best_of is only supported equal to n"));
@@ -73,7 +73,7 @@ async fn collect_part(
     echo: Option<&str>,
     want_logprobs: bool,
 ) -> ApiResult<Vec<Value>> {
-    let outs = collect(t).await.map_err(|e| ApiError::from_engine(e, "prompt"))?;
+    let outs = collect(t).await.map_err(engine_error)?;
     Ok(outs
         .into_iter()
         .enumerate()

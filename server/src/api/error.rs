@@ -79,6 +79,9 @@ impl ApiError {
             EngineError::Shutdown => Self::unavailable(e.to_string()),
             EngineError::Template(m) => Self::invalid(prompt_param, format!("cannot render the chat template: {m}")),
             EngineError::Tokenizer(m) => Self::invalid(prompt_param, format!("cannot tokenize the input: {m}")),
+            // Callers that know the grammar's field map these first (`grammar_error`).
+            EngineError::Grammar(m) => Self::invalid(prompt_param, format!("unsupported or invalid grammar: {m}")),
+            EngineError::GrammarLimit(m) => Self::invalid(prompt_param, m).with_code("grammar_too_large"),
             other => Self::internal(other.to_string()),
         }
     }

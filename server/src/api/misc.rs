@@ -28,7 +28,25 @@ pub async fn metrics(State(state): State<Shared>) -> Response {
 
 fn model_card(state: &Shared) -> Value {
     let max_len = state.engine_if_loaded().map(|e| e.info().max_model_len);
-    json!({"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "kiln", "max_model_len": max_len})
+    let d = state.sampling_defaults();
+    // f32 -> the decimal it was written as (0.95, not 0.949999988079071).
+    let num = |x: f32| Value::from(x.to_string().parse::<f64>().unwrap_or(f64::from(x)));
+    // Only the fields that are set: what a request leaving them out gets instead of OpenAI's.
+    let mut defaults = serde_json::Map::new();
+    let fields = [
+        ("temperature", d.temperature.map(num)),
+        ("top_p", d.top_p.map(num)),
+        ("top_k", d.top_k.map(Value::from)),
+        ("min_p", d.min_p.map(num)),
+        ("repetition_penalty", d.repetition_penalty.map(num)),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            defaults.insert(k.into(), v);
+        }
+    }
+    json!({"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": "kiln",
+           "max_model_len": max_len, "default_sampling_params": defaults})
 }
 
 fn embedding_card(state: &Shared) -> Option<Value> {

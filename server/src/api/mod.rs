@@ -25,6 +25,7 @@ use axum::Router;
 use error::{ApiError, ApiResult};
 use kiln_inference::embed::EmbedHandle;
 use kiln_inference::engine::EngineHandle;
+use kiln_inference::SamplingDefaults;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -40,6 +41,8 @@ pub struct AppState {
     /// Unix seconds when the server started (the model's `created`).
     pub created: u64,
     pub metrics: Metrics,
+    /// Sampling fields a request leaves out are taken from here (none until set).
+    sampling_defaults: OnceLock<SamplingDefaults>,
     shutting_down: AtomicBool,
 }
 
@@ -54,6 +57,7 @@ impl AppState {
             api_keys,
             system_fingerprint,
             created,
+            sampling_defaults: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -61,6 +65,15 @@ impl AppState {
     /// Publishes the loaded, warmed engine: from now on `/health` is 200.
     pub fn set_engine(&self, h: EngineHandle) {
         let _ = self.engine.set(h);
+    }
+
+    /// The defaults for sampling fields requests leave out (set before `set_engine`).
+    pub fn set_sampling_defaults(&self, d: SamplingDefaults) {
+        let _ = self.sampling_defaults.set(d);
+    }
+
+    pub fn sampling_defaults(&self) -> SamplingDefaults {
+        self.sampling_defaults.get().copied().unwrap_or_default()
     }
 
     /// Publishes the embedding model under `name` (before `set_engine`, so `/health` covers it).

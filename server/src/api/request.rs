@@ -5,7 +5,7 @@
 
 use super::error::{ApiError, ApiResult};
 use axum::body::Bytes;
-use kiln_inference::SamplingParams;
+use kiln_inference::{SamplingDefaults, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
@@ -167,10 +167,12 @@ fn non_negative(v: Option<i64>, param: &str) -> ApiResult<Option<usize>> {
 
 impl Sampling {
     /// The engine's parameters; ranges are checked by the engine (one place), shapes here.
+    /// `defaults` fill the sampling fields the request leaves out (before OpenAI's defaults).
     pub fn to_params(
         &self,
         max_tokens_field: (Option<i64>, &str),
         logprobs: Option<usize>,
+        defaults: &SamplingDefaults,
     ) -> ApiResult<SamplingParams> {
         let d = SamplingParams::default();
         let logit_bias = match &self.logit_bias {
@@ -191,18 +193,19 @@ impl Sampling {
         };
         Ok(SamplingParams {
             n: non_negative(self.n, "n")?.unwrap_or(1),
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_p: self.top_p.unwrap_or(d.top_p),
+            temperature: self.temperature.or(defaults.temperature).unwrap_or(d.temperature),
+            top_p: self.top_p.or(defaults.top_p).unwrap_or(d.top_p),
             // vLLM uses -1 for "disabled"; so do we.
             top_k: match self.top_k {
                 Some(k) if k > 0 => k as usize,
-                Some(-1) | Some(0) | None => 0,
+                Some(-1) | Some(0) => 0,
+                None => defaults.top_k.unwrap_or(d.top_k),
                 Some(k) => return Err(ApiError::invalid("top_k", format!("top_k must be -1, 0 or positive, got {k}"))),
             },
-            min_p: self.min_p.unwrap_or(d.min_p),
+            min_p: self.min_p.or(defaults.min_p).unwrap_or(d.min_p),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty).unwrap_or(1.0),
             logit_bias,
             seed: self.seed.map(|s| s as u64),
             max_tokens: max_tokens(max_tokens_field.0, max_tokens_field.1)?,
@@ -230,7 +233,7 @@ impl Sampling {
 }
 
 impl ChatRequest {
-    pub fn params(&self) -> ApiResult<SamplingParams> {
+    pub fn params(&self, defaults: &SamplingDefaults) -> ApiResult<SamplingParams> {
         // `max_completion_tokens` is the newer name and wins when both are given.
         let max = match self.max_completion_tokens {
             Some(v) => (Some(v), "max_completion_tokens"),
@@ -244,16 +247,16 @@ impl ChatRequest {
             }
             (false, _) => None,
         };
-        self.sampling.to_params(max, logprobs)
+        self.sampling.to_params(max, logprobs, defaults)
     }
 }
 
 impl CompletionRequest {
-    pub fn params(&self) -> ApiResult<SamplingParams> {
+    pub fn params(&self, defaults: &SamplingDefaults) -> ApiResult<SamplingParams> {
         let logprobs = non_negative(self.logprobs, "logprobs")?;
         // OpenAI's legacy default is 16 tokens.
         let max = (Some(self.max_tokens.unwrap_or(16)), "max_tokens");
-        self.sampling.to_params(max, logprobs)
+        self.sampling.to_params(max, logprobs, defaults)
     }
 }
 

@@ -4,7 +4,7 @@
 //! `grammar_error`), never silently dropped.
 
 use super::error::{ApiError, ApiResult};
-use kiln_inference::grammar::compact_json_schema;
+use kiln_inference::grammar::{closed_objects, compact_json_schema};
 use kiln_inference::{Constraint, EngineError};
 use serde_json::{json, Value};
 
@@ -47,7 +47,7 @@ pub fn constraint(rf: Option<&Value>) -> ApiResult<Option<Constraint>> {
                     ))
                 }
             };
-            Ok(Some(Constraint::json_schema(compact_json_schema(schema))))
+            Ok(Some(Constraint::json_schema(compact_json_schema(closed_objects(schema)))))
         }
         other => Err(ApiError::invalid(
             PARAM,
@@ -66,6 +66,7 @@ pub fn valid_name(n: &str) -> bool {
 pub fn grammar_error(e: EngineError, grammar_param: &str, prompt_param: &str) -> ApiError {
     match e {
         EngineError::Grammar(m) => ApiError::invalid(grammar_param, format!("unsupported or invalid schema: {m}")),
+        EngineError::GrammarLimit(m) => ApiError::invalid(grammar_param, m).with_code("grammar_too_large"),
         other => ApiError::from_engine(other, prompt_param),
     }
 }

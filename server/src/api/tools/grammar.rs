@@ -8,9 +8,12 @@
 //!   or a ```` ```json ```` block, which small models such as Qwen2.5-Coder-0.5B write instead of
 //!   the tag (llama.cpp accepts those forms too). A bare or fenced call is a single call.
 //! - `parallel_tool_calls: false`: exactly one call, then the turn ends.
+//!
+//! Parameter objects that list `properties` are closed (no other key) unless the schema says
+//! `additionalProperties` (OpenAI strict mode, xgrammar): see `closed_objects`.
 
 use super::{Choice, ToolPlan, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
-use kiln_inference::grammar::inline_json_schema;
+use kiln_inference::grammar::{closed_objects, inline_json_schema};
 use kiln_inference::{Constraint, Trigger};
 use std::fmt::Write;
 
@@ -24,11 +27,9 @@ pub fn constraint(plan: &ToolPlan) -> Option<Constraint> {
                 Trigger { text: BARE_OPEN.to_string(), at_start: true },
                 Trigger { text: FENCE_OPEN.to_string(), at_start: true },
             ];
-            Some(Constraint { triggers, closes_json: true, ..Constraint::lark(lark(plan, true)) })
+            Some(Constraint { triggers, ..Constraint::lark(lark(plan, true)) })
         }
-        Choice::Required | Choice::Named(_) => {
-            Some(Constraint { closes_json: true, ..Constraint::lark(lark(plan, false)) })
-        }
+        Choice::Required | Choice::Named(_) => Some(Constraint::lark(lark(plan, false))),
     }
 }
 
@@ -62,7 +63,7 @@ fn lark(plan: &ToolPlan, allow_bare: bool) -> String {
     for (i, t) in tools.iter().enumerate() {
         let head = format!("{{\"name\": \"{}\", \"arguments\": ", t.name);
         let _ = writeln!(g, "fn_{i}: {} args_{i} {}", lit(&head), lit("}"));
-        let _ = writeln!(g, "args_{i}: %json {}", inline_json_schema(t.parameters.clone()));
+        let _ = writeln!(g, "args_{i}: %json {}", inline_json_schema(closed_objects(t.parameters.clone())));
     }
     g
 }
@@ -89,7 +90,7 @@ mod tests {
             matches!(&c.grammar, kiln_inference::Grammar::Lark(g) if g.starts_with("start: tagged | body | \"```json\\n\" body \"\\n```\"\n"))
         );
         let none = constraint(&ToolPlan { choice: Choice::None, ..auto }).unwrap();
-        assert!(none.triggers.is_empty() && !none.closes_json);
+        assert!(none.triggers.is_empty());
         let expected =
             "start: TEXT\nTEXT: /(?s:.*)/ & ~/[ \\t\\r\\n]*(```json[ \\t\\r\\n]*)?\\{[ \\t\\r\\n]*\"name(?s:.*)/\n";
         assert_eq!(none.grammar, kiln_inference::Grammar::Lark(expected.into()));

@@ -1,9 +1,10 @@
 //! Turns a tool-calling turn's text back into OpenAI's shape, incrementally, so streamed and
 //! non-streamed responses come from the same code: text before `<tool_call>` is `content`; each
-//! call yields a start (id, name) once its name is complete, then its `arguments` as raw
-//! fragments of the generated JSON (the concatenation is exactly what the model wrote, which is
-//! also the non-streamed `arguments`). Text that might be the start of `<tool_call>` is held
-//! back, so no tag ever leaks into `content`.
+//! call yields a start (id, name) and then its `arguments` (exactly the JSON the model wrote) as
+//! one piece, once the arguments are complete. Whole calls only: a call the token budget (or a
+//! stop string) cut off is dropped, never padded, and since nothing of it was sent before it
+//! completed, a streamed response drops it too. Text that might be the start of `<tool_call>` is
+//! held back, so no tag ever leaks into `content`.
 //!
 //! A bare `{"name": ...}` object, or one in a ```` ```json ```` block, as the very first output is a
 //! call too (see `grammar.rs`).
@@ -88,7 +89,10 @@ impl Scan {
 pub struct CallParser {
     buf: String,
     state: State,
+    /// Complete calls.
     calls: Vec<Call>,
+    /// The call being read, until its arguments are complete.
+    pending: Option<Call>,
     /// Whitespace after a call, sent only if real content follows it.
     pending_ws: String,
     /// Some content was sent: a bare or fenced call can no longer start.
@@ -100,7 +104,7 @@ impl CallParser {
         Self::default()
     }
 
-    /// Calls seen so far (the last may be incomplete if the output was cut short).
+    /// Complete calls seen so far.
     pub fn calls(&self) -> &[Call] {
         &self.calls
     }
@@ -112,8 +116,10 @@ impl CallParser {
         out
     }
 
-    /// The end of the output: held-back text that never became a tag is content after all.
+    /// The end of the output: held-back text that never became a tag is content after all; a
+    /// call still incomplete is dropped.
     pub fn finish(&mut self) -> Vec<Piece> {
+        self.pending = None;
         let mut out = Vec::new();
         if matches!(self.state, State::Content) && !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.buf);
@@ -172,9 +178,7 @@ impl CallParser {
                 let close = *close;
                 let Some((name, args_at)) = head(&self.buf) else { return false };
                 self.buf.drain(..args_at);
-                let id = call_id();
-                out.push(Piece::Start { index: self.calls.len(), id: id.clone(), name: name.clone() });
-                self.calls.push(Call { id, name, arguments: String::new() });
+                self.pending = Some(Call { id: call_id(), name, arguments: String::new() });
                 self.state = State::Args { scan: Scan::default(), close };
                 true
             }
@@ -189,15 +193,18 @@ impl CallParser {
                 }
                 let take = end.unwrap_or(self.buf.len());
                 let fragment: String = self.buf.drain(..take).collect();
-                let index = self.calls.len() - 1;
-                if !fragment.is_empty() {
-                    self.calls[index].arguments.push_str(&fragment);
-                    out.push(Piece::Args { index, fragment });
+                let Some(call) = self.pending.as_mut() else { return false };
+                call.arguments.push_str(&fragment);
+                if end.is_none() {
+                    return false;
                 }
-                if end.is_some() {
-                    self.state = State::Tail { close };
-                }
-                end.is_some()
+                let call = self.pending.take().expect("checked above");
+                let index = self.calls.len();
+                out.push(Piece::Start { index, id: call.id.clone(), name: call.name.clone() });
+                out.push(Piece::Args { index, fragment: call.arguments.clone() });
+                self.calls.push(call);
+                self.state = State::Tail { close };
+                true
             }
             State::Tail { close } => {
                 let close = *close;
@@ -298,9 +305,18 @@ mod tests {
     }
 
     #[test]
-    fn truncated_call_is_kept_partial() {
-        let (content, calls, _) = run(&["<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": \"b"]);
+    fn a_truncated_call_is_dropped_whole_and_never_streamed() {
+        let first = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>";
+        let cut = "\n<tool_call>\n{\"name\": \"g\", \"arguments\": {\"a\": \"b";
+        let chars: Vec<String> = format!("{first}{cut}").chars().map(String::from).collect();
+        let (content, calls, pieces) = run(&chars.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(content, "");
-        assert_eq!(calls[0].arguments, "{\"a\": \"b");
+        assert_eq!(calls.len(), 1, "only the whole call");
+        assert_eq!(calls[0].arguments, "{\"a\": 1}");
+        assert!(!pieces.iter().any(|p| matches!(p, Piece::Start { name, .. } if name == "g")), "{pieces:?}");
+        assert!(!pieces.iter().any(|p| matches!(p, Piece::Args { index: 1, .. })), "{pieces:?}");
+        // Arguments complete, closing tag cut: the call is whole.
+        let (_, calls, _) = run(&["<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool"]);
+        assert_eq!(calls.len(), 1);
     }
 }

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 EMBED_MODEL = "all-minilm-l6-v2"
-REFERENCE = pathlib.Path(os.environ.get("KILN_REFERENCE_DIR", pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference")) / "all-minilm-l6-v2.json"
+REFERENCE = pathlib.Path(os.environ.get("KILN_REFERENCE_DIR", pathlib.Path(__file__).resolve().parents[1] / "reference")) / "all-minilm-l6-v2.json"
 
 
 def norm(v):

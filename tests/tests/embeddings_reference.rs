@@ -1,5 +1,5 @@
 //! The embedding engine on the real all-MiniLM-L6-v2 against sentence-transformers' outputs
-//! (`../shared/reference/all-minilm-l6-v2.json`): token ids, cosine >= 0.9999, unit norms; and
+//! (`tests/reference/all-minilm-l6-v2.json`): token ids, cosine >= 0.9999, unit norms; and
 //! the queue's contract: batching never changes a vector, `dimensions`, option errors, a full
 //! queue answers `Overloaded` at once.
 

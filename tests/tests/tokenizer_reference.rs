@@ -1,4 +1,4 @@
-//! The tokenizer and chat template against independent references (`../shared/reference/`):
+//! The tokenizer and chat template against independent references (`tests/reference/`):
 //! llama.cpp's token ids and rendered chat prompts for the GGUF models (tokenizers built from GGUF
 //! metadata alone), sentence-transformers' ids for MiniLM's tokenizer.json.
 
@@ -24,7 +24,7 @@ fn required(name: &str) -> Result<PathBuf> {
 fn reference(name: &str) -> Result<Value> {
     let dir = std::env::var_os("KILN_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference"));
     let p = dir.join(name);
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     Ok(serde_json::from_str(&text)?)

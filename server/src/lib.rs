@@ -7,5 +7,6 @@ pub mod bench;
 pub mod config;
 pub mod engine_args;
 pub mod generate;
+pub mod http;
 pub mod metrics;
 pub mod serve;

@@ -70,8 +70,15 @@ async fn serve(a: ServeArgs) -> Result<()> {
     );
     let addr = format!("{}:{}", a.host, a.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-    let base = format!("http://{}/v1", listener.local_addr()?);
+    let local = listener.local_addr()?;
+    let base = format!("http://{local}/v1");
     tracing::info!(%base, model = %name, "listening; loading the model");
+    if !local.ip().is_loopback() && a.api_keys.is_empty() && a.allowed_hosts.is_empty() {
+        tracing::warn!(
+            "no --api-key and no --allowed-hosts: only requests naming a loopback Host (localhost, 127.0.0.1) \
+             are answered; add --allowed-hosts NAME (or '*') for clients that reach this address by name or IP"
+        );
+    }
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(listener, router(state.clone()), a.http.limits(), drain_rx));
     let engine_args = a.engine.clone();

@@ -110,7 +110,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
     if !until_idle(&state, deadline).await {
         tracing::warn!("shutdown deadline passed: cancelling in-flight requests");
         handle.shutdown();
-        until_idle(&state, Instant::now() + Duration::from_secs(5)).await;
+        // Cancelled streams end at once; this only lets their last events out.
+        until_idle(&state, Instant::now() + Duration::from_secs(2)).await;
     }
     // The last response bodies are done; give their final bytes a moment to leave the socket.
     tokio::time::sleep(Duration::from_millis(250)).await;

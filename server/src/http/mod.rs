@@ -42,12 +42,33 @@ pub struct HttpArgs {
 }
 
 impl HttpArgs {
+    /// The limits to serve with. The connection cap is lowered to fit the process's open-file
+    /// limit (less room for model files and the like): past that limit `accept` fails and the
+    /// server becomes unreachable instead of answering 503.
     pub fn limits(&self) -> HttpLimits {
-        HttpLimits {
-            header_timeout: Duration::from_secs(self.header_timeout.max(1)),
-            max_connections: self.max_connections.max(1),
+        let mut max_connections = self.max_connections.max(1);
+        let soft = std::fs::read_to_string("/proc/self/limits").ok().and_then(|t| open_files_limit(&t));
+        if let Some(fit) = soft.map(|n| n.saturating_sub(FD_RESERVE).max(1)) {
+            if fit < max_connections {
+                tracing::warn!(
+                    max_connections,
+                    open_files = soft,
+                    "lowering --max-connections to {fit} to fit the open-file limit"
+                );
+                max_connections = fit;
+            }
         }
+        HttpLimits { header_timeout: Duration::from_secs(self.header_timeout.max(1)), max_connections }
     }
+}
+
+/// File descriptors kept out of the connection cap: model files, the listener, refused sockets.
+const FD_RESERVE: usize = 64;
+
+/// The soft "Max open files" of `/proc/self/limits` (None when unlimited or unreadable).
+fn open_files_limit(limits: &str) -> Option<usize> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// What [`serve`] enforces per connection.
@@ -154,4 +175,23 @@ async fn refuse(mut stream: TcpStream, cap: usize) {
     };
     let _: Result<std::io::Result<()>, _> = tokio::time::timeout(Duration::from_secs(1), write).await;
     tracing::debug!("over the connection cap: answered 503");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_soft_open_files_limit() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max processes             63704                63704                processes \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(open_files_limit(text), Some(1024));
+        assert_eq!(open_files_limit("Max open files            unlimited            unlimited            files"), None);
+        let huge = HttpArgs { header_timeout: 30, body_timeout: 60, max_connections: usize::MAX }.limits();
+        let own = std::fs::read_to_string("/proc/self/limits").ok().and_then(|t| open_files_limit(&t));
+        if let Some(n) = own {
+            assert_eq!(huge.max_connections, n.saturating_sub(FD_RESERVE).max(1), "capped by this process's limit");
+        }
+    }
 }

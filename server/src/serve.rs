@@ -40,12 +40,14 @@ pub struct ServeArgs {
     /// Name clients use for the embedding model (default: its directory name).
     #[arg(long, env = "KILN_SERVED_EMBEDDING_MODEL_NAME")]
     pub served_embedding_model_name: Option<String>,
-    /// Host names accepted besides loopback ones when no API key is set (repeatable or
-    /// comma-separated; `*` = any). Stops DNS rebinding against a local kiln.
+    /// Host names accepted besides loopback ones (repeatable or comma-separated; `*` = any).
+    /// Without an API key only loopback names pass unless listed here (stops DNS rebinding);
+    /// with a key, `Host` is checked only when this is set.
     #[arg(long = "allowed-hosts", env = "KILN_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
     /// Browser origins (`https://app.example.com`) allowed to call kiln, with CORS headers
-    /// (repeatable or comma-separated; `*` = any). None: CORS is off.
+    /// (repeatable or comma-separated; `*` = any). None: CORS is off, and without an API key
+    /// only loopback origins may send requests.
     #[arg(long = "allowed-origins", env = "KILN_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     #[command(flatten)]

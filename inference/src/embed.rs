@@ -3,11 +3,12 @@
 //! model, packs queued sequences into flattened batches under a token budget (no padding), runs
 //! them, and answers each request through its own oneshot channel.
 //!
-//! Owns: input validation (options, lengths, token ids), tokenization the way
-//! sentence-transformers does it (text stripped, `[CLS] .. [SEP]` added, cut at
+//! Owns: input validation (options, lengths, token ids; token-id input is used as given),
+//! tokenization the way sentence-transformers does it (text stripped, `[CLS] .. [SEP]` added, cut at
 //! `max_seq_length`, the tokenizer file's padding off), the bounded request count
 //! (`Overloaded` at once when full), skipping requests whose caller went away, and the
-//! `dimensions` option (truncate, then L2-renormalize). Must not: know HTTP or OpenAI JSON, or
+//! `dimensions` option (truncate, then L2-renormalize; only for models whose config says they
+//! were trained for it). Must not: know HTTP or OpenAI JSON, or
 //! let batching change results (the model computes each sequence from its own rows only).
 
 use crate::error::EngineError;
@@ -57,7 +58,7 @@ impl Default for EmbedConfig {
 #[derive(Debug, Clone)]
 pub enum EmbedInput {
     Text(String),
-    /// Token ids of text, without special tokens (they are added, as for text).
+    /// Token ids exactly as the model reads them (special tokens included: none are added).
     Tokens(Vec<u32>),
 }
 
@@ -96,6 +97,26 @@ pub struct EmbedInfo {
     pub vocab_size: usize,
     pub sentence: SentenceConfig,
     pub precision: DensePrecision,
+    /// Output sizes the model was trained to be cut to (Matryoshka representation learning),
+    /// from `config.json`: `matryoshka_dimensions: [..]`, or every size for `is_matryoshka:
+    /// true`. Empty: only `dim` (vLLM's rule: cutting an ordinary model's vector loses quality
+    /// silently, so `dimensions` is refused).
+    pub matryoshka_dimensions: Vec<usize>,
+}
+
+/// `config.json`'s Matryoshka fields (see [`EmbedInfo::matryoshka_dimensions`]).
+fn matryoshka_dimensions(dir: &std::path::Path, dim: usize) -> Vec<usize> {
+    let cfg: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    if let Some(list) = cfg["matryoshka_dimensions"].as_array() {
+        return list.iter().filter_map(|d| d.as_u64()).map(|d| d as usize).filter(|&d| d >= 1 && d <= dim).collect();
+    }
+    if cfg["is_matryoshka"].as_bool() == Some(true) {
+        return (1..=dim).collect();
+    }
+    Vec::new()
 }
 
 /// Counters the worker publishes for metrics; read without locks.
@@ -228,17 +249,28 @@ impl EmbedHandle {
         if n > self.max_inputs {
             return invalid("input", format!("at most {} inputs per request, got {n}", self.max_inputs));
         }
+        let dim = self.info.dim;
         match opts.dimensions {
-            Some(d) if d == 0 || d > self.info.dim => invalid(
-                "dimensions",
-                format!("dimensions must be between 1 and {} for this model, got {d}", self.info.dim),
-            ),
+            Some(d) if d == 0 || d > dim => {
+                invalid("dimensions", format!("dimensions must be between 1 and {dim} for this model, got {d}"))
+            }
+            Some(d) if d != dim && !self.info.matryoshka_dimensions.contains(&d) => {
+                let message = if self.info.matryoshka_dimensions.is_empty() {
+                    format!(
+                        "this model was not trained for shortened embeddings (no Matryoshka support in its \
+                         config.json): dimensions must be {dim} or omitted, got {d}"
+                    )
+                } else {
+                    format!("dimensions must be one of {:?} or {dim}, got {d}", self.info.matryoshka_dimensions)
+                };
+                invalid("dimensions", message)
+            }
             _ => Ok(()),
         }
     }
 
-    /// Token ids the model reads for one input: `[CLS] .. [SEP]`, cut at `max_seq_length`
-    /// unless `truncate` is off (then too long is an error).
+    /// Token ids the model reads for one input: text gets `[CLS] .. [SEP]`, ids are used as
+    /// given; cut at `max_seq_length` unless `truncate` is off (then too long is an error).
     pub fn tokenize(&self, input: &EmbedInput, truncate: bool) -> Result<Vec<u32>, EngineError> {
         let max = self.info.sentence.max_seq_length;
         let limit = truncate.then_some(max);
@@ -248,12 +280,18 @@ impl EmbedHandle {
                 self.tokenizer.encode_with_special_tokens(&t.trim().to_lowercase(), limit)?
             }
             EmbedInput::Text(t) => self.tokenizer.encode_with_special_tokens(t.trim(), limit)?,
+            // Ids are what the model reads, as given (vLLM's rule): the client's `[CLS] .. [SEP]`
+            // are not added a second time. Cut on the right like text when too long.
             EmbedInput::Tokens(ids) => {
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
                     let message = format!("token id {bad} is outside the vocabulary ({})", self.info.vocab_size);
                     return Err(EngineError::InvalidParam { param: "input", message });
                 }
-                self.tokenizer.add_special_tokens(ids, limit)?
+                if ids.is_empty() {
+                    let message = "a token-id input must not be empty".to_string();
+                    return Err(EngineError::InvalidParam { param: "input", message });
+                }
+                ids[..ids.len().min(limit.unwrap_or(usize::MAX))].to_vec()
             }
         };
         if ids.len() > max {
@@ -297,6 +335,7 @@ pub fn load_embedder(path: &str, cfg: &EmbedConfig) -> Result<LoadedEmbedder, En
         vocab_size: model.config().vocab_size,
         sentence: model.sentence_config().clone(),
         precision,
+        matryoshka_dimensions: matryoshka_dimensions(&dir, model.dim()),
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let stats = Arc::new(EmbedStats::default());

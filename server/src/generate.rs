@@ -4,6 +4,7 @@ use crate::engine_args::EngineArgs;
 use anyhow::{bail, Result};
 use clap::Args;
 use kiln_inference::engine::Prompt;
+use kiln_inference::tokenizer::ChatInput;
 use kiln_inference::SamplingParams;
 use std::io::Write;
 
@@ -44,17 +45,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let engine = a.engine.start()?;
     let handle = engine.handle;
     let prompt = match (&a.prompt, &a.chat) {
-        (Some(p), None) => p.clone(),
+        (Some(p), None) => Prompt::Text(p.clone()),
         (None, Some(c)) => {
             let mut messages = Vec::new();
             if let Some(s) = &a.system {
                 messages.push(serde_json::json!({"role": "system", "content": s}));
             }
             messages.push(serde_json::json!({"role": "user", "content": c}));
-            let Some(template) = handle.tokenizer().chat_template.as_ref() else {
+            if handle.tokenizer().chat_template.is_none() {
                 bail!("this model has no chat template; use --prompt");
-            };
-            template.render(&messages, None, true)?
+            }
+            let kwargs = serde_json::Map::new();
+            let chat = ChatInput { messages: &messages, tools: None, add_generation_prompt: true, kwargs: &kwargs };
+            Prompt::Tokens(handle.tokenizer().encode_chat(&chat)?)
         }
         _ => bail!("give --prompt TEXT or --chat TEXT"),
     };
@@ -69,7 +72,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         stop: a.stop.clone(),
         ..SamplingParams::default()
     };
-    let mut stream = handle.generate(Prompt::Text(prompt), params)?;
+    let mut stream = handle.generate(prompt, params)?;
     let mut out = std::io::stdout().lock();
     let (mut n, t) = (0usize, std::time::Instant::now());
     while let Some(delta) = stream.blocking_next() {

@@ -8,5 +8,6 @@ pub mod bench_agent;
 pub mod config;
 pub mod engine_args;
 pub mod generate;
+pub mod http;
 pub mod metrics;
 pub mod serve;

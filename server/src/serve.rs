@@ -1,16 +1,20 @@
 //! `kiln serve`: binds first (so `/health` answers 503 while the model loads), loads and warms
-//! the engine on a blocking thread, then serves until SIGINT/SIGTERM. Shutdown: stop accepting,
-//! let in-flight requests finish within `--shutdown-timeout`, then cancel what is left and exit 0.
+//! the engine on a blocking thread, then serves until SIGINT/SIGTERM. Shutdown (drain): new
+//! requests get 503 (`/health` too: connections are still accepted), requests in flight finish
+//! within `--shutdown-timeout`, then what is left is cancelled and the process exits 0. A request
+//! still sending its head or body is not in flight and does not hold the exit.
 
+use crate::api::access::AccessPolicy;
 use crate::api::{router, AppState};
 use crate::engine_args::EngineArgs;
+use crate::http::{self, HttpArgs};
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_inference::engine::{EngineHandle, Prompt};
 use kiln_inference::SamplingParams;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -36,6 +40,18 @@ pub struct ServeArgs {
     /// Name clients use for the embedding model (default: its directory name).
     #[arg(long, env = "KILN_SERVED_EMBEDDING_MODEL_NAME")]
     pub served_embedding_model_name: Option<String>,
+    /// Host names accepted besides loopback ones (repeatable or comma-separated; `*` = any).
+    /// Without an API key only loopback names pass unless listed here (stops DNS rebinding);
+    /// with a key, `Host` is checked only when this is set.
+    #[arg(long = "allowed-hosts", env = "KILN_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`https://app.example.com`) allowed to call kiln, with CORS headers
+    /// (repeatable or comma-separated; `*` = any). None: CORS is off, and without an API key
+    /// only loopback origins may send requests.
+    #[arg(long = "allowed-origins", env = "KILN_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// A TOML file with any of these settings (see `config.rs`); read before parsing.
     #[arg(long, env = "KILN_CONFIG")]
     pub config: Option<String>,
@@ -48,19 +64,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
 
 async fn serve(a: ServeArgs) -> Result<()> {
     let name = a.served_model_name.clone().unwrap_or_else(|| default_name(&a.engine.model));
-    let state = Arc::new(AppState::new(name.clone(), a.api_keys.clone(), fingerprint(&a)?));
+    let access = AccessPolicy { allowed_hosts: a.allowed_hosts.clone(), allowed_origins: a.allowed_origins.clone() };
+    let state = Arc::new(
+        AppState::new(name.clone(), a.api_keys.clone(), fingerprint(&a)?)
+            .with_access(access)
+            .with_body_timeout(Duration::from_secs(a.http.body_timeout.max(1))),
+    );
     let addr = format!("{}:{}", a.host, a.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-    let base = format!("http://{}/v1", listener.local_addr()?);
+    let local = listener.local_addr()?;
+    let base = format!("http://{local}/v1");
     tracing::info!(%base, model = %name, "listening; loading the model");
-    let app = router(state.clone());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(async move {
-        let mut rx = stop_rx;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { while rx.changed().await.is_ok() && !*rx.borrow() {} })
-            .await
-    });
+    if !local.ip().is_loopback() && a.api_keys.is_empty() && a.allowed_hosts.is_empty() {
+        tracing::warn!(
+            "no --api-key and no --allowed-hosts: only requests naming a loopback Host (localhost, 127.0.0.1) \
+             are answered; add --allowed-hosts NAME (or '*') for clients that reach this address by name or IP"
+        );
+    }
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(http::serve(listener, router(state.clone()), a.http.limits(), drain_rx));
     let engine_args = a.engine.clone();
     let (embed_model, embed_name) = (a.embedding_model.clone(), a.served_embedding_model_name.clone());
     let (embed_state, sampling_state) = (state.clone(), state.clone());
@@ -80,7 +102,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     });
     let handle = tokio::select! {
         r = loading => r.context("model loading task")??,
-        _ = shutdown_signal() => { let _ = stop_tx.send(true); return Ok(()); }
+        _ = shutdown_signal() => { server.abort(); return Ok(()); }
     };
     state.set_engine(handle.clone());
     println!("kiln: serving {base} (model \"{name}\"); OpenAI SDK: base_url=\"{base}\"");
@@ -88,15 +110,30 @@ async fn serve(a: ServeArgs) -> Result<()> {
     shutdown_signal().await;
     tracing::info!(timeout_secs = a.shutdown_timeout, "shutting down: no new requests, finishing in-flight ones");
     state.begin_shutdown();
-    let _ = stop_tx.send(true);
-    let mut server = server;
-    if tokio::time::timeout(Duration::from_secs(a.shutdown_timeout), &mut server).await.is_err() {
+    let _ = drain_tx.send(true);
+    let deadline = Instant::now() + Duration::from_secs(a.shutdown_timeout);
+    if !until_idle(&state, deadline).await {
         tracing::warn!("shutdown deadline passed: cancelling in-flight requests");
         handle.shutdown();
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        // Cancelled streams end at once; this only lets their last events out.
+        until_idle(&state, Instant::now() + Duration::from_secs(2)).await;
     }
+    // The last response bodies are done; give their final bytes a moment to leave the socket.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    server.abort();
     handle.shutdown();
     Ok(())
+}
+
+/// Waits until no request is in flight or `deadline` passes; true if idle.
+async fn until_idle(state: &AppState, deadline: Instant) -> bool {
+    while state.requests_in_flight() > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
 }
 
 /// One short greedy generation: first touches of weights, caches and kernels happen before

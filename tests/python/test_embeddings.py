@@ -1,6 +1,7 @@
 """/v1/embeddings through the official SDK: the default base64 encoding and float agree,
-`dimensions` truncates and renormalizes, vectors match sentence-transformers' reference, and bad
-inputs raise the right SDK error classes."""
+`dimensions` is refused for a model not trained to be cut (Matryoshka), token ids are used as
+given, vectors match sentence-transformers' reference, and bad inputs raise the right SDK error
+classes."""
 
 import json
 import math
@@ -11,7 +12,7 @@ import openai
 import pytest
 
 EMBED_MODEL = "all-minilm-l6-v2"
-REFERENCE = pathlib.Path(os.environ.get("KILN_REFERENCE_DIR", pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference")) / "all-minilm-l6-v2.json"
+REFERENCE = pathlib.Path(os.environ.get("KILN_REFERENCE_DIR", pathlib.Path(__file__).resolve().parents[1] / "reference")) / "all-minilm-l6-v2.json"
 
 
 def norm(v):
@@ -46,19 +47,24 @@ def test_matches_sentence_transformers_reference(client):
         assert cosine(it["embedding"], d.embedding) >= 0.9999, it["text"]
 
 
-def test_dimensions_truncate_and_renormalize(client):
-    full = client.embeddings.create(model=EMBED_MODEL, input="kilns fire clay", encoding_format="float").data[0].embedding
-    cut = client.embeddings.create(model=EMBED_MODEL, input="kilns fire clay", dimensions=128).data[0].embedding
-    assert len(cut) == 128
-    assert abs(norm(cut) - 1.0) < 1e-4
-    scale = norm(full[:128])
-    assert max(abs(c - f / scale) for c, f in zip(cut, full[:128])) < 1e-5
+def test_dimensions_refused_for_a_model_not_trained_for_it(client):
+    # MiniLM's config.json declares no Matryoshka training: a cut vector would silently lose
+    # quality, so (as vLLM does) only its full size is accepted.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=EMBED_MODEL, input="kilns fire clay", dimensions=128)
+    assert e.value.body["param"] == "dimensions" and "Matryoshka" in e.value.body["message"]
+    full = client.embeddings.create(model=EMBED_MODEL, input="kilns fire clay", dimensions=384).data[0].embedding
+    assert len(full) == 384 and abs(norm(full) - 1.0) < 1e-4
 
 
-def test_token_id_inputs(client):
-    ids = client.embeddings.create(model=EMBED_MODEL, input=[[7592, 2088]], encoding_format="float").data[0].embedding
-    text = client.embeddings.create(model=EMBED_MODEL, input="hello world", encoding_format="float").data[0].embedding
-    assert cosine(ids, text) > 0.99999
+def test_token_id_inputs_are_used_as_given(client):
+    # [CLS] hello world [SEP]: the ids text input gets; nothing is added to token-id input.
+    r = client.embeddings.create(model=EMBED_MODEL, input=[[101, 7592, 2088, 102]], encoding_format="float")
+    text = client.embeddings.create(model=EMBED_MODEL, input="hello world", encoding_format="float")
+    assert cosine(r.data[0].embedding, text.data[0].embedding) > 0.99999
+    assert r.usage.prompt_tokens == text.usage.prompt_tokens == 4
+    # Issue 14's reproducer: [[101, 7592, 102]] is 3 tokens, not 5.
+    assert client.embeddings.create(model=EMBED_MODEL, input=[[101, 7592, 102]]).usage.prompt_tokens == 3
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 //! Shared helpers of the end-to-end tests: where the real models are, how to start an engine on
-//! them, how to read the independent references in `../shared/reference/`.
+//! them, how to read the independent references in `tests/reference/`.
 
 use anyhow::{Context, Result};
 use kiln_inference::engine::{EngineConfig, EngineHandle, Prompt};
@@ -33,12 +33,13 @@ pub fn qwen25() -> Option<PathBuf> {
     }
 }
 
-/// `../shared/reference/` next to the repository (CI clones it there), or `$KILN_REFERENCE_DIR`.
+/// `tests/reference/` in the repository (the data ships with the code, so the test command works
+/// on a fresh clone), or `$KILN_REFERENCE_DIR` to test against another set.
 pub fn reference_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("KILN_REFERENCE_DIR") {
         return PathBuf::from(d);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference")
 }
 
 pub fn reference(name: &str) -> Result<serde_json::Value> {

@@ -1,5 +1,5 @@
 //! The embedding engine on the real all-MiniLM-L6-v2 against sentence-transformers' outputs
-//! (`../shared/reference/all-minilm-l6-v2.json`): token ids, cosine >= 0.9999, unit norms; and
+//! (`tests/reference/all-minilm-l6-v2.json`): token ids, cosine >= 0.9999, unit norms; and
 //! the queue's contract: batching never changes a vector, `dimensions`, option errors, a full
 //! queue answers `Overloaded` at once.
 
@@ -95,9 +95,10 @@ fn check_reference(cfg: &EmbedConfig) -> Result<()> {
         if c < worst.0 {
             worst = (c, item.text.chars().take(40).collect());
         }
-        // The same tokens given as ids (without specials) embed the same.
-        let inner = item.ids[1..item.ids.len() - 1].to_vec();
-        ensure!(one(&h, EmbedInput::Tokens(inner), &opts)? == got.vector, "{:?}: token-id input differs", item.text);
+        // The same ids given as input (specials included: nothing is added) embed the same.
+        let given = h.embed(vec![EmbedInput::Tokens(item.ids.clone())], &opts)?.pop().context("one result")?;
+        ensure!(given.tokens == item.ids.len(), "{:?}: {} tokens from {} ids", item.text, given.tokens, item.ids.len());
+        ensure!(given.vector == got.vector, "{:?}: token-id input differs", item.text);
     }
     eprintln!(
         "minilm: {} items, worst cosine {:.7} ({:?}), precision {:?}",
@@ -152,7 +153,7 @@ fn empty_and_whitespace_inputs_embed_like_sentence_transformers() -> Result<()> 
     let h = start(&EmbedConfig::default())?;
     let empty = items()?.into_iter().find(|i| i.text.is_empty()).context("reference has an empty item")?;
     let opts = EmbedOptions::default();
-    for input in [text(""), text("   "), text(" \t\n "), EmbedInput::Tokens(vec![])] {
+    for input in [text(""), text("   "), text(" \t\n "), EmbedInput::Tokens(vec![101, 102])] {
         let got = h.embed(vec![input.clone()], &opts)?.pop().context("one result")?;
         ensure!(got.tokens == 2, "{input:?}: {} tokens", got.tokens);
         let c = cosine(&got.vector, &empty.embedding);
@@ -161,9 +162,39 @@ fn empty_and_whitespace_inputs_embed_like_sentence_transformers() -> Result<()> 
     Ok(())
 }
 
+/// MiniLM as if its config.json declared Matryoshka training (the other files linked).
+fn matryoshka_minilm() -> Result<String> {
+    let src = std::path::PathBuf::from(minilm()?);
+    let dir = std::env::temp_dir().join(format!("kiln-matryoshka-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for entry in std::fs::read_dir(&src)? {
+        let entry = entry?;
+        let to = dir.join(entry.file_name());
+        if entry.file_name() == "config.json" {
+            let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(entry.path())?)?;
+            cfg["is_matryoshka"] = serde_json::Value::Bool(true);
+            std::fs::write(&to, cfg.to_string())?;
+        } else if !to.exists() {
+            std::os::unix::fs::symlink(entry.path(), &to)?;
+        }
+    }
+    Ok(dir.to_string_lossy().into_owned())
+}
+
 #[test]
-fn dimensions_truncate_then_renormalize() -> Result<()> {
-    let h = start(&EmbedConfig::default())?;
+fn dimensions_only_for_matryoshka_models() -> Result<()> {
+    let plain = start(&EmbedConfig::default())?;
+    let dims = |d| EmbedOptions { dimensions: Some(d), ..EmbedOptions::default() };
+    match plain.embed(vec![text("a")], &dims(128)) {
+        Err(EngineError::InvalidParam { param: "dimensions", message }) => {
+            ensure!(message.contains("Matryoshka"), "{message}")
+        }
+        other => anyhow::bail!("expected a dimensions error, got {other:?}"),
+    }
+    ensure!(one(&plain, text("x"), &dims(384))?.len() == 384);
+    let dir = matryoshka_minilm()?;
+    let h = load_embedder(&dir, &EmbedConfig::default())?.handle;
+    std::fs::remove_dir_all(&dir)?;
     let full = one(&h, text("A man is eating food."), &EmbedOptions::default())?;
     let short =
         one(&h, text("A man is eating food."), &EmbedOptions { dimensions: Some(128), ..EmbedOptions::default() })?;
@@ -189,6 +220,9 @@ fn bad_options_and_inputs_are_errors() -> Result<()> {
     ensure!(param(h.embed(vec![], &EmbedOptions::default()))? == "input");
     ensure!(param(h.embed(vec![text("a"); 5], &EmbedOptions::default()))? == "input");
     ensure!(param(h.embed(vec![EmbedInput::Tokens(vec![5, 30522])], &EmbedOptions::default()))? == "input");
+    ensure!(param(h.embed(vec![EmbedInput::Tokens(vec![])], &EmbedOptions::default()))? == "input");
+    // Issue 14: ids are used as given, [CLS]/[SEP] not added again.
+    ensure!(h.embed(vec![EmbedInput::Tokens(vec![101, 7592, 102])], &EmbedOptions::default())?[0].tokens == 3);
     // Too long without truncation: an error naming the limit; with truncation: cut to 256.
     let long = text(&"word ".repeat(300));
     let no_trunc = EmbedOptions { truncate: false, ..EmbedOptions::default() };

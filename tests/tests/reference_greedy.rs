@@ -1,5 +1,5 @@
 //! Greedy continuations through the whole engine against llama.cpp's reference tokens and
-//! log-probabilities (`../shared/reference/`, same GGUF files), compared up to the first position
+//! log-probabilities (`tests/reference/`, same GGUF files), compared up to the first position
 //! where the reference itself has a near-tie (top-2 logprob gap < 0.05).
 //!
 //! With quantized weights the model is chaotic at the last bit (an activation crossing a Q8

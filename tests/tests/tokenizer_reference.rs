@@ -1,9 +1,9 @@
-//! The tokenizer and chat template against independent references (`../shared/reference/`):
+//! The tokenizer and chat template against independent references (`tests/reference/`):
 //! llama.cpp's token ids and rendered chat prompts for the GGUF models (tokenizers built from GGUF
 //! metadata alone), sentence-transformers' ids for MiniLM's tokenizer.json.
 
 use anyhow::{bail, ensure, Context, Result};
-use kiln_inference::tokenizer::Tokenizer;
+use kiln_inference::tokenizer::{ChatInput, Tokenizer};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -24,7 +24,7 @@ fn required(name: &str) -> Result<PathBuf> {
 fn reference(name: &str) -> Result<Value> {
     let dir = std::env::var_os("KILN_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference"));
     let p = dir.join(name);
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     Ok(serde_json::from_str(&text)?)
@@ -80,6 +80,25 @@ fn check_llama_cpp_reference(tok: &Tokenizer, reference_name: &str) -> Result<us
         }
         if tok.decode(&got, false)? != want_text {
             fails.push(format!("chat prompt does not decode back: {want_text:?}"));
+        }
+        // What chat requests use: the same ids (special tokens only from the template).
+        let kwargs = serde_json::Map::new();
+        let chat = |messages: &[Value]| {
+            tok.encode_chat(&ChatInput { messages, tools: None, add_generation_prompt: true, kwargs: &kwargs })
+        };
+        let via_chat = chat(messages)?;
+        if via_chat != want {
+            fails.push(format!("encode_chat of {want_text:?}:\n  got  {via_chat:?}\n  want {want:?}"));
+        }
+        // A tail that could begin a special token takes the escaped, segmented path: it must
+        // give the ids of tokenizing the rendered text whole (nothing special is formed).
+        let mut tailed = messages.clone();
+        if let Some(Value::String(c)) = tailed.last_mut().and_then(|m| m.get_mut("content")) {
+            c.push_str(" <|im");
+        }
+        let whole = tok.encode(&template.render(&tailed, None, true)?, true)?;
+        if chat(&tailed)? != whole {
+            fails.push(format!("escaped path differs for {want_text:?} + ' <|im'"));
         }
         checked += 1;
     }

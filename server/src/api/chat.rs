@@ -1,5 +1,6 @@
 //! `POST /v1/chat/completions`: validates the request, renders the conversation with the
-//! model's chat template, runs it through the engine and answers as one JSON object or as SSE.
+//! model's chat template (special-token text in client strings stays text), runs it through the
+//! engine and answers as one JSON object or as SSE.
 //! `response_format` and `tools` become a grammar constraint (see `response_format.rs`,
 //! `tools/`); a turn with tools is parsed back into `message.tool_calls`.
 
@@ -17,7 +18,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_inference::engine::Prompt;
-use kiln_inference::tokenizer::Tokenizer;
+use kiln_inference::tokenizer::{ChatInput, Tokenizer};
 use kiln_inference::SamplingParams;
 use serde_json::{json, Value};
 
@@ -48,11 +49,22 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
         forbid_call_token(engine.tokenizer(), &mut params);
     }
     let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
-    let text = template
-        .render_with_kwargs(&messages, tools.as_deref(), true, &kwargs)
+    // Rendering and tokenizing a long conversation is CPU work: off the async workers. Control
+    // tokens come only from the template, never from message text (`Tokenizer::encode_chat`).
+    let tok = engine.tokenizer().clone();
+    let ids = state
+        .cpu(move || {
+            tok.encode_chat(&ChatInput {
+                messages: &messages,
+                tools: tools.as_deref(),
+                add_generation_prompt: true,
+                kwargs: &kwargs,
+            })
+        })
+        .await?
         .map_err(|e| ApiError::from_engine(e, "messages"))?;
     let grammar_param = if calls { "tools" } else { "response_format" };
-    let mut tracked = submit(&state, &engine, Prompt::Text(text), params)
+    let mut tracked = submit(&state, &engine, Prompt::Tokens(ids), params)
         .await
         .map_err(|e| grammar_error(e, grammar_param, "messages"))?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());

@@ -1,6 +1,7 @@
 //! `POST /v1/embeddings` as the OpenAI SDK uses it: `input` as a string, strings, token ids or
-//! lists of token ids; `encoding_format` `float` or `base64` (little-endian f32, the Python
-//! SDK's default); `dimensions` (truncate, then L2-renormalize). The work happens on the
+//! lists of token ids (used as given: no `[CLS]`/`[SEP]` added); `encoding_format` `float` or
+//! `base64` (little-endian f32, the Python SDK's default); `dimensions` (truncate, then
+//! L2-renormalize; refused unless the model's config declares Matryoshka training). The work happens on the
 //! embedding queue's worker (`inference::embed`); this file only validates and formats.
 
 use super::error::{ApiError, ApiResult};
@@ -64,11 +65,9 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let opts = EmbedOptions { dimensions, truncate: req.truncate.unwrap_or(true) };
     let start = Instant::now();
     let n = inputs.len();
-    // Tokenizing thousands of inputs takes milliseconds: off the async workers.
-    let pending = tokio::task::spawn_blocking(move || embedder.submit(inputs, &opts))
-        .await
-        .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
-        .map_err(|e| ApiError::from_engine(e, "input"))?;
+    // Tokenizing thousands of inputs takes milliseconds to seconds: off the async workers.
+    let pending =
+        state.cpu(move || embedder.submit(inputs, &opts)).await?.map_err(|e| ApiError::from_engine(e, "input"))?;
     let embeddings = pending.recv().await.map_err(|e| ApiError::from_engine(e, "input"))?;
     let tokens: usize = embeddings.iter().map(|e| e.tokens).sum();
     state.metrics.observe_embeddings(n, tokens, start.elapsed().as_secs_f64());

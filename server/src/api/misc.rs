@@ -1,5 +1,12 @@
 //! The small routes: `/health`, `/metrics`, `/v1/models`, and vLLM-style `/tokenize` and
-//! `/detokenize`.
+//! `/detokenize`. Tokenizing runs on the blocking pool (`AppState::cpu`): a 5 MB prompt takes
+//! seconds of CPU and must not hold an async worker.
+//!
+//! `/tokenize` gives the ids kiln would feed the model: `prompt` with `add_special_tokens`
+//! (default) as `/v1/completions` tokenizes it (BOS added, special-token text such as
+//! `<|im_end|>` parsed, because a raw prompt is the client's own whole prompt); with
+//! `add_special_tokens: false` as plain text (no BOS, special-token text stays text);
+//! `messages` as `/v1/chat/completions` does (control tokens only from the template).
 
 use super::error::{ApiError, ApiResult};
 use super::request::{body_bytes, parse_body};
@@ -10,6 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kiln_inference::tokenizer::ChatInput;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -92,20 +100,29 @@ pub async fn tokenize(State(state): State<Shared>, body: Result<Bytes, BytesReje
         state.check_model(m)?;
     }
     let engine = state.engine()?;
-    let tok = engine.tokenizer();
-    let ids = match (&req.prompt, &req.messages) {
-        (Some(p), None) if req.add_special_tokens => tok.encode_prompt(p, true),
-        (Some(p), None) => tok.encode(p, true),
+    let tok = engine.tokenizer().clone();
+    if req.messages.is_some() && tok.chat_template.is_none() {
+        return Err(ApiError::invalid("messages", "this model has no chat template"));
+    }
+    let (param, ids) = match (req.prompt, req.messages) {
+        (Some(p), None) if req.add_special_tokens => ("prompt", state.cpu(move || tok.encode_prompt(&p, true)).await?),
+        (Some(p), None) => ("prompt", state.cpu(move || tok.encode(&p, false)).await?),
         (None, Some(msgs)) => {
-            let t = tok
-                .chat_template
-                .as_ref()
-                .ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
-            t.render(msgs, None, req.add_generation_prompt).and_then(|text| tok.encode_prompt(&text, true))
+            let gen = req.add_generation_prompt;
+            let chat = move || {
+                let kwargs = serde_json::Map::new();
+                tok.encode_chat(&ChatInput {
+                    messages: &msgs,
+                    tools: None,
+                    add_generation_prompt: gen,
+                    kwargs: &kwargs,
+                })
+            };
+            ("messages", state.cpu(chat).await?)
         }
         _ => return Err(ApiError::invalid("prompt", "give exactly one of 'prompt' or 'messages'")),
-    }
-    .map_err(|e| ApiError::from_engine(e, "prompt"))?;
+    };
+    let ids = ids.map_err(|e| ApiError::from_engine(e, param))?;
     Ok(Json(json!({"count": ids.len(), "max_model_len": engine.info().max_model_len, "tokens": ids})))
 }
 
@@ -125,6 +142,8 @@ pub async fn detokenize(State(state): State<Shared>, body: Result<Bytes, BytesRe
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid("tokens", format!("token id {bad} is outside the vocabulary (size {vocab})")));
     }
-    let text = engine.tokenizer().decode(&req.tokens, false).map_err(|e| ApiError::from_engine(e, "tokens"))?;
+    let tok = engine.tokenizer().clone();
+    let text =
+        state.cpu(move || tok.decode(&req.tokens, false)).await?.map_err(|e| ApiError::from_engine(e, "tokens"))?;
     Ok(Json(json!({"prompt": text})))
 }

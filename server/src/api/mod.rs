@@ -1,13 +1,15 @@
 //! The HTTP API: OpenAI-compatible routes plus health, metrics and tokenization, on axum.
-//! Owns request ids, authentication, body limits, panic isolation and the OpenAI error shape
-//! for every failure (including unknown routes and malformed bodies). Talks to the engine only
-//! through its `EngineHandle`.
+//! Owns request ids, access control (`access.rs`), body admission (`guard.rs`), panic isolation
+//! and the OpenAI error shape for every failure (including unknown routes and malformed bodies).
+//! Talks to the engine only through its `EngineHandle`.
 
+pub mod access;
 pub mod chat;
 pub mod completions;
 mod embeddings;
 pub mod error;
 mod generation;
+mod guard;
 mod logprobs;
 mod misc;
 pub mod request;
@@ -16,6 +18,7 @@ mod sse;
 mod tools;
 
 use crate::metrics::Metrics;
+use access::AccessPolicy;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -26,8 +29,10 @@ use error::{ApiError, ApiResult};
 use kiln_inference::embed::EmbedHandle;
 use kiln_inference::engine::EngineHandle;
 use kiln_inference::SamplingDefaults;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// Everything the handlers share. The engine appears once the model is loaded and warmed.
 pub struct AppState {
@@ -44,6 +49,14 @@ pub struct AppState {
     /// Sampling fields a request leaves out are taken from here (none until set).
     sampling_defaults: OnceLock<SamplingDefaults>,
     shutting_down: AtomicBool,
+    /// Host / Origin allowlists (see `access.rs`).
+    pub access: AccessPolicy,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
+    /// Requests whose body is in and whose response is not finished (the drain waits for them).
+    pub in_flight: AtomicUsize,
+    /// Slots for CPU-heavy request work on the blocking pool (see [`AppState::cpu`]).
+    cpu_slots: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -59,7 +72,41 @@ impl AppState {
             created,
             sampling_defaults: OnceLock::new(),
             shutting_down: AtomicBool::new(false),
+            access: AccessPolicy::default(),
+            body_timeout: Duration::from_secs(60),
+            in_flight: AtomicUsize::new(0),
+            cpu_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))),
         }
+    }
+
+    /// Runs CPU-heavy request work (tokenizing, rendering a chat template) on the blocking pool,
+    /// at most one job per core at once, so the async workers stay free to answer everyone else
+    /// (`/health` included) however large the input. A waiting client that goes away frees its
+    /// place; a started job runs to its end.
+    pub async fn cpu<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+        let slot = self.cpu_slots.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("shutting down"))?;
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            f()
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("a tokenizer task failed: {e}")))
+    }
+
+    /// With these Host / Origin allowlists instead of none (loopback only without an API key).
+    pub fn with_access(mut self, access: AccessPolicy) -> Self {
+        self.access = access;
+        self
+    }
+
+    pub fn with_body_timeout(mut self, t: Duration) -> Self {
+        self.body_timeout = t;
+        self
+    }
+
+    /// Requests being answered right now (streams until their last event).
+    pub fn requests_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Publishes the loaded, warmed engine: from now on `/health` is 200.
@@ -142,14 +189,16 @@ pub fn router(state: Shared) -> Router {
         .route("/detokenize", post(misc::detokenize))
         .route("/metrics", get(misc::metrics))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), auth));
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .route("/health", get(misc::health))
         // `method_not_allowed_fallback` covers only routes registered before it: set it here too.
         .method_not_allowed_fallback(method_not_allowed)
         .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Each layer wraps those above it: the gate (who may ask) runs before any body is read.
+        .layer(middleware::from_fn_with_state(state.clone(), guard::body_guard))
+        .layer(middleware::from_fn_with_state(state.clone(), access::gate))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(state.clone(), request_id_and_count))
         .with_state(state)
@@ -169,25 +218,6 @@ async fn method_not_allowed(req: Request) -> ApiError {
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::internal("the request handler panicked; the server is still running").into_response()
-}
-
-/// Bearer-token check for every route but `/health` when keys are configured.
-async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
-    if state.api_keys.is_empty() {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        // The auth scheme is case-insensitive (RFC 9110).
-        .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, k)| k))
-        .map(str::trim);
-    match given {
-        Some(k) if state.api_keys.iter().any(|key| key == k) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("Incorrect API key provided").into_response(),
-        None => ApiError::unauthorized("Missing API key: send 'Authorization: Bearer <key>'").into_response(),
-    }
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub max_waiting_seqs: usize,
     /// Reuse the K/V of full blocks whose token prefix was computed before (on by default).
     pub enable_prefix_caching: bool,
+    /// Most prompt tokens one sequence computes per step while others wait or prefill (so a
+    /// short request's first token never waits for someone else's whole prompt); 0: no cap.
+    pub long_prefill_token_threshold: usize,
     /// A parked session's K/V is released after this long unused (its history stays).
     pub session_ttl: Duration,
     /// Cap on prompt + generated tokens (defaults to the model's context length).
@@ -64,6 +67,7 @@ impl Default for EngineConfig {
             queue_capacity: 1024,
             max_waiting_seqs: 256,
             enable_prefix_caching: true,
+            long_prefill_token_threshold: 128,
             session_ttl: Duration::from_secs(600),
             max_model_len: None,
             num_blocks_override: None,
@@ -294,6 +298,7 @@ pub fn spawn(
         num_blocks: runner.num_blocks(),
         block_size: cfg.block_size,
         enable_prefix_caching: cfg.enable_prefix_caching,
+        long_prefill_token_threshold: cfg.long_prefill_token_threshold,
     };
     let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity);
     let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size, cfg.grammar.clone()));

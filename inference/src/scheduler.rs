@@ -34,6 +34,9 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// Reuse cached full blocks across sequences (automatic prefix caching).
     pub enable_prefix_caching: bool,
+    /// Most prompt tokens one sequence computes in a step while others wait or prefill too
+    /// (vLLM's `long_prefill_token_threshold`); 0: no cap.
+    pub long_prefill_token_threshold: usize,
 }
 
 /// One sequence's share of a step: compute positions `start..start + num_tokens`.
@@ -51,7 +54,8 @@ pub struct ScheduledSeq {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SchedulerOutput {
-    /// Running sequences first (oldest first), then newly admitted ones (FCFS).
+    /// Running decodes first, then running prefill chunks (each oldest first), then newly
+    /// admitted sequences (FCFS).
     pub seqs: Vec<ScheduledSeq>,
     /// Sequences admitted from the waiting queue this step, with how many of their tokens were
     /// already in the cache (prefix-cache hits, or a resumed session's own KV).
@@ -226,11 +230,12 @@ impl Scheduler {
         let mut out = SchedulerOutput::default();
         let mut budget = self.cfg.max_num_batched_tokens;
         self.computing.clear();
-        self.schedule_running(&mut out, &mut budget);
+        let cap = self.prefill_cap();
+        self.schedule_running(&mut out, &mut budget, cap);
         // Blocks are short this step: admitting now would hand the blocks just freed straight to
         // a new sequence (possibly the one just preempted) and thrash.
         if out.preempted.is_empty() {
-            self.admit_waiting(&mut out, &mut budget);
+            self.admit_waiting(&mut out, &mut budget, cap);
         }
         out.num_batched_tokens = self.cfg.max_num_batched_tokens - budget;
         self.computing.extend(out.seqs.iter().map(|s| s.id));
@@ -259,36 +264,54 @@ impl Scheduler {
         }
     }
 
-    fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
-        let mut i = 0;
-        while i < self.running.len() && *budget > 0 {
-            let id = self.running[i];
-            let wanted = self.seqs.get(&id).map_or(0, |s| s.len.saturating_sub(s.num_computed));
-            if wanted == 0 {
-                // Nothing new yet (the engine has not appended a token); keep its place.
-                i += 1;
-                continue;
+    /// Running sequences get their tokens decodes first (a decode is one token and a user
+    /// waiting on it), then prefill chunks, each group oldest first. When blocks run out, the
+    /// newest running sequence not yet scheduled this step is preempted (possibly `id` itself).
+    fn schedule_running(&mut self, out: &mut SchedulerOutput, budget: &mut usize, cap: usize) {
+        let wanted = |s: &Self, id: &SeqId| s.seqs.get(id).map_or(0, |st| st.len.saturating_sub(st.num_computed));
+        let (decodes, prefills): (Vec<SeqId>, Vec<SeqId>) =
+            self.running.iter().copied().filter(|id| wanted(self, id) > 0).partition(|id| wanted(self, id) == 1);
+        for id in decodes.into_iter().chain(prefills) {
+            if *budget == 0 {
+                break;
             }
-            let grant = wanted.min(*budget);
-            match self.reserve(id, grant) {
-                Some(copies) => {
+            if !self.is_running(id) {
+                continue; // preempted earlier in this step
+            }
+            let grant = wanted(self, &id).min(*budget).min(cap);
+            loop {
+                if let Some(copies) = self.reserve(id, grant) {
                     out.copies.extend(copies);
                     out.seqs.extend(self.commit(id, grant));
                     *budget -= grant;
-                    i += 1;
+                    break;
                 }
-                None => {
-                    // Only sequences after `i` (not yet scheduled this step) can be the newest,
-                    // unless `id` is itself the newest: then it leaves and the loop ends.
-                    let Some(&victim) = self.running.last() else { break };
-                    self.preempt(victim);
-                    out.preempted.push(victim);
+                let scheduled = |v: &SeqId| out.seqs.iter().any(|q| q.id == *v);
+                let Some(victim) = self.running.iter().rev().copied().find(|v| !scheduled(v)) else { break };
+                self.preempt(victim);
+                out.preempted.push(victim);
+                if victim == id {
+                    break;
                 }
             }
         }
     }
 
-    fn admit_waiting(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
+    /// The most prompt tokens one sequence may compute this step: all of the budget, unless
+    /// another sequence is waiting or prefilling too; then `long_prefill_token_threshold`, so a
+    /// short request never waits behind someone else's whole prompt.
+    fn prefill_cap(&self) -> usize {
+        let threshold = self.cfg.long_prefill_token_threshold;
+        let prefilling = |id: &SeqId| self.seqs.get(id).is_some_and(|s| s.len.saturating_sub(s.num_computed) > 1);
+        let contenders = self.waiting.len() + self.running.iter().filter(|id| prefilling(id)).count();
+        if threshold == 0 || contenders < 2 {
+            usize::MAX
+        } else {
+            threshold
+        }
+    }
+
+    fn admit_waiting(&mut self, out: &mut SchedulerOutput, budget: &mut usize, cap: usize) {
         let mut used = self.used_slots();
         while *budget > 0 {
             let Some(&id) = self.waiting.front() else { break };
@@ -303,11 +326,11 @@ impl Scheduler {
             }
             // Stop at the first one that does not fit, so later (smaller) requests cannot
             // overtake it forever. Never preempt a running sequence to admit a waiting one.
-            let Some((cached, copies)) = self.admit_one(id, *budget) else { break };
+            let Some((cached, copies)) = self.admit_one(id, (*budget).min(cap)) else { break };
             self.waiting.pop_front();
             self.running.push(id);
             used += slots;
-            let grant = self.seqs.get(&id).map_or(0, |s| s.len - s.num_computed).min(*budget);
+            let grant = self.seqs.get(&id).map_or(0, |s| s.len - s.num_computed).min(*budget).min(cap);
             *budget -= grant;
             out.copies.extend(copies);
             out.admitted.push((id, cached));

@@ -9,7 +9,14 @@ use crate::block_hash::{block_hashes, extend_hashes};
 use crate::test_rng::Rng;
 
 fn cfg(max_num_seqs: usize, max_num_batched_tokens: usize, num_blocks: usize, block_size: usize) -> SchedulerConfig {
-    SchedulerConfig { max_num_seqs, max_num_batched_tokens, num_blocks, block_size, enable_prefix_caching: true }
+    SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens,
+        num_blocks,
+        block_size,
+        enable_prefix_caching: true,
+        long_prefill_token_threshold: 0,
+    }
 }
 
 fn ids(out: &SchedulerOutput) -> Vec<SeqId> {
@@ -42,13 +49,15 @@ fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
     // Each scheduled sequence appears once, is running, in running-list order, and owns exactly
     // the blocks it will write.
     let mut seen = HashSet::new();
-    let mut last_pos = None;
+    // Decodes (one token) come first, then the rest; each group in running order.
+    let mut last_pos = [None, None];
     for q in &out.seqs {
         assert!(seen.insert(q.id), "sequence {} scheduled twice", q.id);
         assert!(q.num_tokens > 0);
         let pos = s.running.iter().position(|&r| r == q.id).expect("scheduled sequence is running");
-        assert!(last_pos < Some(pos), "scheduled out of running order");
-        last_pos = Some(pos);
+        let group = usize::from(q.num_tokens > 1);
+        assert!(last_pos[group] < Some(pos), "scheduled out of running order");
+        last_pos[group] = Some(pos);
         let st = &s.seqs[&q.id];
         assert_eq!(st.num_computed, q.start + q.num_tokens);
         assert_eq!(q.needs_logits, st.num_computed == st.len);
@@ -227,7 +236,8 @@ fn reservation_holds_slots_until_children_fork() {
     assert_eq!(s.num_computed(10), Some(5));
     s.append_token(10);
     s.append_token(11);
-    assert_eq!(ids(&step(&mut s)), vec![1, 11, 10, 2]);
+    // The children want 2 tokens (the parent's last one and their own): after the decodes.
+    assert_eq!(ids(&step(&mut s)), vec![1, 2, 11, 10]);
     assert!(!s.is_running(3));
     s.finish(11);
     assert_eq!(ids(&step(&mut s)), vec![1, 10, 2, 3]);
@@ -636,7 +646,8 @@ impl World {
 /// back its own tokens; at the end everything drains and all blocks are free.
 #[test]
 fn random_steps_keep_invariants() {
-    let configs = [cfg(6, 16, 16, 4), cfg(4, 7, 9, 2), cfg(8, 64, 40, 8), cfg(3, 5, 8, 3)];
+    let capped = SchedulerConfig { long_prefill_token_threshold: 5, ..cfg(6, 16, 24, 4) };
+    let configs = [cfg(6, 16, 16, 4), cfg(4, 7, 9, 2), cfg(8, 64, 40, 8), cfg(3, 5, 8, 3), capped];
     for (k, &c) in configs.iter().enumerate() {
         let mut w = World::new(c, 0x2545_f491_4f6c_dd1d ^ (k as u64 + 1));
         for _ in 0..3000 {
@@ -673,4 +684,21 @@ fn random_steps_keep_invariants() {
         assert!(k == 2 || w.preemptions > 0, "config {k} never preempted");
         assert!(w.copies > 0, "config {k} never copied on write");
     }
+}
+
+#[test]
+fn decodes_go_first_and_a_long_prefill_is_capped_only_while_others_wait() {
+    let c = SchedulerConfig { long_prefill_token_threshold: 8, ..cfg(8, 32, 64, 4) };
+    let mut s = Scheduler::new(c);
+    s.add(1, 100, 1, Vec::new());
+    // Alone, the long prompt takes the whole budget.
+    assert_eq!(plan(&step(&mut s)), vec![(1, 0, 32, false)]);
+    // A short request arrives: the long one is capped, the short one is admitted at once.
+    s.add(2, 3, 1, Vec::new());
+    assert_eq!(plan(&step(&mut s)), vec![(1, 32, 8, false), (2, 0, 3, true)]);
+    // 2 now decodes, and goes first; 1 is alone in prefill again and takes the rest.
+    assert_eq!(plan(&step(&mut s)), vec![(2, 3, 1, true), (1, 40, 31, false)]);
+    s.finish(1);
+    s.finish(2);
+    assert_all_free(&s);
 }

@@ -6,7 +6,9 @@
 //! - tool loop: 6 steps appending a tool result each, through a session vs whole requests with
 //!   caching off; latency per step;
 //! - fork: a ~1,000-token prefix prefilled once and forked into 4 children decoding together, vs
-//!   the 4 whole prompts run one after another without caching; aggregate tokens/s.
+//!   the 4 whole prompts run one after another without caching; aggregate tokens/s;
+//! - fairness: a 2-token request sent a third into a ~4,000-token prompt's prefill: its time to
+//!   first token against that prefill's time alone, and how much the long prefill slowed.
 //!
 //! Prints one JSON line on stdout (progress on stderr). Greedy decoding, EOS ignored, so both
 //! sides do the same work.
@@ -40,10 +42,10 @@ pub fn run(a: BenchAgentArgs) -> Result<()> {
     let chat = multi_turn(&on, &off, a.gen_tokens)?;
     let tools = tool_loop(&on, &off, a.gen_tokens)?;
     let fork = fork(&on, &off, a.gen_tokens)?;
-    println!(
-        "{}",
-        json!({"engine": "kiln", "model": a.engine.model, "multi_turn": chat, "tool_loop": tools, "fork": fork})
-    );
+    let fair = fairness(&off)?;
+    let out = json!({"engine": "kiln", "model": a.engine.model, "multi_turn": chat, "tool_loop": tools, "fork": fork,
+                     "fairness": fair});
+    println!("{out}");
     on.shutdown();
     off.shutdown();
     Ok(())
@@ -164,6 +166,24 @@ fn fork(on: &EngineHandle, off: &EngineHandle, gen: usize) -> Result<serde_json:
     );
     Ok(json!({"prefix_tokens": prefix.len(), "children": 4, "agg_tok_s_forked": tps_fork,
               "agg_tok_s_sequential_uncached": tps_seq, "ratio": tps_fork / tps_seq}))
+}
+
+fn fairness(h: &EngineHandle) -> Result<serde_json::Value> {
+    let long = encode(h, &instructions(180))?;
+    let (alone, _) = drain(h.generate(Prompt::Tokens(long.clone()), greedy(1))?)?;
+    let long_stream = h.generate(Prompt::Tokens(long.clone()), greedy(1))?;
+    let long_thread = std::thread::spawn(move || drain(long_stream));
+    std::thread::sleep(alone / 3);
+    let (short_ttft, _) = drain(h.generate(Prompt::Tokens(encode(h, "Hi")?), greedy(1))?)?;
+    let (shared, _) = long_thread.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+    let (short_frac, slowdown) = (ms(short_ttft) / ms(alone), ms(shared) / ms(alone) - 1.0);
+    eprintln!(
+        "fairness: {}-token prefill {alone:?} alone, {shared:?} shared; 2-token request TTFT {short_ttft:?} ({:.1}%)",
+        long.len(),
+        100.0 * short_frac
+    );
+    Ok(json!({"long_prompt_tokens": long.len(), "prefill_ms_alone": ms(alone), "prefill_ms_shared": ms(shared),
+              "short_ttft_ms": ms(short_ttft), "short_ttft_fraction": short_frac, "long_slowdown": slowdown}))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -44,6 +44,11 @@ pub struct EngineArgs {
     /// Retry-After, so queueing delay stays bounded (default: 4 x --max-num-seqs).
     #[arg(long, env = "KILN_MAX_WAITING_SEQS")]
     pub max_waiting_seqs: Option<usize>,
+    /// Most prompt tokens one request computes per step while others wait or prefill, so a
+    /// short request never waits for a long prompt's whole prefill (default: a quarter of
+    /// --max-num-batched-tokens; 0: no cap).
+    #[arg(long, env = "KILN_LONG_PREFILL_TOKEN_THRESHOLD")]
+    pub long_prefill_token_threshold: Option<usize>,
     /// Sampling defaults for fields a request leaves out, over the model's own
     /// (`generation_config.json` / GGUF `general.sampling.*`), e.g. `top_k=40,top_p=0.95,min_p=0.05`
     /// (keys: temperature, top_p, top_k, min_p, repetition_penalty). Fields neither this nor the
@@ -101,6 +106,9 @@ impl EngineArgs {
             llama_cpp_batch_arithmetic: self.llama_cpp_batch_arithmetic,
             enable_prefix_caching: !self.no_prefix_caching,
             max_waiting_seqs: self.max_waiting_seqs.unwrap_or(4 * self.max_num_seqs).max(1),
+            long_prefill_token_threshold: self
+                .long_prefill_token_threshold
+                .unwrap_or((self.max_num_batched_tokens / 4).max(16)),
             grammar: self.grammar_limits()?,
             ..EngineConfig::default()
         })

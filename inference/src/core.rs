@@ -175,6 +175,7 @@ impl Core {
             max_len: total,
             session,
             prefill_only: req.prefill_only,
+            span: req.span,
         };
         let mut seq = Seq::new(prompt, Arc::new(group), 0, req.grammar.map(SeqGrammar::new));
         seq.counted_waiting = true;
@@ -272,7 +273,7 @@ impl Core {
             if std::mem::take(&mut seq.counted_waiting) {
                 self.p.queued.fetch_sub(1, Ordering::Relaxed);
                 seq.report_cached(cached);
-                tracing::debug!(seq = id, prompt = seq.tokens().len(), cached, "admitted");
+                tracing::debug!(parent: seq.span(), seq = id, prompt = seq.tokens().len(), cached, "admitted");
             }
         }
     }
@@ -360,6 +361,8 @@ impl Core {
         if let Some(reason) = reason {
             seq.finish(reason);
         }
+        let generated = seq.tokens().len() - seq.prompt_len();
+        tracing::debug!(parent: seq.span(), seq = id, generated, reason = ?reason, "sequence ended");
         if seq.is_session() {
             self.end_turn(id, seq.tokens().to_vec());
         } else {

@@ -132,6 +132,9 @@ pub(crate) struct AddRequest {
     pub session: Option<SessionTurn>,
     /// Compute the prompt's K/V and park the session, sampling nothing.
     pub prefill_only: bool,
+    /// The caller's span (e.g. the HTTP request's, with its id): the engine's log lines about
+    /// this request are its children.
+    pub span: tracing::Span,
 }
 
 pub(crate) enum Command {
@@ -221,7 +224,8 @@ impl EngineHandle {
             prompt_tokens: prompt.len(),
             cancel: cancel.clone(),
         };
-        let add = AddRequest { prompt, params, grammar, events: etx, cancel, session, prefill_only };
+        let span = tracing::Span::current();
+        let add = AddRequest { prompt, params, grammar, events: etx, cancel, session, prefill_only, span };
         self.admit(Command::Add(Box::new(add)))?;
         Ok(TokenStream::new(erx, self.tokenizer.clone(), setup))
     }

@@ -24,6 +24,8 @@ pub(crate) struct Group {
     pub session: bool,
     /// Compute the prompt's K/V only; nothing is sampled.
     pub prefill_only: bool,
+    /// The caller's span: engine log lines about this request are its children.
+    pub span: tracing::Span,
 }
 
 pub(crate) struct Seq {
@@ -74,6 +76,10 @@ impl Seq {
         &self.tokens
     }
 
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
     /// The caller dropped its stream, or a stop string ended this choice.
     pub fn is_cancelled(&self) -> bool {
         self.group.events.is_closed() || self.group.cancel[self.index].load(Ordering::Relaxed)
@@ -118,6 +124,10 @@ impl Seq {
 
     pub fn prefill_only(&self) -> bool {
         self.group.prefill_only
+    }
+
+    pub fn span(&self) -> &tracing::Span {
+        &self.group.span
     }
 
     /// Appends what the grammar forces before anything is sampled (a schema's opening

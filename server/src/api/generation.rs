@@ -23,8 +23,8 @@ pub async fn submit(
     prompt: Prompt,
     params: SamplingParams,
 ) -> Result<Tracked, EngineError> {
-    let h = engine.clone();
-    let stream = tokio::task::spawn_blocking(move || h.generate(prompt, params))
+    let (h, span) = (engine.clone(), tracing::Span::current());
+    let stream = tokio::task::spawn_blocking(move || span.in_scope(|| h.generate(prompt, params)))
         .await
         .map_err(|e| EngineError::Internal(format!("tokenizer task failed: {e}")))??;
     state.metrics.prompt_tokens.fetch_add(stream.prompt_tokens() as u64, Ordering::Relaxed);

@@ -85,8 +85,10 @@ impl AppState {
     /// place; a started job runs to its end.
     pub async fn cpu<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
         let slot = self.cpu_slots.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("shutting down"))?;
+        // The request's span follows the work, so the engine's log lines carry its id.
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
-            let _slot = slot;
+            let (_slot, _span) = (slot, span.enter());
             f()
         })
         .await

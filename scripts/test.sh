@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 sets="default embed"
 [ "${KILN_TEST_FULL:-0}" = 1 ] && sets="$sets qwen"
 scripts/fetch-models.sh $sets
+# House rules first: formatted, and clippy-clean (warnings are errors).
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --no-fail-fast "$@"

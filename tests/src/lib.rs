@@ -57,7 +57,7 @@ pub fn test_config() -> EngineConfig {
     EngineConfig { kv_cache_memory: 64 << 20, max_num_seqs: 16, ..EngineConfig::default() }
 }
 
-pub fn start(model: &PathBuf, cfg: &EngineConfig) -> Result<LoadedEngine> {
+pub fn start(model: &std::path::Path, cfg: &EngineConfig) -> Result<LoadedEngine> {
     Ok(start_engine(model.to_str().context("utf-8 path")?, cfg, &Device::Cpu)?)
 }
 

@@ -103,7 +103,7 @@ fn eviction_in_a_tiny_cache_keeps_outputs_exact() -> Result<()> {
 /// previous turn's last token when a length finish left it uncomputed), per the engine's
 /// computed-token counter, and produce the tokens of the same conversation sent whole to an
 /// engine with caching off.
-fn session_loop(model: &std::path::PathBuf, first: &str, follow_ups: &[String]) -> Result<()> {
+fn session_loop(model: &std::path::Path, first: &str, follow_ups: &[String]) -> Result<()> {
     let fresh = start(model, &EngineConfig { enable_prefix_caching: false, ..test_config() })?;
     let eng = start(model, &test_config())?;
     let tok = eng.handle.tokenizer().clone();

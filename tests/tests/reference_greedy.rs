@@ -50,16 +50,16 @@ fn compare(h: &EngineHandle, name: String, entry: &Value, eos: &[u32]) -> Result
         ..SamplingParams::default()
     };
     let out = run(h, Prompt::Tokens(prompt), params)?.remove(0);
-    let want_id = |i: usize| steps[i]["id"].as_u64().unwrap_or(u64::MAX) as u32;
     let (mut matched, mut max_lp_diff, mut sum_lp_diff) = (0, 0f32, 0f32);
-    for i in 0..cutoff {
+    for (i, step) in steps.iter().enumerate().take(cutoff) {
+        let want_id = step["id"].as_u64().unwrap_or(u64::MAX) as u32;
         match out.tokens.get(i) {
-            Some(&t) if t == want_id(i) => {
-                let d = (out.logprobs[i].logprob - steps[i]["logprob"].as_f64().unwrap_or(0.0) as f32).abs();
+            Some(&t) if t == want_id => {
+                let d = (out.logprobs[i].logprob - step["logprob"].as_f64().unwrap_or(0.0) as f32).abs();
                 (max_lp_diff, sum_lp_diff) = (max_lp_diff.max(d), sum_lp_diff + d);
             }
             // EOS ends our stream without being emitted; the reference lists it as a step.
-            None if out.finish_reason == Some("stop") && i == out.tokens.len() && eos.contains(&want_id(i)) => {}
+            None if out.finish_reason == Some("stop") && i == out.tokens.len() && eos.contains(&want_id) => {}
             _ => break,
         }
         matched += 1;
@@ -70,7 +70,7 @@ fn compare(h: &EngineHandle, name: String, entry: &Value, eos: &[u32]) -> Result
 /// Issue #2's bar: every continuation equal to the reference up to its near-tie cutoff, and
 /// logprobs within 0.05 there.
 fn check_model(path: &std::path::Path, reference_file: &str, cfg: &EngineConfig) -> Result<()> {
-    let engine = start(&path.to_path_buf(), cfg)?;
+    let engine = start(path, cfg)?;
     let r = reference(reference_file)?;
     let eos = engine.handle.tokenizer().eos_ids.clone();
     let mut rows = Vec::new();

@@ -194,6 +194,8 @@ impl Core {
         seq.block_hashes = hashes.clone();
         let len = seq.tokens().len();
         if !(session && self.p.sched.resume(id, len, keep, hashes.clone())) {
+            // Whatever stayed parked could not be resumed: it must not shadow the new sequence.
+            self.p.sched.release_parked(id);
             self.p.sched.add(id, len, seq.choices(), hashes);
         }
         self.seqs.insert(id, seq);

@@ -199,6 +199,15 @@ impl EngineHandle {
         self.submit(ids, params, None, false)
     }
 
+    /// [`generate`](Self::generate) for async callers: tokenization and grammar compilation run
+    /// on the blocking pool (in the caller's span), never on the async workers.
+    pub async fn generate_async(&self, prompt: Prompt, params: SamplingParams) -> Result<TokenStream, EngineError> {
+        let (h, span) = (self.clone(), tracing::Span::current());
+        tokio::task::spawn_blocking(move || span.in_scope(|| h.generate(prompt, params)))
+            .await
+            .map_err(|e| EngineError::Internal(format!("request preparation failed: {e}")))?
+    }
+
     /// Opens a session: a conversation whose K/V the engine keeps between turns.
     pub fn session(&self) -> crate::session::Session {
         crate::session::Session::open(self.clone())

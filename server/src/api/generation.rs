@@ -16,17 +16,14 @@ pub struct Tracked {
     pub generated: usize,
 }
 
-/// Submits on a blocking thread: tokenization of a long prompt must not stall the runtime.
+/// Submits through the engine's async entry: tokenization and grammar compilation stay off the async workers.
 pub async fn submit(
     state: &Shared,
     engine: &EngineHandle,
     prompt: Prompt,
     params: SamplingParams,
 ) -> Result<Tracked, EngineError> {
-    let (h, span) = (engine.clone(), tracing::Span::current());
-    let stream = tokio::task::spawn_blocking(move || span.in_scope(|| h.generate(prompt, params)))
-        .await
-        .map_err(|e| EngineError::Internal(format!("tokenizer task failed: {e}")))??;
+    let stream = engine.generate_async(prompt, params).await?;
     state.metrics.prompt_tokens.fetch_add(stream.prompt_tokens() as u64, Ordering::Relaxed);
     Ok(Tracked { stream, state: state.clone(), start: Instant::now(), last: None, generated: 0 })
 }

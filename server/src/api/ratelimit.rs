@@ -82,7 +82,9 @@ impl RateLimitArgs {
             global: tier(self.rate_limit_global_rpm, self.rate_limit_global_tpm),
             key: tier(self.rate_limit_key_rpm, self.rate_limit_key_tpm),
             anonymous: tier(self.rate_limit_anonymous_rpm, self.rate_limit_anonymous_tpm),
-            period: Duration::from_secs_f64(self.rate_limit_period.max(0.001)),
+            // NaN or an absurd period falls back to a minute rather than panicking.
+            period: Duration::try_from_secs_f64(self.rate_limit_period.clamp(0.001, 1e9))
+                .unwrap_or(Duration::from_secs(60)),
         }
     }
 }

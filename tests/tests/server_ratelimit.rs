@@ -172,6 +172,32 @@ async fn tokens_are_charged_from_real_usage() {
     assert!((1000 - usage..=1000 - usage + 2).contains(&remaining), "{remaining} after {usage} used");
 }
 
+#[tokio::test]
+async fn a_stream_is_charged_its_generated_tokens_when_it_ends() {
+    let limits = per(Duration::from_secs(60), TierLimits::default(), TierLimits { requests: 0, tokens: 1000 });
+    let app = app_with(&[], limits, None);
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Count to ten"}], "max_tokens": 12,
+        "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let req = Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let r = send(&app, req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.num("x-ratelimit-remaining-tokens"), 1000);
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    let usage = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|v| v["usage"]["total_tokens"].as_u64())
+        .expect("a usage chunk");
+    assert!(usage > 12, "prompt and completion: {usage}");
+    let remaining = get(&app, "/v1/models", None).await.num("x-ratelimit-remaining-tokens");
+    assert!((1000 - usage..=1000 - usage + 2).contains(&remaining), "{remaining} after {usage} used");
+}
+
 async fn read_lines(path: &std::path::Path, n: usize) -> Vec<Value> {
     for _ in 0..100 {
         let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -3,6 +3,7 @@
 //! lock except for the per-status request counter map); engine gauges are read from the
 //! engine's published stats at scrape time.
 
+use crate::api::ratelimit::Tier;
 use kiln_inference::embed::EmbedHandle;
 use kiln_inference::engine::EngineHandle;
 use std::collections::BTreeMap;
@@ -67,6 +68,10 @@ pub struct Metrics {
     /// Inputs per embedding request.
     pub embedding_inputs: Histogram,
     pub embedding_latency: Histogram,
+    /// Requests refused by a rate limit, by `Tier` (its discriminant).
+    rate_limited: [AtomicU64; 3],
+    /// Audit-log lines dropped because the writer fell behind.
+    pub audit_dropped: AtomicU64,
 }
 
 const INPUT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
@@ -86,6 +91,8 @@ impl Metrics {
             embedding_tokens: AtomicU64::new(0),
             embedding_inputs: Histogram::new(INPUT_BUCKETS),
             embedding_latency: Histogram::new(LATENCY_BUCKETS),
+            rate_limited: Default::default(),
+            audit_dropped: AtomicU64::new(0),
         }
     }
 
@@ -99,6 +106,10 @@ impl Metrics {
     pub fn count_request(&self, route: &str, status: u16) {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         *m.entry((route.to_string(), status)).or_default() += 1;
+    }
+
+    pub fn count_rate_limited(&self, tier: Tier) {
+        self.rate_limited[tier as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count_finished(&self, reason: &'static str) {
@@ -168,6 +179,7 @@ impl Metrics {
             "",
             "Embedding request latency.",
         );
+        self.render_limits(&mut out);
         if let Some(e) = embedder {
             // Batch sizes as the worker formed them (mean = sequences / batches).
             let st = e.stats();
@@ -205,6 +217,23 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+impl Metrics {
+    fn render_limits(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP kiln:rate_limited_total Requests refused by a rate limit, by tier.\n# TYPE kiln:rate_limited_total counter");
+        for tier in Tier::ALL {
+            let n = self.rate_limited[tier as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "kiln:rate_limited_total{{tier=\"{}\"}} {n}", tier.as_str());
+        }
+        let dropped = self.audit_dropped.load(Ordering::Relaxed) as f64;
+        scalar(
+            out,
+            ("kiln:audit_log_dropped_total", "Audit-log lines dropped (writer behind).", "counter"),
+            "",
+            dropped,
+        );
     }
 }
 

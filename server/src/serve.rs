@@ -5,6 +5,8 @@
 //! still sending its head or body is not in flight and does not hold the exit.
 
 use crate::api::access::AccessPolicy;
+use crate::api::audit::AuditLog;
+use crate::api::ratelimit::RateLimitArgs;
 use crate::api::{router, AppState};
 use crate::engine_args::EngineArgs;
 use crate::http::{self, HttpArgs};
@@ -52,6 +54,12 @@ pub struct ServeArgs {
     pub allowed_origins: Vec<String>,
     #[command(flatten)]
     pub http: HttpArgs,
+    #[command(flatten)]
+    pub rate_limits: RateLimitArgs,
+    /// Write refused requests (401, 403, rate-limited 429) as JSON lines to this file (`-`:
+    /// stdout). Off by default.
+    #[arg(long, env = "KILN_AUDIT_LOG")]
+    pub audit_log: Option<String>,
     /// A TOML file with any of these settings (see `config.rs`); read before parsing.
     #[arg(long, env = "KILN_CONFIG")]
     pub config: Option<String>,
@@ -65,11 +73,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
 async fn serve(a: ServeArgs) -> Result<()> {
     let name = a.served_model_name.clone().unwrap_or_else(|| default_name(&a.engine.model));
     let access = AccessPolicy { allowed_hosts: a.allowed_hosts.clone(), allowed_origins: a.allowed_origins.clone() };
-    let state = Arc::new(
-        AppState::new(name.clone(), a.api_keys.clone(), fingerprint(&a)?)
-            .with_access(access)
-            .with_body_timeout(Duration::from_secs(a.http.body_timeout.max(1))),
-    );
+    let mut state = AppState::new(name.clone(), a.api_keys.clone(), fingerprint(&a)?)
+        .with_access(access)
+        .with_body_timeout(Duration::from_secs(a.http.body_timeout.max(1)))
+        .with_rate_limits(a.rate_limits.limits());
+    if let Some(path) = &a.audit_log {
+        state = state.with_audit_log(AuditLog::open(path).with_context(|| format!("opening audit log {path}"))?);
+    }
+    let state = Arc::new(state);
     let addr = format!("{}:{}", a.host, a.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;

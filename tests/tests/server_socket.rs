@@ -31,8 +31,12 @@ impl Drop for Server {
 }
 
 fn start(limits: HttpLimits) -> Server {
+    start_with(limits, AppState::new("m".into(), vec![], "fp".into()))
+}
+
+fn start_with(limits: HttpLimits, state: AppState) -> Server {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let state = Arc::new(AppState::new("m".into(), vec![], "fp".into()).with_body_timeout(Duration::from_secs(1)));
+    let state = Arc::new(state.with_body_timeout(Duration::from_secs(1)));
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     let (drain, rx) = watch::channel(false);
@@ -218,4 +222,29 @@ fn while_draining_health_is_503_and_idle_connections_close() {
     assert!(closed_within(&mut idle, Duration::from_secs(2)), "an idle keep-alive survived the drain");
     let r = exchange(srv.addr, b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n");
     assert!(r.error(503)["message"].as_str().unwrap().contains("shutting down"));
+}
+
+#[test]
+fn the_audit_log_names_the_remote_address() {
+    let path = std::env::temp_dir().join(format!("kiln-audit-socket-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let log = kiln_server::api::audit::AuditLog::open(path.to_str().unwrap()).unwrap();
+    let state = AppState::new("m".into(), vec!["k".into()], "fp".into()).with_audit_log(log);
+    let server = start_with(limits(5_000, 16), state);
+    let mut s = connect(server.addr);
+    let local = s.local_addr().unwrap();
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer nope\r\n\r\n").unwrap();
+    assert_eq!(read_reply(&mut s).error(401)["type"], "authentication_error");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(l) = text.lines().next() {
+            break serde_json::from_str::<Value>(l).expect("a JSON line");
+        }
+        assert!(Instant::now() < deadline, "no audit line");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(line["event"], "auth_failure");
+    assert_eq!(line["remote_addr"], local.to_string());
+    let _ = std::fs::remove_file(&path);
 }

@@ -71,6 +71,9 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let embeddings = pending.recv().await.map_err(|e| ApiError::from_engine(e, "input"))?;
     let tokens: usize = embeddings.iter().map(|e| e.tokens).sum();
     state.metrics.observe_embeddings(n, tokens, start.elapsed().as_secs_f64());
+    if let Some(c) = super::ratelimit::current_charge() {
+        c.tokens(tokens);
+    }
     let data: Vec<Value> = embeddings
         .into_iter()
         .enumerate()

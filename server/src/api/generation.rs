@@ -2,6 +2,7 @@
 //! latency metrics, and the non-streaming collection of its choices. Dropping a `Tracked`
 //! drops the stream, which aborts the sequences in the engine (client gone).
 
+use super::ratelimit::{current_charge, TokenCharge};
 use super::Shared;
 use kiln_inference::engine::{EngineHandle, Prompt};
 use kiln_inference::{Delta, EngineError, FinishReason, SamplingParams, TokenLogprob, TokenStream};
@@ -14,6 +15,8 @@ pub struct Tracked {
     start: Instant,
     last: Option<Instant>,
     pub generated: usize,
+    /// The request's rate-limit token charge: prompt tokens at submit, generated ones on drop.
+    charge: Option<TokenCharge>,
 }
 
 /// Submits through the engine's async entry: tokenization and grammar compilation stay off the async workers.
@@ -25,7 +28,11 @@ pub async fn submit(
 ) -> Result<Tracked, EngineError> {
     let stream = engine.generate_async(prompt, params).await?;
     state.metrics.prompt_tokens.fetch_add(stream.prompt_tokens() as u64, Ordering::Relaxed);
-    Ok(Tracked { stream, state: state.clone(), start: Instant::now(), last: None, generated: 0 })
+    let charge = current_charge();
+    if let Some(c) = &charge {
+        c.tokens(stream.prompt_tokens());
+    }
+    Ok(Tracked { stream, state: state.clone(), start: Instant::now(), last: None, generated: 0, charge })
 }
 
 impl Tracked {
@@ -70,6 +77,9 @@ impl Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.state.metrics.e2e.observe(self.start.elapsed().as_secs_f64());
+        if let Some(c) = &self.charge {
+            c.tokens(self.generated);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! Talks to the engine only through its `EngineHandle`.
 
 pub mod access;
+pub mod audit;
 pub mod chat;
 pub mod completions;
 mod embeddings;
@@ -12,6 +13,7 @@ mod generation;
 mod guard;
 mod logprobs;
 mod misc;
+pub mod ratelimit;
 pub mod request;
 mod response_format;
 mod sse;
@@ -19,6 +21,7 @@ mod tools;
 
 use crate::metrics::Metrics;
 use access::AccessPolicy;
+use audit::AuditLog;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -29,6 +32,7 @@ use error::{ApiError, ApiResult};
 use kiln_inference::embed::EmbedHandle;
 use kiln_inference::engine::EngineHandle;
 use kiln_inference::SamplingDefaults;
+use ratelimit::{RateLimiter, RateLimits};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -57,6 +61,10 @@ pub struct AppState {
     pub in_flight: AtomicUsize,
     /// Slots for CPU-heavy request work on the blocking pool (see [`AppState::cpu`]).
     cpu_slots: Arc<Semaphore>,
+    /// Requests and tokens per period, per tier (see `ratelimit.rs`; off by default).
+    pub rate_limits: Arc<RateLimiter>,
+    /// Where refusals are recorded (see `audit.rs`; off by default).
+    pub audit: Option<AuditLog>,
 }
 
 impl AppState {
@@ -76,7 +84,19 @@ impl AppState {
             body_timeout: Duration::from_secs(60),
             in_flight: AtomicUsize::new(0),
             cpu_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))),
+            rate_limits: Arc::new(RateLimiter::new(RateLimits::default())),
+            audit: None,
         }
+    }
+
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = Arc::new(RateLimiter::new(limits));
+        self
+    }
+
+    pub fn with_audit_log(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
+        self
     }
 
     /// Runs CPU-heavy request work (tokenizing, rendering a chat template) on the blocking pool,
@@ -200,7 +220,10 @@ pub fn router(state: Shared) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Each layer wraps those above it: the gate (who may ask) runs before any body is read.
         .layer(middleware::from_fn_with_state(state.clone(), guard::body_guard))
+        // Only admitted clients reach the buckets; refusals cost no body read.
+        .layer(middleware::from_fn_with_state(state.clone(), ratelimit::limit))
         .layer(middleware::from_fn_with_state(state.clone(), access::gate))
+        .layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(state.clone(), request_id_and_count))
         .with_state(state)
@@ -226,7 +249,7 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Echoes (or generates) `x-request-id` on every response, opens the request's tracing span
 /// and counts the response status per route.
-async fn request_id_and_count(State(state): State<Shared>, req: Request, next: Next) -> Response {
+async fn request_id_and_count(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get(&REQUEST_ID)
@@ -236,6 +259,7 @@ async fn request_id_and_count(State(state): State<Shared>, req: Request, next: N
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let route = route_label(req.uri().path());
     let span = tracing::info_span!("request", id = %id, method = %req.method(), route);
+    req.extensions_mut().insert(audit::RequestId(id.clone()));
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     state.metrics.count_request(route, resp.status().as_u16());
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -245,7 +269,7 @@ async fn request_id_and_count(State(state): State<Shared>, req: Request, next: N
 }
 
 /// A bounded set of labels (raw paths would let clients grow the metric without limit).
-fn route_label(path: &str) -> &'static str {
+pub(crate) fn route_label(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/completions" => "/v1/completions",

@@ -120,6 +120,14 @@ async fn serve_connection(
     let draining = *drain.borrow();
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(!draining);
+    // The peer address, for the app's audit log (`ConnectInfo`, as `axum::serve` provides it).
+    let peer = stream.peer_addr().ok();
+    let app = tower::ServiceExt::map_request(app, move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if let Some(p) = peer {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(p));
+        }
+        req
+    });
     let conn = builder.serve_connection(TokioIo::new(ErrorBodies::new(stream)), TowerToHyperService::new(app));
     tokio::pin!(conn);
     let result = if draining {

@@ -1,0 +1,154 @@
+//! The audit log (`--audit-log PATH`, `-` for stdout): one JSON line per refused request, for
+//! auth failures (401), Host / Origin refusals (403) and rate-limit hits (429), with the time
+//! (RFC 3339, UTC), event, route, method, client (a short SHA-256 fingerprint of the bearer key,
+//! or `anonymous`), remote address when known, request id and status.
+//!
+//! Lines go through a bounded channel to one writer thread, so a slow disk never blocks the
+//! async workers; when the channel is full the line is dropped and counted
+//! (`kiln:audit_log_dropped_total`).
+//!
+//! Owns: the events, their JSON and the writer. Must not: record prompts, outputs, bodies or
+//! keys (only their fingerprints), or decide who is refused (`access.rs`, `ratelimit.rs` do).
+
+use super::ratelimit::Tier;
+use super::Shared;
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::time::SystemTime;
+
+/// Lines that may wait for the writer before new ones are dropped.
+const QUEUE: usize = 4096;
+
+/// Marks a response refused by a rate limit (the engine's own 429 "overloaded" is not audited).
+#[derive(Debug, Clone, Copy)]
+pub enum Denied {
+    RateLimited(Tier),
+}
+
+/// The request id `request_id_and_count` chose, for the log line.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The sending end of the audit log; cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: SyncSender<String>,
+}
+
+impl AuditLog {
+    /// Opens `path` for appending (`-`: stdout) and starts the writer thread.
+    pub fn open(path: &str) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = if path == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)
+        };
+        let (tx, rx) = sync_channel(QUEUE);
+        std::thread::Builder::new().name("kiln-audit".into()).spawn(move || write_lines(rx, out))?;
+        Ok(Self { tx })
+    }
+
+    /// Queues one line; false if the queue was full (the line is dropped).
+    fn send(&self, line: String) -> bool {
+        !matches!(self.tx.try_send(line), Err(TrySendError::Full(_)))
+    }
+}
+
+/// Writes each line, flushing whenever the queue is empty; ends when every sender is gone.
+fn write_lines(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::new(out);
+    while let Ok(line) = rx.recv() {
+        let mut ok = writeln!(out, "{line}").is_ok();
+        while let Ok(more) = rx.try_recv() {
+            ok &= writeln!(out, "{more}").is_ok();
+        }
+        if !(ok && out.flush().is_ok()) {
+            tracing::warn!("the audit log could not be written");
+        }
+    }
+}
+
+/// A short, stable fingerprint of a key: the first 12 hex digits of its SHA-256.
+pub fn fingerprint(key: &str) -> String {
+    Sha256::digest(key.as_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bearer key of the request's (first) `Authorization` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+/// `2026-12-07T06:47:19.123Z` for `t`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let (days, secs) = ((d.as_secs() / 86_400) as i64, d.as_secs() % 86_400);
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z", d.subsec_millis())
+}
+
+/// The middleware (inside the request-id layer, outside the gate): logs the refusals.
+pub async fn record(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(log) = state.audit.clone() else { return next.run(req).await };
+    let client = bearer(req.headers()).map_or_else(|| "anonymous".to_string(), fingerprint);
+    let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string());
+    let id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let (method, route) = (req.method().to_string(), super::route_label(req.uri().path()));
+    let resp = next.run(req).await;
+    let denied = resp.extensions().get::<Denied>().copied();
+    let (event, tier) = match (resp.status(), denied) {
+        (StatusCode::UNAUTHORIZED, _) => ("auth_failure", None),
+        (StatusCode::FORBIDDEN, _) => ("access_refused", None),
+        (StatusCode::TOO_MANY_REQUESTS, Some(Denied::RateLimited(t))) => ("rate_limited", Some(t.as_str())),
+        _ => return resp,
+    };
+    let line = serde_json::json!({
+        "timestamp": rfc3339(SystemTime::now()),
+        "event": event,
+        "route": route,
+        "method": method,
+        "client": client,
+        "remote_addr": remote,
+        "request_id": id,
+        "status": resp.status().as_u16(),
+        "tier": tier,
+    });
+    if !log.send(line.to_string()) {
+        state.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_and_fingerprints() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_629_639_123);
+        assert_eq!(rfc3339(t), "2026-12-07T07:47:19.123Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        // sha256("abc") = ba7816bf8f01...
+        assert_eq!(fingerprint("abc"), "ba7816bf8f01");
+    }
+}

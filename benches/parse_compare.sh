@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Sampled structured output, kiln vs llama-server (issue 10 item 6): the same 25 seeded
 # `chat.completions.parse` calls at temperature 1.0 (benches/parse_bench.py) against `kiln serve`
-# and llama-server on the same GGUF, each with its default sampling (kiln: top_k 40, top_p 0.95,
-# min_p 0.05 unless the model says otherwise; llama-server: the same built-in defaults), plus
-# kiln with `--default-sampling none` (OpenAI's neutral sampling) to show what the defaults do.
+# and llama-server on the same GGUF, each with its default sampling (kiln as scripts/run.sh serves
+# the default model: top_k 40, top_p 0.95, min_p 0.05, repetition_penalty 1.1; then without the
+# penalty; then `--default-sampling none`, OpenAI's neutral sampling; llama-server: its built-in
+# top_k 40, top_p 0.95, min_p 0.05), to show what the defaults do.
 # llama-server comes from ../shared/peers/build-llama-cpp.sh (built once, cached); without it
 # only kiln runs. Prints one JSON line per server.
 #
 # Usage: benches/parse_compare.sh [MODEL.gguf]   (default: SmolLM2-135M-Instruct Q4_1)
 # Env: KILN_BIN (skip the build), LLAMA_BIN_DIR (skip the llama.cpp build), NO_LLAMA=1,
-#      PORT (18190), KILN_BENCH_VENV.
+#      SEEDS (5 per model: 25 samples), PORT (18190), KILN_BENCH_VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT:-18190}
@@ -31,13 +32,14 @@ up() { # port
   echo "server on port $1 did not come up" >&2; return 1
 }
 
-for flags in "" "--default-sampling none"; do
+# The default model as scripts/run.sh serves it, then llama.cpp's fallback alone, then none.
+for flags in "--default-sampling repetition_penalty=1.1" "" "--default-sampling none"; do
   # shellcheck disable=SC2086 # flags are words
   "$KILN_BIN" serve --model "$MODEL" --served-model-name default --host 127.0.0.1 --port "$PORT" $flags \
     >/dev/null 2>target/parse-compare-kiln.log &
   pid=$!
   up "$PORT"
-  "$VENV/bin/python" benches/parse_bench.py "kiln${flags:+ $flags}=http://127.0.0.1:$PORT/v1@default"
+  "$VENV/bin/python" benches/parse_bench.py "kiln${flags:+ ${flags//=/:}}=http://127.0.0.1:$PORT/v1@default"
   stop
 done
 

@@ -14,7 +14,7 @@ EMBED=${KILN_EMBEDDING_MODEL:-${KILN_MODELS_DIR:-$HOME/.cache/kiln/models}/all-m
 [ $# -gt 0 ] || set -- serve --embedding-model "$EMBED"
 # The default model's sampling defaults (README, "Default sampling"): llama.cpp's top-k/top-p/min-p
 # plus repetition_penalty 1.1, under which sampled JSON from SmolLM2-135M parses 99/100 times at
-# temperature 1 (86/100 without the penalty). Not when the caller chose a model, a config file
+# temperature 1 (89/100 without the penalty; benches/parse_compare.sh). Not when the caller chose a model, a config file
 # or defaults of their own.
 if [ -z "${KILN_MODEL:-}${KILN_CONFIG:-}${KILN_DEFAULT_SAMPLING:-}" ] && [[ " $* " != *" --config"* && " $* " != *" --default-sampling"* ]]; then
   export KILN_DEFAULT_SAMPLING="repetition_penalty=1.1"

@@ -611,3 +611,22 @@ async fn a_named_parameterless_tool_gets_empty_arguments_on_every_seed() {
         assert_eq!(calls.as_array().map(Vec::len), Some(1), "seed {seed}: {calls}");
     }
 }
+
+/// `/tokenize` with `messages` and `tools` renders exactly what a chat request with those tools
+/// prefills (the tools are part of the prompt), not the bare messages.
+#[tokio::test]
+async fn tokenize_with_tools_counts_what_chat_prefills() {
+    let app = app();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let messages = json!([{"role": "user", "content": "Weather in Oslo?"}]);
+    let with_tools = post(&app, "/tokenize", json!({"model": MODEL, "messages": messages, "tools": tools})).await;
+    assert_eq!(with_tools.status, StatusCode::OK, "{}", with_tools.text());
+    let bare = post(&app, "/tokenize", json!({"model": MODEL, "messages": messages})).await;
+    let chat = json!({"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 1});
+    let c = post(&app, "/v1/chat/completions", chat).await;
+    assert_eq!(c.status, StatusCode::OK, "{}", c.text());
+    let count = with_tools.json()["count"].as_u64().unwrap();
+    assert_eq!(count, c.json()["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert!(count > bare.json()["count"].as_u64().unwrap() + 20, "the tools were not rendered");
+}

@@ -37,32 +37,12 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let mut params = req.params(&state.sampling_defaults())?;
     let include_usage = req.sampling.include_usage()?;
     let engine = state.engine()?.clone();
-    let template = engine
-        .tokenizer()
-        .chat_template
-        .as_ref()
-        .ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
-    let native = template.renders_tools();
-    let (messages, tools) = prompt::prepare(normalize_messages(&req.messages)?, plan.as_ref(), native)?;
     params.constraint = format.or_else(|| plan.as_ref().and_then(tools::grammar::constraint));
     if plan.is_some() && !calls {
         forbid_call_token(engine.tokenizer(), &mut params);
     }
     let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
-    // Rendering and tokenizing a long conversation is CPU work: off the async workers. Control
-    // tokens come only from the template, never from message text (`Tokenizer::encode_chat`).
-    let tok = engine.tokenizer().clone();
-    let ids = state
-        .cpu(move || {
-            tok.encode_chat(&ChatInput {
-                messages: &messages,
-                tools: tools.as_deref(),
-                add_generation_prompt: true,
-                kwargs: &kwargs,
-            })
-        })
-        .await?
-        .map_err(|e| ApiError::from_engine(e, "messages"))?;
+    let ids = render_prompt(&state, engine.tokenizer(), &req.messages, plan.as_ref(), kwargs, true).await?;
     let grammar_param = if calls { "tools" } else { "response_format" };
     let mut tracked = submit(&state, &engine, Prompt::Tokens(ids), params)
         .await
@@ -99,6 +79,37 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
         "usage": usage(tracked.prompt_tokens(), completion, tracked.cached_tokens()),
     });
     Ok(Json(body).into_response())
+}
+
+/// Renders and tokenizes a conversation the way a chat request does (tools in the prompt as the
+/// template or kiln's generic format puts them): what `/v1/chat/completions` runs and what
+/// `/tokenize` with `messages` counts. CPU work, so off the async workers; control tokens come
+/// only from the template, never from message text (`Tokenizer::encode_chat`).
+pub(super) async fn render_prompt(
+    state: &Shared,
+    tok: &std::sync::Arc<Tokenizer>,
+    messages: &[Value],
+    plan: Option<&ToolPlan>,
+    kwargs: serde_json::Map<String, Value>,
+    add_generation_prompt: bool,
+) -> ApiResult<Vec<u32>> {
+    let template = tok
+        .chat_template
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
+    let (messages, tools) = prompt::prepare(normalize_messages(messages)?, plan, template.renders_tools())?;
+    let tok = tok.clone();
+    state
+        .cpu(move || {
+            tok.encode_chat(&ChatInput {
+                messages: &messages,
+                tools: tools.as_deref(),
+                add_generation_prompt,
+                kwargs: &kwargs,
+            })
+        })
+        .await?
+        .map_err(|e| ApiError::from_engine(e, "messages"))
 }
 
 /// The assistant message of a turn that may call tools, and its finish reason.

@@ -8,8 +8,10 @@
 //! `add_special_tokens: false` as plain text (no BOS, special-token text stays text);
 //! `messages` as `/v1/chat/completions` does (control tokens only from the template).
 
+use super::chat::render_prompt;
 use super::error::{ApiError, ApiResult};
 use super::request::{body_bytes, parse_body};
+use super::tools::ToolPlan;
 use super::Shared;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -17,7 +19,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kiln_inference::tokenizer::ChatInput;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -84,6 +85,11 @@ struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<Value>>,
+    /// With `messages`: rendered into the prompt exactly as a chat request renders them.
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(default = "yes")]
     add_special_tokens: bool,
     #[serde(default = "yes")]
@@ -101,28 +107,19 @@ pub async fn tokenize(State(state): State<Shared>, body: Result<Bytes, BytesReje
     }
     let engine = state.engine()?;
     let tok = engine.tokenizer().clone();
-    if req.messages.is_some() && tok.chat_template.is_none() {
-        return Err(ApiError::invalid("messages", "this model has no chat template"));
-    }
-    let (param, ids) = match (req.prompt, req.messages) {
-        (Some(p), None) if req.add_special_tokens => ("prompt", state.cpu(move || tok.encode_prompt(&p, true)).await?),
-        (Some(p), None) => ("prompt", state.cpu(move || tok.encode(&p, false)).await?),
+    let ids = match (req.prompt, req.messages) {
+        (Some(p), None) => {
+            let special = req.add_special_tokens;
+            let ids = state.cpu(move || if special { tok.encode_prompt(&p, true) } else { tok.encode(&p, false) });
+            ids.await?.map_err(|e| ApiError::from_engine(e, "prompt"))?
+        }
         (None, Some(msgs)) => {
-            let gen = req.add_generation_prompt;
-            let chat = move || {
-                let kwargs = serde_json::Map::new();
-                tok.encode_chat(&ChatInput {
-                    messages: &msgs,
-                    tools: None,
-                    add_generation_prompt: gen,
-                    kwargs: &kwargs,
-                })
-            };
-            ("messages", state.cpu(chat).await?)
+            let plan = ToolPlan::from_request(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
+            let kwargs = req.chat_template_kwargs.unwrap_or_default();
+            render_prompt(&state, &tok, &msgs, plan.as_ref(), kwargs, req.add_generation_prompt).await?
         }
         _ => return Err(ApiError::invalid("prompt", "give exactly one of 'prompt' or 'messages'")),
     };
-    let ids = ids.map_err(|e| ApiError::from_engine(e, param))?;
     Ok(Json(json!({"count": ids.len(), "max_model_len": engine.info().max_model_len, "tokens": ids})))
 }
 

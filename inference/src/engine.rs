@@ -182,6 +182,11 @@ impl EngineHandle {
         &self.stats
     }
 
+    /// Requests that may wait for a running slot at once (`--max-waiting-seqs`).
+    pub fn max_waiting_seqs(&self) -> usize {
+        self.max_waiting
+    }
+
     /// What the cache of compiled grammars holds (entries, estimated bytes, bound).
     pub fn grammar_cache_usage(&self) -> CacheUsage {
         self.grammars.cache_usage()

@@ -183,3 +183,19 @@ fn metric(text: &str, name: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} missing"))
 }
+
+/// A completions request with more prompts than may ever wait at once can never be admitted
+/// whole: a 400 naming `prompt`, not a 429 that no retry could satisfy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_prompts_than_can_ever_wait_is_a_400() {
+    let cfg = EngineConfig { max_waiting_seqs: 4, ..kiln_tests::test_config() };
+    let (app, _) = app(cfg);
+    let body = json!({"model": MODEL, "prompt": vec!["Hi"; 5], "max_tokens": 1});
+    let (status, _, text) = post(&app, "/v1/completions", &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let e: Value = serde_json::from_str(&text).expect("JSON error");
+    assert_eq!(e["error"]["param"], "prompt", "{e}");
+    let body = json!({"model": MODEL, "prompt": vec!["Hi"; 4], "max_tokens": 1});
+    let (status, _, text) = post(&app, "/v1/completions", &body).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+}

@@ -41,6 +41,18 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let include_usage = req.sampling.include_usage()?;
     let engine = state.engine()?.clone();
     let prompts = prompts(&req.prompt)?;
+    // Each prompt waits as its own engine request: more than may ever wait at once can never be
+    // admitted together, so retrying (429) would not help.
+    let max_waiting = engine.max_waiting_seqs();
+    if prompts.len() > max_waiting {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "{} prompts exceed the {max_waiting} requests this server queues at once; split them",
+                prompts.len()
+            ),
+        ));
+    }
     let mut parts = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.into_iter().enumerate() {
         let echo_text = if echo { Some(prompt_text(&engine, &p)?) } else { None };

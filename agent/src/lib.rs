@@ -1,0 +1,8 @@
+//! kiln-agent: agents, the in-process tool loop, tools (builtin, HTTP, MCP) and durable runs.
+//! It sits between `inference` and `server`: it reaches the engine only through its handles
+//! (`EngineHandle`, sessions) and never adds agent fields to engine requests; it knows nothing of
+//! HTTP or OpenAI JSON (the server maps both).
+
+pub mod spec;
+pub mod store;
+pub mod tools;

@@ -7,6 +7,10 @@ pub enum EngineError {
     /// A request field is out of range; `param` names the field (OpenAI-style).
     #[error("{message}")]
     InvalidParam { param: &'static str, message: String },
+    /// A request field is invalid where the field's path is only known at run time
+    /// (`messages[2].tool_calls[0].function.arguments`).
+    #[error("{message}")]
+    InvalidField { param: String, message: String },
     /// Prompt plus requested tokens do not fit the model's context.
     #[error("this model's maximum context length is {max} tokens, but the request needs {requested} ({prompt} in the prompt)")]
     ContextLengthExceeded { max: usize, prompt: usize, requested: usize },

@@ -3,6 +3,7 @@
 
 pub mod block_hash;
 pub mod block_manager;
+pub mod chat;
 mod core;
 pub mod defaults;
 pub mod detok;

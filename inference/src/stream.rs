@@ -18,6 +18,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length reached.
     Length,
+    /// The turn ended with complete tool calls (set by the tool-call parser, never the engine).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -25,6 +27,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }

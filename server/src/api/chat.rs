@@ -4,28 +4,28 @@
 //! `response_format` and `tools` become a grammar constraint (see `response_format.rs`,
 //! `tools/`); a turn with tools is parsed back into `message.tool_calls`.
 
+use super::chat_json::{self, with_tool_calls};
 use super::error::{ApiError, ApiResult};
-use super::generation::{collect, submit, unix_now, usage, ChoiceOut};
+use super::generation::{collect, submit, unix_now, usage};
 use super::request::{body_bytes, parse_with_sampling, ChatRequest};
 use super::response_format::{self, grammar_error};
 use super::sse::{self, Kind, Part, StreamCtx};
-use super::tools::parse::{finish_reason, CallParser, Piece};
-use super::tools::{self, prompt, ToolPlan};
 use super::{logprobs, Shared};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kiln_inference::chat::{self, Conversation, ToolPlan};
 use kiln_inference::engine::Prompt;
-use kiln_inference::tokenizer::{ChatInput, Tokenizer};
+use kiln_inference::tokenizer::Tokenizer;
 use kiln_inference::SamplingParams;
 use serde_json::{json, Value};
 
 pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req: ChatRequest = parse_with_sampling(&body_bytes(body)?)?;
     state.check_model(&req.model)?;
-    let plan = ToolPlan::from_request(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
+    let plan = chat_json::tool_plan(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
     let calls = plan.as_ref().is_some_and(ToolPlan::calls_allowed);
     let format = response_format::constraint(req.response_format.as_ref())?;
     if format.is_some() && calls {
@@ -37,7 +37,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let mut params = req.params(&state.sampling_defaults())?;
     let include_usage = req.sampling.include_usage()?;
     let engine = state.engine()?.clone();
-    params.constraint = format.or_else(|| plan.as_ref().and_then(tools::grammar::constraint));
+    params.constraint = format.or_else(|| plan.as_ref().and_then(chat::grammar::constraint));
     if plan.is_some() && !calls {
         forbid_call_token(engine.tokenizer(), &mut params);
     }
@@ -66,7 +66,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
                 Value::Null
             };
             let (message, finish) = if calls {
-                with_tool_calls(o)
+                with_tool_calls(&o.text, o.finish)
             } else {
                 (json!({"role": "assistant", "content": o.text}), o.finish.map(|r| r.as_str()))
             };
@@ -93,111 +93,25 @@ pub(super) async fn render_prompt(
     kwargs: serde_json::Map<String, Value>,
     add_generation_prompt: bool,
 ) -> ApiResult<Vec<u32>> {
-    let template = tok
-        .chat_template
-        .as_ref()
-        .ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
-    let (messages, tools) = prompt::prepare(normalize_messages(messages)?, plan, template.renders_tools())?;
-    let tok = tok.clone();
+    if tok.chat_template.is_none() {
+        return Err(ApiError::invalid("messages", "this model has no chat template; use /v1/completions"));
+    }
+    let messages = chat_json::messages(messages)?;
+    let (tok, plan) = (tok.clone(), plan.cloned());
     state
         .cpu(move || {
-            tok.encode_chat(&ChatInput {
-                messages: &messages,
-                tools: tools.as_deref(),
-                add_generation_prompt,
-                kwargs: &kwargs,
-            })
+            let conv = Conversation { messages: &messages, tools: plan.as_ref(), kwargs: &kwargs };
+            chat::render(&tok, &conv, add_generation_prompt)
         })
         .await?
         .map_err(|e| ApiError::from_engine(e, "messages"))
 }
 
-/// The assistant message of a turn that may call tools, and its finish reason.
-fn with_tool_calls(o: &ChoiceOut) -> (Value, Option<&'static str>) {
-    let mut parser = CallParser::new();
-    let mut pieces = parser.push(&o.text);
-    pieces.extend(parser.finish());
-    let content: String =
-        pieces.iter().filter_map(|p| if let Piece::Content(c) = p { Some(c.as_str()) } else { None }).collect();
-    let calls = parser.calls();
-    if calls.is_empty() {
-        return (json!({"role": "assistant", "content": content}), o.finish.map(|r| r.as_str()));
-    }
-    let tool_calls: Vec<Value> = calls
-        .iter()
-        .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-        .collect();
-    let content = if content.is_empty() { Value::Null } else { Value::String(content) };
-    (
-        json!({"role": "assistant", "content": content, "tool_calls": tool_calls}),
-        o.finish.map(|r| finish_reason(true, r)),
-    )
-}
-
 /// `tool_choice: "none"`: when the call tag is one token (Qwen's `<tool_call>`), the model may
 /// not write it; otherwise the text is plain content anyway (nothing parses it).
 fn forbid_call_token(tok: &Tokenizer, params: &mut SamplingParams) {
-    if let Some(id) = tok.token_to_id(tools::CALL_OPEN) {
+    if let Some(id) = tok.token_to_id(chat::CALL_OPEN) {
         params.logit_bias.retain(|(t, _)| *t != id);
         params.logit_bias.push((id, -100.0));
     }
-}
-
-/// Checks roles and flattens content parts to text, as templates expect plain strings.
-/// `developer` (OpenAI's newer name for system) is passed as `system`.
-fn normalize_messages(messages: &[Value]) -> ApiResult<Vec<Value>> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid("messages", "messages must not be empty"));
-    }
-    messages.iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect()
-}
-
-fn normalize_message(i: usize, m: &Value) -> ApiResult<Value> {
-    let param = format!("messages[{i}]");
-    let mut obj =
-        m.as_object().cloned().ok_or_else(|| ApiError::invalid(&param, format!("{param} must be an object")))?;
-    let role = obj.get("role").and_then(Value::as_str).unwrap_or_default().to_string();
-    let role = match role.as_str() {
-        "system" | "user" | "assistant" | "tool" => role,
-        "developer" => "system".to_string(),
-        other => {
-            return Err(ApiError::invalid(
-                &format!("{param}.role"),
-                format!("unknown role '{other}'; expected system, developer, user, assistant or tool"),
-            ))
-        }
-    };
-    let content = match obj.get("content") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => text_parts(&param, parts)?,
-        None | Some(Value::Null) if role == "assistant" => String::new(),
-        _ => {
-            return Err(ApiError::invalid(
-                &format!("{param}.content"),
-                format!("{param}.content must be a string or an array of text parts"),
-            ))
-        }
-    };
-    obj.insert("role".into(), Value::String(role));
-    obj.insert("content".into(), Value::String(content));
-    Ok(Value::Object(obj))
-}
-
-fn text_parts(param: &str, parts: &[Value]) -> ApiResult<String> {
-    let mut text = String::new();
-    for (j, p) in parts.iter().enumerate() {
-        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-            (Some("text"), Some(t)) => text.push_str(t),
-            (t, _) => {
-                return Err(ApiError::invalid(
-                    &format!("{param}.content[{j}]"),
-                    format!(
-                        "content part type '{}' is not supported (this model reads text only)",
-                        t.unwrap_or("(missing)")
-                    ),
-                ))
-            }
-        }
-    }
-    Ok(text)
 }

@@ -69,6 +69,7 @@ impl ApiError {
                 let param = if param == "prompt" { prompt_param } else { param };
                 Self::invalid(param, message)
             }
+            EngineError::InvalidField { param, message } => Self::invalid(&param, message),
             EngineError::ContextLengthExceeded { .. } => {
                 Self::invalid(prompt_param, e.to_string()).with_code("context_length_exceeded")
             }

@@ -9,9 +9,9 @@
 //! `messages` as `/v1/chat/completions` does (control tokens only from the template).
 
 use super::chat::render_prompt;
+use super::chat_json;
 use super::error::{ApiError, ApiResult};
 use super::request::{body_bytes, parse_body};
-use super::tools::ToolPlan;
 use super::Shared;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -114,7 +114,7 @@ pub async fn tokenize(State(state): State<Shared>, body: Result<Bytes, BytesReje
             ids.await?.map_err(|e| ApiError::from_engine(e, "prompt"))?
         }
         (None, Some(msgs)) => {
-            let plan = ToolPlan::from_request(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
+            let plan = chat_json::tool_plan(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
             let kwargs = req.chat_template_kwargs.unwrap_or_default();
             render_prompt(&state, &tok, &msgs, plan.as_ref(), kwargs, req.add_generation_prompt).await?
         }

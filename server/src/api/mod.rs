@@ -6,6 +6,7 @@
 pub mod access;
 pub mod audit;
 pub mod chat;
+mod chat_json;
 pub mod completions;
 mod embeddings;
 pub mod error;
@@ -17,7 +18,6 @@ pub mod ratelimit;
 pub mod request;
 mod response_format;
 mod sse;
-mod tools;
 
 use crate::metrics::Metrics;
 use access::AccessPolicy;

@@ -4,6 +4,7 @@
 //! `grammar_error`), never silently dropped.
 
 use super::error::{ApiError, ApiResult};
+use kiln_inference::chat::valid_name;
 use kiln_inference::grammar::{closed_objects, compact_json_schema};
 use kiln_inference::{Constraint, EngineError};
 use serde_json::{json, Value};
@@ -54,11 +55,6 @@ pub fn constraint(rf: Option<&Value>) -> ApiResult<Option<Constraint>> {
             format!("unknown response_format type '{other}'; expected text, json_object or json_schema"),
         )),
     }
-}
-
-/// OpenAI's rule for schema and function names.
-pub fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A grammar the engine could not compile is the client's mistake: 400 on the field it came

@@ -9,10 +9,10 @@
 use super::error::ApiError;
 use super::generation::{usage, Tracked};
 use super::logprobs;
-use super::tools::parse::{finish_reason, CallParser, Piece};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, StreamExt};
+use kiln_inference::chat::{finish_reason, CallParser, Piece};
 use kiln_inference::tokenizer::Tokenizer;
 use kiln_inference::Delta;
 use serde_json::{json, Value};
@@ -232,7 +232,7 @@ impl PartState {
         }
         if let Some(r) = d.finish_reason {
             self.push(
-                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(has_calls, r)}),
+                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason(has_calls, r).as_str()}),
             );
         }
     }

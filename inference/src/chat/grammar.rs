@@ -12,16 +12,15 @@
 //! Parameter objects that list `properties` are closed (no other key) unless the schema says
 //! `additionalProperties` (OpenAI strict mode, xgrammar): see `closed_objects`.
 
-use super::{Choice, ToolPlan, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
-use kiln_inference::grammar::{closed_objects, inline_json_schema};
-use kiln_inference::{Constraint, Trigger};
+use super::{ToolChoice, ToolPlan, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
+use crate::grammar::{closed_objects, inline_json_schema, Constraint, Trigger};
 use std::fmt::Write;
 
 /// The constraint for a plan: for `none`, free text that does not open with a call.
 pub fn constraint(plan: &ToolPlan) -> Option<Constraint> {
     match plan.choice {
-        Choice::None => Some(Constraint::lark(no_call_lark())),
-        Choice::Auto => {
+        ToolChoice::None => Some(Constraint::lark(no_call_lark())),
+        ToolChoice::Auto => {
             let triggers = vec![
                 Trigger { text: CALL_OPEN.to_string(), at_start: false },
                 Trigger { text: BARE_OPEN.to_string(), at_start: true },
@@ -29,7 +28,7 @@ pub fn constraint(plan: &ToolPlan) -> Option<Constraint> {
             ];
             Some(Constraint { triggers, ..Constraint::lark(lark(plan, true)) })
         }
-        Choice::Required | Choice::Named(_) => Some(Constraint::lark(lark(plan, false))),
+        ToolChoice::Required | ToolChoice::Named(_) => Some(Constraint::lark(lark(plan, false))),
     }
 }
 
@@ -75,24 +74,23 @@ mod tests {
 
     #[test]
     fn grammar_text() {
-        let tools = [
-            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}),
-        ];
-        let plan = ToolPlan::from_request(Some(&tools), Some(&json!("required")), Some(false)).unwrap().unwrap();
+        let params = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+        let tools = vec![super::super::ToolSpec::new("get_weather", None, Some(params))];
+        let plan = ToolPlan::new(tools, ToolChoice::Required, Some(false)).unwrap();
         let g = lark(&plan, false);
         assert!(g.starts_with("start: tagged\ntagged: \"<tool_call>\" call\n"), "{g}");
         assert!(g.contains("fn_0: \"{\\\"name\\\": \\\"get_weather\\\", \\\"arguments\\\": \" args_0 \"}\""), "{g}");
         assert!(g.contains("args_0: %json {"), "{g}");
-        let auto = ToolPlan { choice: Choice::Auto, parallel: true, ..plan };
+        let auto = ToolPlan { choice: ToolChoice::Auto, parallel: true, ..plan };
         let c = constraint(&auto).unwrap();
         assert_eq!(c.triggers.len(), 3);
         assert!(
-            matches!(&c.grammar, kiln_inference::Grammar::Lark(g) if g.starts_with("start: tagged | body | \"```json\\n\" body \"\\n```\"\n"))
+            matches!(&c.grammar, crate::Grammar::Lark(g) if g.starts_with("start: tagged | body | \"```json\\n\" body \"\\n```\"\n"))
         );
-        let none = constraint(&ToolPlan { choice: Choice::None, ..auto }).unwrap();
+        let none = constraint(&ToolPlan { choice: ToolChoice::None, ..auto }).unwrap();
         assert!(none.triggers.is_empty());
         let expected =
             "start: TEXT\nTEXT: /(?s:.*)/ & ~/[ \\t\\r\\n]*(```json[ \\t\\r\\n]*)?\\{[ \\t\\r\\n]*\"name(?s:.*)/\n";
-        assert_eq!(none.grammar, kiln_inference::Grammar::Lark(expected.into()));
+        assert_eq!(none.grammar, crate::Grammar::Lark(expected.into()));
     }
 }

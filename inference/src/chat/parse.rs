@@ -10,16 +10,16 @@
 //! call too (see `grammar.rs`).
 //! The grammar guarantees the layout; the parser tolerates whitespace variations anyway.
 
-use super::{call_id, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
-use kiln_inference::FinishReason;
+use super::{call_id, ToolCall, BARE_OPEN, CALL_CLOSE, CALL_OPEN, FENCE_CLOSE, FENCE_OPEN};
+use crate::FinishReason;
 
-/// OpenAI's finish reason of a turn that may call tools: calls that ended normally are
-/// `tool_calls`; a cut-off turn stays `length`.
-pub fn finish_reason(has_calls: bool, r: FinishReason) -> &'static str {
+/// The finish reason of a turn that may call tools: calls that ended normally are
+/// [`FinishReason::ToolCalls`]; a cut-off turn stays `Length`.
+pub fn finish_reason(has_calls: bool, r: FinishReason) -> FinishReason {
     if has_calls && r == FinishReason::Stop {
-        "tool_calls"
+        FinishReason::ToolCalls
     } else {
-        r.as_str()
+        r
     }
 }
 
@@ -28,13 +28,6 @@ pub enum Piece {
     Content(String),
     Start { index: usize, id: String, name: String },
     Args { index: usize, fragment: String },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Call {
-    pub id: String,
-    pub name: String,
-    pub arguments: String,
 }
 
 #[derive(Debug, Default)]
@@ -90,9 +83,9 @@ pub struct CallParser {
     buf: String,
     state: State,
     /// Complete calls.
-    calls: Vec<Call>,
+    calls: Vec<ToolCall>,
     /// The call being read, until its arguments are complete.
-    pending: Option<Call>,
+    pending: Option<ToolCall>,
     /// Whitespace after a call, sent only if real content follows it.
     pending_ws: String,
     /// Some content was sent: a bare or fenced call can no longer start.
@@ -105,7 +98,7 @@ impl CallParser {
     }
 
     /// Complete calls seen so far.
-    pub fn calls(&self) -> &[Call] {
+    pub fn calls(&self) -> &[ToolCall] {
         &self.calls
     }
 
@@ -178,7 +171,7 @@ impl CallParser {
                 let close = *close;
                 let Some((name, args_at)) = head(&self.buf) else { return false };
                 self.buf.drain(..args_at);
-                self.pending = Some(Call { id: call_id(), name, arguments: String::new() });
+                self.pending = Some(ToolCall { id: call_id(), name, arguments: String::new() });
                 self.state = State::Args { scan: Scan::default(), close };
                 true
             }
@@ -244,7 +237,7 @@ mod tests {
 
     const OUT: &str = "Let me check.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa}ris\\\"\", \"n\": [1, {\"x\": 2}]}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
 
-    fn run(chunks: &[&str]) -> (String, Vec<Call>, Vec<Piece>) {
+    fn run(chunks: &[&str]) -> (String, Vec<ToolCall>, Vec<Piece>) {
         let mut p = CallParser::new();
         let mut pieces = Vec::new();
         for c in chunks {

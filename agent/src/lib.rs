@@ -6,3 +6,4 @@
 pub mod spec;
 pub mod store;
 pub mod tools;
+pub mod turn;

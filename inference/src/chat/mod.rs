@@ -16,6 +16,7 @@ pub use tools::{
 };
 
 use crate::error::EngineError;
+use crate::params::SamplingParams;
 use crate::tokenizer::{ChatInput, Tokenizer};
 use serde_json::{Map, Value};
 
@@ -132,4 +133,13 @@ pub fn continuation(tok: &Tokenizer, done: &Conversation<'_>, next: &Conversatio
     let mut out = before[end..].to_vec();
     out.extend_from_slice(&after[before.len()..]);
     Some(out)
+}
+
+/// `tool_choice: "none"`: when the call tag is one token (Qwen's `<tool_call>`), the model may
+/// not write it; otherwise the text is plain content anyway (nothing parses it).
+pub fn forbid_call_token(tok: &Tokenizer, params: &mut SamplingParams) {
+    if let Some(id) = tok.token_to_id(CALL_OPEN) {
+        params.logit_bias.retain(|(t, _)| *t != id);
+        params.logit_bias.push((id, -100.0));
+    }
 }

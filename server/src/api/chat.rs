@@ -19,7 +19,6 @@ use axum::Json;
 use kiln_inference::chat::{self, Conversation, ToolPlan};
 use kiln_inference::engine::Prompt;
 use kiln_inference::tokenizer::Tokenizer;
-use kiln_inference::SamplingParams;
 use serde_json::{json, Value};
 
 pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -39,7 +38,7 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let engine = state.engine()?.clone();
     params.constraint = format.or_else(|| plan.as_ref().and_then(chat::grammar::constraint));
     if plan.is_some() && !calls {
-        forbid_call_token(engine.tokenizer(), &mut params);
+        chat::forbid_call_token(engine.tokenizer(), &mut params);
     }
     let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
     let ids = render_prompt(&state, engine.tokenizer(), &req.messages, plan.as_ref(), kwargs, true).await?;
@@ -105,13 +104,4 @@ pub(super) async fn render_prompt(
         })
         .await?
         .map_err(|e| ApiError::from_engine(e, "messages"))
-}
-
-/// `tool_choice: "none"`: when the call tag is one token (Qwen's `<tool_call>`), the model may
-/// not write it; otherwise the text is plain content anyway (nothing parses it).
-fn forbid_call_token(tok: &Tokenizer, params: &mut SamplingParams) {
-    if let Some(id) = tok.token_to_id(chat::CALL_OPEN) {
-        params.logit_bias.retain(|(t, _)| *t != id);
-        params.logit_bias.push((id, -100.0));
-    }
 }

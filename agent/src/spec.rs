@@ -237,8 +237,13 @@ impl AgentSpec {
         let tmpl =
             env.template_from_str(&self.instructions).map_err(|e| SpecError::new("instructions", template_msg(&e)))?;
         // Strict mode alone says "undefined value" without the name; the caller needs the name.
-        let mut missing: Vec<String> =
-            tmpl.undeclared_variables(false).into_iter().filter(|v| !vars.contains_key(v)).collect();
+        // Globals (`range`, `namespace`..) count as undeclared too, but are always there.
+        let globals: HashSet<&str> = env.globals().map(|(name, _)| name).collect();
+        let mut missing: Vec<String> = tmpl
+            .undeclared_variables(false)
+            .into_iter()
+            .filter(|v| !vars.contains_key(v) && !globals.contains(v.as_str()))
+            .collect();
         missing.sort();
         if !missing.is_empty() {
             return Err(SpecError::new("variables", format!("missing variable(s): {}", missing.join(", "))));
@@ -297,23 +302,17 @@ fn in_file(file: &str, e: SpecError) -> SpecError {
     SpecError::new(field, e.message)
 }
 
-/// Maps a serde path (`.` for the root) and message to a field path. Unknown and missing fields
-/// are reported by serde at the containing object; the field itself is the useful name.
+/// Maps a serde path (`.` for the root) and message to a field path. serde_path_to_error already
+/// ends the path with an unknown key, but reports a missing field at its containing object; the
+/// missing field itself is the useful name.
 fn path_error(path: &serde_path_to_error::Path, message: String) -> SpecError {
     let mut field = path.to_string();
     if field == "." {
         field.clear();
     }
-    for prefix in ["unknown field `", "missing field `"] {
-        if let Some(rest) = message.strip_prefix(prefix) {
-            if let Some(end) = rest.find('`') {
-                let key = &rest[..end];
-                // serde_path_to_error already appends an unknown key to the path in some formats.
-                if !field.ends_with(key) {
-                    field = if field.is_empty() { key.to_string() } else { format!("{field}.{key}") };
-                }
-            }
-        }
+    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')).map(|(key, _)| key);
+    if let Some(key) = missing {
+        field = if field.is_empty() { key.to_string() } else { format!("{field}.{key}") };
     }
     SpecError::new(field, message)
 }

@@ -74,6 +74,10 @@ fn unknown_field_names_the_field() {
     assert_eq!(e.field, "max_step", "{e}");
     let e = AgentSpec::from_json(json!({"name": "a", "model": "m", "tool_rules": {"terminl": []}})).unwrap_err();
     assert_eq!(e.field, "tool_rules.terminl", "{e}");
+    let e =
+        AgentSpec::from_json(json!({"name": "a", "model": "m", "http_tools": [{"name": "x", "url": "u", "rules": 1}]}))
+            .unwrap_err();
+    assert_eq!(e.field, "http_tools[0].rules", "{e}");
     let e = AgentSpec::from_toml_str("name = \"a\"\nmodel = \"m\"\nbogus = 1\n").unwrap_err();
     assert_eq!(e.field, "bogus", "{e}");
 }
@@ -226,6 +230,9 @@ fn render_instructions_with_variables() {
     let vars = json!({"user": {"name": "Ada"}, "topic": "billing"});
     let out = spec.render_instructions(vars.as_object().unwrap()).unwrap();
     assert_eq!(out, "Help Ada with BILLING.");
+    // Globals and names the template defines itself are not run variables.
+    let spec = AgentSpec { instructions: "{% set n = 2 %}{% for i in range(n) %}{{ i }}{% endfor %}".into(), ..base() };
+    assert_eq!(spec.render_instructions(&Map::new()).unwrap(), "01");
 }
 
 #[test]

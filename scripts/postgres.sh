@@ -32,6 +32,9 @@ kiln_pg_install() {
     [ "$(id -u)" = 0 ] || kiln_pg_die "initdb/pg_ctl not found and not root: install postgresql" || return 1
     command -v apt-get >/dev/null || kiln_pg_die "initdb/pg_ctl not found and no apt-get" || return 1
     echo "postgres.sh: installing postgresql with apt" >&2
+    # The package would create and start a `main` cluster on port 5432; we only want the binaries.
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/kiln-no-main.conf
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 }
 

@@ -115,8 +115,11 @@ impl AgentSpec {
 
     /// The agent as a JSON object (what the store keeps and GET /v1/agents returns).
     pub fn to_json(&self) -> Value {
-        // A struct of strings, numbers and JSON values always serialises.
-        serde_json::to_value(self).expect("AgentSpec serialises to JSON")
+        // Through text, not `to_value`: that widens f32 to f64 and a temperature of 0.2 would read
+        // back as 0.20000000298023224; the text form prints the shortest f32 digits. A struct of
+        // strings, numbers and JSON values always serialises and parses.
+        let text = serde_json::to_string(self).expect("AgentSpec serialises to JSON");
+        serde_json::from_str(&text).expect("serde_json parses its own output")
     }
 
     /// Every tool the agent may call: `tools` in order, then HTTP tools not already listed.

@@ -41,20 +41,8 @@ where
 }
 
 fn run(id: &str, agent: &str, status: RunStatus) -> RunRecord {
-    let now = now_ms();
-    RunRecord {
-        id: id.to_string(),
-        agent: agent.to_string(),
-        status,
-        input: json!({"messages": [{"role": "user", "content": "hi"}]}),
-        output: None,
-        usage: json!({}),
-        error: None,
-        created_at: now,
-        updated_at: now,
-        lease_owner: None,
-        lease_until: None,
-    }
+    let input = json!({"messages": [{"role": "user", "content": "hi"}]});
+    RunRecord { id: id.to_string(), status, ..RunRecord::new(agent, input) }
 }
 
 #[tokio::test]
@@ -354,6 +342,14 @@ async fn memory_store_is_shared_by_clones() -> Result<()> {
 async fn bad_urls_are_backend_errors() {
     assert!(matches!(RunStore::open("mysql://x").await, Err(StoreError::Backend(_))));
     assert!(matches!(RunStore::open("postgres://127.0.0.1:1/none").await, Err(StoreError::Backend(_))));
+}
+
+#[test]
+fn new_runs_are_queued_with_fresh_ids() {
+    let (a, b) = (RunRecord::new("agent", json!(1)), RunRecord::new("agent", json!(1)));
+    assert!(a.id.starts_with("run_") && a.id != b.id);
+    assert_eq!((a.status, a.usage, a.output, a.lease_owner), (RunStatus::Queued, json!({}), None, None));
+    assert!(a.created_at > 0 && a.created_at == a.updated_at);
 }
 
 #[test]

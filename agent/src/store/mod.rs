@@ -162,6 +162,26 @@ pub struct RunRecord {
     pub lease_until: Option<i64>,
 }
 
+impl RunRecord {
+    /// A new queued run with a fresh id (`run_` + a random UUID) and no output, usage or lease.
+    pub fn new(agent: &str, input: Value) -> RunRecord {
+        let now = now_ms();
+        RunRecord {
+            id: format!("run_{}", uuid::Uuid::new_v4().simple()),
+            agent: agent.to_string(),
+            status: RunStatus::Queued,
+            input,
+            output: None,
+            usage: Value::Object(Default::default()),
+            error: None,
+            created_at: now,
+            updated_at: now,
+            lease_owner: None,
+            lease_until: None,
+        }
+    }
+}
+
 /// One recorded step of a run; `seq` counts 0, 1, 2.. per run with no gaps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {

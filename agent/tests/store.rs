@@ -11,32 +11,68 @@ use anyhow::Result;
 use kiln_agent::store::{now_ms, RunRecord, RunStatus, RunStore, StepKind, StoreError};
 use serde_json::{json, Value};
 use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
 
 const PG_ENV: &str = "KILN_TEST_DATABASE_URL";
 
-/// Runs `body` on a fresh SQLite store, then on a fresh Postgres schema if one is configured.
+/// A fresh, empty database: a SQLite file in a temp dir, or a new schema in the test Postgres.
+struct Db {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    /// Postgres: the admin pool and the schema to drop when the test is done.
+    schema: Option<(AnyPool, String)>,
+}
+
+impl Db {
+    fn sqlite() -> Result<Db> {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("runs.db").display());
+        Ok(Db { url, _dir: Some(dir), schema: None })
+    }
+
+    /// None (after printing `SKIP:`) when no test Postgres is configured.
+    async fn postgres(test: &str) -> Result<Option<Db>> {
+        let Ok(base) = std::env::var(PG_ENV) else {
+            eprintln!("SKIP: {test} on postgres: {PG_ENV} is not set (scripts/postgres.sh starts one)");
+            return Ok(None);
+        };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        sqlx::any::install_default_drivers();
+        let admin = AnyPoolOptions::new().max_connections(1).connect(&base).await?;
+        sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options[search_path]={schema}");
+        Ok(Some(Db { url, _dir: None, schema: Some((admin, schema)) }))
+    }
+
+    /// Both databases this run can test against.
+    async fn all(test: &str) -> Result<Vec<Db>> {
+        let mut dbs = vec![Db::sqlite()?];
+        dbs.extend(Db::postgres(test).await?);
+        Ok(dbs)
+    }
+
+    async fn cleanup(self) -> Result<()> {
+        if let Some((admin, schema)) = self.schema {
+            sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `body` on a fresh SQLite store, then on a fresh Postgres schema if one is configured. The
+/// body also gets the URL, to open more handles (as other kiln processes would).
 async fn on_both<F, Fut>(test: &str, body: F) -> Result<()>
 where
-    F: Fn(RunStore) -> Fut,
+    F: Fn(RunStore, String) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    let dir = tempfile::tempdir()?;
-    let url = format!("sqlite://{}", dir.path().join("runs.db").display());
-    body(RunStore::open(&url).await?).await?;
-
-    let Ok(base) = std::env::var(PG_ENV) else {
-        eprintln!("SKIP: {test} on postgres: {PG_ENV} is not set (scripts/postgres.sh starts one)");
-        return Ok(());
-    };
-    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-    sqlx::any::install_default_drivers();
-    let admin = AnyPoolOptions::new().max_connections(1).connect(&base).await?;
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await?;
-    let sep = if base.contains('?') { '&' } else { '?' };
-    let store = RunStore::open(&format!("{base}{sep}options[search_path]={schema}")).await?;
-    body(store.clone()).await?;
-    store.close().await;
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await?;
+    for db in Db::all(test).await? {
+        let store = RunStore::open(&db.url).await?;
+        body(store.clone(), db.url.clone()).await?;
+        store.close().await;
+        db.cleanup().await?;
+    }
     Ok(())
 }
 
@@ -47,7 +83,7 @@ fn run(id: &str, agent: &str, status: RunStatus) -> RunRecord {
 
 #[tokio::test]
 async fn agents_put_get_list_delete() -> Result<()> {
-    on_both("agents_put_get_list_delete", |s| async move {
+    on_both("agents_put_get_list_delete", |s, _| async move {
         assert_eq!(s.get_agent("a").await?, None);
         s.put_agent("b", &json!({"name": "b", "model": "m"})).await?;
         s.put_agent("a", &json!({"name": "a", "model": "m"})).await?;
@@ -66,7 +102,7 @@ async fn agents_put_get_list_delete() -> Result<()> {
 
 #[tokio::test]
 async fn responses_put_get_delete() -> Result<()> {
-    on_both("responses_put_get_delete", |s| async move {
+    on_both("responses_put_get_delete", |s, _| async move {
         let body = json!({"id": "resp_1", "output": [{"type": "message", "content": "é \" ' \\ 🦀"}]});
         s.put_response("resp_1", &body).await?;
         assert_eq!(s.get_response("resp_1").await?, Some(body));
@@ -82,7 +118,7 @@ async fn responses_put_get_delete() -> Result<()> {
 
 #[tokio::test]
 async fn runs_create_get_list() -> Result<()> {
-    on_both("runs_create_get_list", |s| async move {
+    on_both("runs_create_get_list", |s, _| async move {
         let mut r1 = run("r1", "a", RunStatus::Queued);
         r1.created_at -= 10;
         r1.lease_owner = Some("w".into());
@@ -108,7 +144,7 @@ async fn runs_create_get_list() -> Result<()> {
 
 #[tokio::test]
 async fn set_status_keeps_replaces_and_freezes_terminal_runs() -> Result<()> {
-    on_both("set_status", |s| async move {
+    on_both("set_status", |s, _| async move {
         s.create_run(&run("r", "a", RunStatus::Queued)).await?;
         s.set_status("r", RunStatus::InProgress, None, Some(json!({"tokens": 3})), None).await?;
         let got = s.get_run("r").await?.unwrap();
@@ -131,7 +167,7 @@ async fn set_status_keeps_replaces_and_freezes_terminal_runs() -> Result<()> {
 
 #[tokio::test]
 async fn steps_append_in_order_and_idempotently() -> Result<()> {
-    on_both("steps", |s| async move {
+    on_both("steps", |s, _| async move {
         s.create_run(&run("r", "a", RunStatus::InProgress)).await?;
         s.create_run(&run("other", "a", RunStatus::InProgress)).await?;
         assert_eq!(s.append_step("r", StepKind::ModelOutput, &json!({"text": "hi"}), None).await?, 0);
@@ -163,7 +199,7 @@ async fn steps_append_in_order_and_idempotently() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_get_distinct_contiguous_seqs() -> Result<()> {
-    on_both("concurrent_appends", |s| async move {
+    on_both("concurrent_appends", |s, _| async move {
         s.create_run(&run("r", "a", RunStatus::InProgress)).await?;
         let mut tasks = Vec::new();
         for t in 0..8 {
@@ -191,7 +227,7 @@ async fn concurrent_appends_get_distinct_contiguous_seqs() -> Result<()> {
 
 #[tokio::test]
 async fn leases_acquire_renew_release_expire() -> Result<()> {
-    on_both("leases", |s| async move {
+    on_both("leases", |s, _| async move {
         let ttl = Duration::from_secs(60);
         s.create_run(&run("r", "a", RunStatus::InProgress)).await?;
         assert!(s.try_acquire("r", "p1", ttl).await?);
@@ -221,7 +257,7 @@ async fn leases_acquire_renew_release_expire() -> Result<()> {
 
 #[tokio::test]
 async fn claim_orphans_takes_only_orphans() -> Result<()> {
-    on_both("claim_orphans", |s| async move {
+    on_both("claim_orphans", |s, _| async move {
         let ttl = Duration::from_secs(60);
         let cases = [
             ("queued_free", RunStatus::Queued, None, true),
@@ -258,14 +294,15 @@ async fn claim_orphans_takes_only_orphans() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_claimers_never_share_a_run() -> Result<()> {
-    on_both("claim_race", |s| async move {
+    on_both("claim_race", |s, url| async move {
         let n = 60;
         for i in 0..n {
             s.create_run(&run(&format!("r{i:03}"), "a", RunStatus::Queued)).await?;
         }
         let mut tasks = Vec::new();
         for owner in ["p1", "p2", "p3", "p4"] {
-            let s = s.clone();
+            // Each owner has its own pool, as separate kiln processes would.
+            let s = RunStore::open(&url).await?;
             tasks.push(tokio::spawn(async move {
                 let mut mine = Vec::new();
                 loop {
@@ -293,7 +330,7 @@ async fn racing_claimers_never_share_a_run() -> Result<()> {
 
 #[tokio::test]
 async fn reopening_is_idempotent_and_keeps_everything() -> Result<()> {
-    on_both("reopen", |s| async move {
+    on_both("reopen", |s, _| async move {
         s.create_run(&run("r", "a", RunStatus::Queued)).await?;
         s.append_step("r", StepKind::Status, &json!({"s": 1}), Some("k")).await?;
         Ok(())
@@ -322,6 +359,29 @@ async fn reopening_is_idempotent_and_keeps_everything() -> Result<()> {
     // WAL mode is a property of the file.
     let wal = dir.path().join("sub/dir/kiln.db-wal");
     assert!(wal.exists(), "expected a WAL file at {}", wal.display());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_opens_of_a_fresh_database_migrate_once() -> Result<()> {
+    for db in Db::all("concurrent_opens").await? {
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = db.url.clone();
+                tokio::spawn(async move { RunStore::open(&url).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for o in opens {
+            stores.push(o.await??);
+        }
+        stores[0].create_run(&run("r", "a", RunStatus::Queued)).await?;
+        assert!(stores[3].get_run("r").await?.is_some());
+        for s in &stores {
+            s.close().await;
+        }
+        db.cleanup().await?;
+    }
     Ok(())
 }
 

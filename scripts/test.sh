@@ -9,4 +9,11 @@ scripts/fetch-models.sh $sets
 # House rules first: formatted, and clippy-clean (warnings are errors).
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The run store's tests also run on a real Postgres: a throwaway cluster (stopped and removed when
+# this script exits) unless KILN_TEST_DATABASE_URL is already set. KILN_TEST_POSTGRES=0 opts out;
+# the Postgres tests then print SKIP.
+if [ -z "${KILN_TEST_DATABASE_URL:-}" ] && [ "${KILN_TEST_POSTGRES:-1}" != 0 ]; then
+    # shellcheck source=scripts/postgres.sh
+    source scripts/postgres.sh
+fi
 cargo test --workspace --no-fail-fast "$@"

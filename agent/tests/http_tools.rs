@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::{any, get};
 use axum::Router;
@@ -14,8 +14,9 @@ use kiln_agent::tools::http::{HostAllowlist, HttpTool, HttpToolDef};
 use kiln_agent::tools::{invoke, CallLimits, Tool};
 use serde_json::{json, Value};
 
-/// Answers with what it saw: method, path, query, content type and body.
-async fn echo(method: Method, Path(rest): Path<String>, RawQuery(q): RawQuery, headers: HeaderMap, body: Bytes) -> String {
+/// Answers with what it saw: method, raw path (still percent-encoded), query, content type, body.
+async fn echo(method: Method, uri: Uri, RawQuery(q): RawQuery, headers: HeaderMap, body: Bytes) -> String {
+    let rest = uri.path().trim_start_matches("/echo/");
     let ct = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("").to_string());
     let body = String::from_utf8_lossy(&body).into_owned();
     json!({"method": method.as_str(), "path": rest, "query": q, "content_type": ct, "body": body}).to_string()
@@ -25,13 +26,31 @@ async fn start_server() -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let port = addr.port();
-    let app = Router::new()
-        .route("/echo/{*rest}", any(echo))
-        .route("/status/{code}", get(|Path(code): Path<u16>| async move { (StatusCode::from_u16(code).unwrap(), "x".repeat(2000)) }))
-        .route("/slow", get(|| async { tokio::time::sleep(Duration::from_secs(10)).await; "late" }))
-        .route("/big", get(|| async { "a".repeat(3 << 20) }))
-        .route("/to-self", get(move || async move { Redirect::temporary(&format!("http://127.0.0.1:{port}/echo/redirected")) }))
-        .route("/to-other", get(move || async move { Redirect::temporary(&format!("http://localhost:{port}/echo/leak")).into_response() }));
+    let app =
+        Router::new()
+            .route("/echo/{*rest}", any(echo))
+            .route(
+                "/status/{code}",
+                get(|Path(code): Path<u16>| async move { (StatusCode::from_u16(code).unwrap(), "x".repeat(2000)) }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    "late"
+                }),
+            )
+            .route("/big", get(|| async { "a".repeat(3 << 20) }))
+            .route(
+                "/to-self",
+                get(move || async move { Redirect::temporary(&format!("http://127.0.0.1:{port}/echo/redirected")) }),
+            )
+            .route(
+                "/to-other",
+                get(move || async move {
+                    Redirect::temporary(&format!("http://localhost:{port}/echo/leak")).into_response()
+                }),
+            );
     let handle = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (format!("127.0.0.1:{port}"), handle)
 }
@@ -72,7 +91,10 @@ async fn get_fills_placeholders_and_query() {
 
     let del = tool(&host, "DELETE", "/echo/items/{id}", None);
     let (seen, _) = call(&del, json!({"id": 7})).await;
-    assert_eq!((seen["method"].as_str(), seen["path"].as_str(), seen["query"].as_str()), (Some("DELETE"), Some("items/7"), None));
+    assert_eq!(
+        (seen["method"].as_str(), seen["path"].as_str(), seen["query"].as_str()),
+        (Some("DELETE"), Some("items/7"), None)
+    );
 }
 
 #[tokio::test]

@@ -179,9 +179,8 @@ async fn a_crashed_server_fails_one_call_and_is_restarted() {
 
     // Kill the child while a call is in flight: that call is an error result.
     let long = reg.get("trigger-long-running-operation").unwrap().clone();
-    let in_flight = tokio::spawn(async move {
-        invoke(&long, json!({"duration": 10, "steps": 10}), &CallLimits::default()).await
-    });
+    let in_flight =
+        tokio::spawn(async move { invoke(&long, json!({"duration": 10, "steps": 10}), &CallLimits::default()).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     kill(first_pid);
     let out = in_flight.await.unwrap();

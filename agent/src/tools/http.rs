@@ -76,7 +76,8 @@ impl HostAllowlist {
         let host = host.to_ascii_lowercase();
         let default_port = if url.scheme() == "https" { 443 } else { 80 };
         self.entries.iter().any(|p| {
-            let host_ok = if p.wildcard { host.ends_with(&p.host) && host.len() > p.host.len() } else { host == p.host };
+            let host_ok =
+                if p.wildcard { host.ends_with(&p.host) && host.len() > p.host.len() } else { host == p.host };
             host_ok && p.port.unwrap_or(default_port) == port
         })
     }
@@ -189,7 +190,7 @@ impl HttpTool {
             return Err(ToolError::Failed(format!("arguments must be a JSON object, got {args}")));
         };
         let url = fill(&self.parts, |name| {
-            let value = args.remove(name).ok_or_else(|| format!("missing argument {name:?}"))?;
+            let value = args.shift_remove(name).ok_or_else(|| format!("missing argument {name:?}"))?;
             Ok(utf8_percent_encode(&scalar_text(name, &value)?, COMPONENT).to_string())
         })
         .map_err(ToolError::Failed)?;

@@ -130,7 +130,10 @@ impl Server {
         if state.shut_down {
             return Err("shut down".into());
         }
-        let healthy = state.conn.as_ref().is_some_and(|c| !c.service.is_closed()) && !state.broken;
+        // `is_closed` only reports cancellation; a dead child shows as the service loop gone,
+        // which closes the peer's channel.
+        let alive = |c: &Conn| !c.service.is_closed() && !c.service.peer().is_transport_closed();
+        let healthy = state.conn.as_ref().is_some_and(alive) && !state.broken;
         if !healthy {
             if let Some(at) = state.next_attempt.filter(|at| *at > Instant::now()) {
                 let wait = human_duration(at - Instant::now());
@@ -382,7 +385,8 @@ impl McpManager {
         let mut owner: HashMap<String, String> = HashMap::new();
         for (name, server_config) in config.servers {
             server_config.validate(&name)?;
-            let server = Arc::new(Server { name, config: server_config, http: http.clone(), state: Default::default() });
+            let server =
+                Arc::new(Server { name, config: server_config, http: http.clone(), state: Default::default() });
             self.servers.push(server.clone());
             for tool in server.list_tools().await? {
                 let exposed = format!("{}{}", server.config.prefix.as_deref().unwrap_or_default(), tool.name);
@@ -455,7 +459,10 @@ mod tests {
         )
         .unwrap();
         let time = &config.servers["time"];
-        assert_eq!((time.command.as_deref(), time.args.len(), time.timeout()), (Some("python3"), 2, Duration::from_secs(5)));
+        assert_eq!(
+            (time.command.as_deref(), time.args.len(), time.timeout()),
+            (Some("python3"), 2, Duration::from_secs(5))
+        );
         assert_eq!(config.servers["web"].timeout(), DEFAULT_TIMEOUT);
         for bad in [
             "[servers.a]\ncommand = \"x\"\nurl = \"http://h/\"",

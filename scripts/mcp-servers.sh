@@ -22,7 +22,7 @@ install_time() {
   log "mcp-server-time==$TIME_VER from PyPI"
   # --target, not a venv: Debian's python3 may lack the venv module; the tests set PYTHONPATH.
   rm -rf "$dest.part"
-  "$PY" -m pip install --quiet --disable-pip-version-check --target "$dest.part" "mcp-server-time==$TIME_VER" >&2
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --target "$dest.part" "mcp-server-time==$TIME_VER" >&2
   rm -rf "$dest" && mv "$dest.part" "$dest" && touch "$mark"
 }
 

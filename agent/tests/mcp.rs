@@ -223,3 +223,48 @@ async fn a_hung_call_times_out_and_the_server_is_restarted() {
     let out = call(&reg, "echo", json!({"message": "late"})).await;
     assert!(out.is_error, "{}", out.content);
 }
+
+#[tokio::test]
+async fn a_call_abandoned_by_the_tool_loop_restarts_the_server() {
+    // The tool loop's limit (1 s) is shorter than the server's (30 s): invoke drops the call, and
+    // the server, maybe still busy with it, is replaced before the next call.
+    let Some(config) = everything_stdio("everything", "timeout_secs = 30") else { return };
+    let (manager, reg) = start(&config).await;
+    let first_pid = manager.server_pid("everything").await.unwrap();
+    let long = reg.get("trigger-long-running-operation").unwrap();
+    let limits = CallLimits { timeout: Duration::from_secs(1), max_result_bytes: 1000 };
+    let out = invoke(long, json!({"duration": 10, "steps": 10}), &limits).await;
+    assert_eq!(out.content, "tool trigger-long-running-operation timed out after 1 s");
+    let out = call(&reg, "echo", json!({"message": "next"})).await;
+    assert_eq!((out.content.as_str(), out.is_error), ("Echo: next", false));
+    assert_ne!(manager.server_pid("everything").await.unwrap(), first_pid);
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn restarts_back_off_while_the_server_cannot_start() {
+    let Some(js) = everything_js() else { return };
+    // A launcher that refuses to start while a flag file exists: the server "breaks" on demand.
+    let flag = std::env::temp_dir().join(format!("kiln-mcp-broken-{}", std::process::id()));
+    let script = format!("[ -e '{}' ] && exit 1; exec node '{}' stdio", flag.display(), js.display());
+    let config = format!("[servers.flaky]\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\ntimeout_secs = 10\n");
+    let (manager, reg) = start(&config).await;
+    std::fs::write(&flag, "").unwrap();
+    kill(manager.server_pid("flaky").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // First call after the crash: one immediate restart attempt, which fails.
+    let out = call(&reg, "echo", json!({"message": "x"})).await;
+    assert!(out.is_error && out.content.contains("failed to start"), "{}", out.content);
+    // Right after: no new attempt, the model is told when the next one is due.
+    let out = call(&reg, "echo", json!({"message": "x"})).await;
+    assert!(out.is_error && out.content.contains("next restart attempt in"), "{}", out.content);
+    assert!(out.elapsed < Duration::from_millis(100), "{:?}", out.elapsed);
+
+    // Fixed, and the backoff (500 ms after one failure) has passed: it works again.
+    std::fs::remove_file(&flag).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let out = call(&reg, "echo", json!({"message": "healed"})).await;
+    assert_eq!((out.content.as_str(), out.is_error), ("Echo: healed", false));
+    manager.shutdown().await;
+}

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,8 +107,6 @@ struct Conn {
 struct State {
     conn: Option<Conn>,
     generation: u64,
-    /// Set when a call on `generation` failed in a way that leaves the server suspect.
-    broken: bool,
     failures: u32,
     next_attempt: Option<Instant>,
     last_error: String,
@@ -121,6 +120,9 @@ struct Server {
     config: McpServerConfig,
     http: reqwest::Client,
     state: Mutex<State>,
+    /// The newest connection generation a call found broken (0: none). Outside the lock and
+    /// atomic so that a dropped call can mark it synchronously, before any next call looks.
+    suspect: AtomicU64,
 }
 
 impl Server {
@@ -133,7 +135,7 @@ impl Server {
         // `is_closed` only reports cancellation; a dead child shows as the service loop gone,
         // which closes the peer's channel.
         let alive = |c: &Conn| !c.service.is_closed() && !c.service.peer().is_transport_closed();
-        let healthy = state.conn.as_ref().is_some_and(alive) && !state.broken;
+        let healthy = state.conn.as_ref().is_some_and(alive) && self.suspect.load(Ordering::Acquire) < state.generation;
         if !healthy {
             if let Some(at) = state.next_attempt.filter(|at| *at > Instant::now()) {
                 let wait = human_duration(at - Instant::now());
@@ -156,7 +158,6 @@ impl Server {
             Ok((service, pid)) => {
                 state.generation += 1;
                 state.conn = Some(Conn { service, pid, generation: state.generation });
-                state.broken = false;
                 state.failures = 0;
                 state.next_attempt = None;
                 tracing::info!(server = %self.name, ?pid, "MCP server connected");
@@ -196,13 +197,11 @@ impl Server {
         Ok((service, pid))
     }
 
-    /// Marks the connection of `generation` for restart before the next call.
-    async fn mark_broken(&self, generation: u64, why: &str) {
-        let mut state = self.state.lock().await;
-        if state.generation == generation && !state.broken {
-            tracing::warn!(server = %self.name, reason = why, "MCP server marked for restart");
-            state.broken = true;
-            state.last_error = why.to_string();
+    /// Marks the connection of `generation` for restart before the next call. `fetch_max`: a
+    /// late failure from an older connection never unmarks a newer one.
+    fn mark_broken(&self, generation: u64, why: &str) {
+        if self.suspect.fetch_max(generation, Ordering::AcqRel) < generation {
+            tracing::warn!(server = %self.name, generation, reason = why, "MCP server marked for restart");
         }
     }
 
@@ -250,11 +249,7 @@ struct AbandonGuard {
 impl Drop for AbandonGuard {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
-            let generation = self.generation;
-            // Drop cannot await; the mark is quick and nothing waits for it.
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move { server.mark_broken(generation, "a call was abandoned").await });
-            }
+            server.mark_broken(self.generation, "a call was abandoned");
         }
     }
 }
@@ -297,11 +292,11 @@ async fn call_tool(server: Arc<Server>, remote: String, args: Value) -> Result<S
         // The server answered with a JSON-RPC error (unknown tool, bad params): it is healthy.
         Ok(Err(ServiceError::McpError(e))) => Err(fail(format!("{remote}: {}", e.message))),
         Ok(Err(e)) => {
-            server.mark_broken(generation, &e.to_string()).await;
+            server.mark_broken(generation, &e.to_string());
             Err(fail(format!("{remote} failed: {e} (the server is restarted before the next call)")))
         }
         Err(_) => {
-            server.mark_broken(generation, "a call timed out").await;
+            server.mark_broken(generation, "a call timed out");
             let after = human_duration(timeout);
             Err(fail(format!("{remote} timed out after {after} (the server is restarted before the next call)")))
         }
@@ -385,8 +380,13 @@ impl McpManager {
         let mut owner: HashMap<String, String> = HashMap::new();
         for (name, server_config) in config.servers {
             server_config.validate(&name)?;
-            let server =
-                Arc::new(Server { name, config: server_config, http: http.clone(), state: Default::default() });
+            let server = Arc::new(Server {
+                name,
+                config: server_config,
+                http: http.clone(),
+                state: Default::default(),
+                suspect: AtomicU64::new(0),
+            });
             self.servers.push(server.clone());
             for tool in server.list_tools().await? {
                 let exposed = format!("{}{}", server.config.prefix.as_deref().unwrap_or_default(), tool.name);

@@ -356,6 +356,19 @@ fn base64_len(data: &str) -> usize {
     (data.len() / 4 * 3).saturating_sub(padding)
 }
 
+/// `prefix` + the MCP name, with characters our names refuse (MCP allows `.` and `/`) turned into
+/// `_`: the tool stays callable; the server still gets its own name.
+fn exposed_name(server: &str, prefix: Option<&str>, name: &str) -> Result<String, ToolError> {
+    let raw = format!("{}{name}", prefix.unwrap_or_default());
+    let exposed: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    check_tool_name(&exposed).map_err(|e| ToolError::Mcp { server: server.into(), reason: e.to_string() })?;
+    if exposed != raw {
+        tracing::info!(server, tool = name, exposed = %exposed, "MCP tool renamed");
+    }
+    Ok(exposed)
+}
+
 /// Every configured server, connected, and its tools.
 pub struct McpManager {
     servers: Vec<Arc<Server>>,
@@ -377,21 +390,19 @@ impl McpManager {
     }
 
     async fn connect_all(&mut self, config: McpConfig, http: reqwest::Client) -> Result<(), ToolError> {
-        let mut owner: HashMap<String, String> = HashMap::new();
         for (name, server_config) in config.servers {
             server_config.validate(&name)?;
-            let server = Arc::new(Server {
-                name,
-                config: server_config,
-                http: http.clone(),
-                state: Default::default(),
-                suspect: AtomicU64::new(0),
-            });
-            self.servers.push(server.clone());
-            for tool in server.list_tools().await? {
-                let exposed = format!("{}{}", server.config.prefix.as_deref().unwrap_or_default(), tool.name);
-                check_tool_name(&exposed)
-                    .map_err(|e| ToolError::Mcp { server: server.name.clone(), reason: e.to_string() })?;
+            let state = Default::default();
+            let suspect = AtomicU64::new(0);
+            self.servers.push(Arc::new(Server { name, config: server_config, http: http.clone(), state, suspect }));
+        }
+        // Servers start concurrently (an `npx` server alone takes seconds); names are checked after,
+        // in config order, so the error for a clash is the same on every run.
+        let listed = futures_util::future::join_all(self.servers.iter().map(|s| s.list_tools())).await;
+        let mut owner: HashMap<String, String> = HashMap::new();
+        for (server, tools) in self.servers.iter().zip(listed) {
+            for tool in tools? {
+                let exposed = exposed_name(&server.name, server.config.prefix.as_deref(), &tool.name)?;
                 if let Some(first) = owner.insert(exposed.clone(), server.name.clone()) {
                     let reason = format!(
                         "tool {exposed:?} is exposed by both {first:?} and {:?}; set a prefix on one",
@@ -404,7 +415,8 @@ impl McpManager {
                     description: tool.description.as_deref().unwrap_or_default().to_string(),
                     parameters: Value::Object((*tool.input_schema).clone()),
                 };
-                self.tools.push(Arc::new(McpTool { def, remote_name: tool.name.to_string(), server: server.clone() }));
+                let remote_name = tool.name.to_string();
+                self.tools.push(Arc::new(McpTool { def, remote_name, server: server.clone() }));
             }
         }
         Ok(())
@@ -487,5 +499,13 @@ mod tests {
         assert_eq!(describe_content(&blob), "[resource file:///b: 3 bytes x/y]");
         assert_eq!(base64_len(""), 0);
         assert_eq!(base64_len("aGk="), 2);
+    }
+
+    #[test]
+    fn exposed_names() {
+        assert_eq!(exposed_name("s", None, "get_time").unwrap(), "get_time");
+        assert_eq!(exposed_name("s", Some("gh_"), "repos/list.all").unwrap(), "gh_repos_list_all");
+        let err = exposed_name("s", Some("p_"), &"x".repeat(63)).unwrap_err().to_string();
+        assert!(err.contains("\"s\"") && err.contains("invalid tool name"), "{err}");
     }
 }

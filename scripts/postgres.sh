@@ -92,14 +92,23 @@ kiln_pg_start() {
     echo "postgres.sh: KILN_TEST_DATABASE_URL=$KILN_TEST_DATABASE_URL" >&2
 }
 
+# bash runs an EXIT trap on `exit`, not when a signal kills it: turn INT/TERM/HUP into exits so a
+# cancelled test run (Ctrl-C, CI timeout) still removes the cluster.
+kiln_pg_traps() {
+    trap kiln_pg_stop EXIT
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
 if [ "${BASH_SOURCE[0]}" != "$0" ]; then
     # Sourced: start, and remove the cluster when the sourcing shell exits.
-    trap kiln_pg_stop EXIT
+    kiln_pg_traps
     kiln_pg_start || { kiln_pg_stop; return 1; }
 else
     set -euo pipefail
     [ $# -gt 0 ] || { echo "usage: source $0  |  $0 CMD [ARGS...]" >&2; exit 2; }
-    trap kiln_pg_stop EXIT
+    kiln_pg_traps
     kiln_pg_start
     "$@"
 fi

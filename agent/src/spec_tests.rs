@@ -298,3 +298,11 @@ fn load_dir_reads_toml_files_and_names_the_bad_one() {
     let e = load_dir(&dir).unwrap_err();
     assert!(e.field.ends_with("agents"), "{e}");
 }
+
+#[test]
+fn integer_temperature_is_accepted() {
+    let spec = AgentSpec::from_toml_str("name = \"a\"\nmodel = \"m\"\ntemperature = 1\n").unwrap();
+    assert_eq!(spec.temperature, Some(1.0));
+    let spec = AgentSpec::from_json(json!({"name": "a", "model": "m", "temperature": 1})).unwrap();
+    assert_eq!(spec.temperature, Some(1.0));
+}

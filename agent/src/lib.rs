@@ -3,7 +3,14 @@
 //! (`EngineHandle`, sessions) and never adds agent fields to engine requests; it knows nothing of
 //! HTTP or OpenAI JSON (the server maps both).
 
+pub mod events;
+pub mod history;
+mod run;
+pub mod runtime;
 pub mod spec;
 pub mod store;
 pub mod tools;
 pub mod turn;
+
+pub use events::RunEvent;
+pub use runtime::{AgentRuntime, RunError, RunInput, RuntimeConfig};

@@ -94,7 +94,8 @@ impl Driver {
         let params = self.params();
         let run_id = self.run.id.clone();
         let events = self.rt.events.clone();
-        let mut on_text = |t: &str| events.send(&run_id, RunEvent::MessageDelta { run_id: run_id.clone(), delta: t.into() });
+        let mut on_text =
+            |t: &str| events.send(&run_id, RunEvent::MessageDelta { run_id: run_id.clone(), delta: t.into() });
         let answer_schema = self.spec.output_schema.as_ref();
         let spec = TurnSpec { messages: &self.history.messages, tools: plan.as_ref(), answer_schema, params };
         let out = self.session.turn(spec, &mut on_text).await?;
@@ -128,7 +129,12 @@ impl Driver {
 
     /// The turn answered without calls: the run's output, or `None` when the answer must be
     /// asked for once more under the output schema.
-    async fn final_answer(&mut self, content: String, finish: FinishReason, forced: bool) -> Result<Option<DriveEnd>, RunError> {
+    async fn final_answer(
+        &mut self,
+        content: String,
+        finish: FinishReason,
+        forced: bool,
+    ) -> Result<Option<DriveEnd>, RunError> {
         if finish == FinishReason::Length {
             let out = json!({"reason": "max_tokens", "text": content});
             return self.finish(RunStatus::Incomplete, Some(out)).await.map(Some);
@@ -159,7 +165,8 @@ impl Driver {
             .filter(|c| !self.history.approvals.contains_key(&c.id))
             .collect();
         if !needs.is_empty() {
-            let waiting: Vec<Value> = needs.iter().map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments})).collect();
+            let waiting: Vec<Value> =
+                needs.iter().map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments})).collect();
             let output = json!({"required_action": waiting});
             if let Some(end) = self.set_status(RunStatus::RequiresAction, Some(output)).await? {
                 return Ok(Some(end));
@@ -237,11 +244,7 @@ impl Driver {
         };
         let args = serde_json::from_str(&call.arguments).unwrap_or(Value::Object(Default::default()));
         let o = invoke(tool, args, &self.rt.config.call_limits).await;
-        ResultStep {
-            truncated: o.truncated,
-            latency_ms: o.elapsed.as_millis() as u64,
-            ..base(o.content, o.is_error)
-        }
+        ResultStep { truncated: o.truncated, latency_ms: o.elapsed.as_millis() as u64, ..base(o.content, o.is_error) }
     }
 
     fn params(&self) -> SamplingParams {
@@ -260,7 +263,8 @@ impl Driver {
     /// Whether the run was cancelled (or finished) by someone else since this drive began.
     async fn stopped_elsewhere(&self) -> Result<bool, RunError> {
         let run = self.rt.store.get_run(&self.run.id).await?;
-        Ok(run.is_none_or(|r| r.status.is_terminal() || r.lease_owner.as_deref() != Some(self.rt.config.owner.as_str())))
+        Ok(run
+            .is_none_or(|r| r.status.is_terminal() || r.lease_owner.as_deref() != Some(self.rt.config.owner.as_str())))
     }
 
     fn run_json(&self) -> Value {

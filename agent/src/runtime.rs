@@ -1,0 +1,361 @@
+//! [`AgentRuntime`]: the handle the server holds. Agents (validated, persisted in the store),
+//! runs (created, driven on tokio tasks under a lease, resumed after approval), cancellation,
+//! events, and the orphan claimer that takes over runs whose owner died (this process after a
+//! restart, or another replica sharing the Postgres store).
+//!
+//! Owns: which runs this process drives. Must not: know HTTP (the server maps [`RunError`]).
+
+use crate::events::{EventHub, RunEvent};
+use crate::history::ApprovalStep;
+use crate::run::{DriveEnd, Driver};
+use crate::spec::{AgentSpec, SpecContext, SpecError};
+use crate::store::{RunRecord, RunStatus, RunStore, StepKind, StepRecord, StoreError};
+use crate::tools::http::{HostAllowlist, HttpTool};
+use crate::tools::{CallLimits, Tool, ToolError, ToolRegistry};
+use kiln_inference::{EngineError, EngineHandle, SamplingParams};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    NotFound(String),
+    /// A field of a request or definition; `.0` names it.
+    #[error("{1}")]
+    Invalid(String, String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("step payload: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl From<StoreError> for RunError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => RunError::NotFound(m),
+            StoreError::Conflict(m) => RunError::Conflict(m),
+            other => RunError::Store(other),
+        }
+    }
+}
+
+impl From<SpecError> for RunError {
+    fn from(e: SpecError) -> Self {
+        RunError::Invalid(e.field, e.message)
+    }
+}
+
+/// The runtime's settings (from the server's config).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// This process's name in leases (unique per process: a restarted process is a new owner).
+    pub owner: String,
+    pub lease_ttl: Duration,
+    /// How often to look for runs whose owner's lease expired.
+    pub claim_interval: Duration,
+    pub call_limits: CallLimits,
+    /// Sampling defaults of the served model; agents override temperature and max tokens.
+    pub sampling: SamplingParams,
+    /// Served model names (an agent's `model` must be one).
+    pub models: Vec<String>,
+    /// Hosts HTTP tools may call.
+    pub http_hosts: Vec<String>,
+}
+
+impl RuntimeConfig {
+    pub fn new(models: Vec<String>) -> Self {
+        Self {
+            owner: format!("kiln-{}", uuid::Uuid::new_v4().simple()),
+            lease_ttl: Duration::from_secs(30),
+            claim_interval: Duration::from_secs(10),
+            call_limits: CallLimits::default(),
+            sampling: SamplingParams::default(),
+            models,
+            http_hosts: Vec::new(),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) engine: EngineHandle,
+    pub(crate) store: RunStore,
+    pub(crate) events: Arc<EventHub>,
+    pub(crate) config: RuntimeConfig,
+    registry: ToolRegistry,
+    allow: HostAllowlist,
+    http: reqwest::Client,
+    /// Runs this process is driving, with their cancel flags.
+    running: Mutex<HashMap<String, Arc<AtomicBool>>>,
+}
+
+/// What a new run gets.
+#[derive(Debug, Clone, Default)]
+pub struct RunInput {
+    pub input: String,
+    pub variables: serde_json::Map<String, Value>,
+}
+
+/// The agent layer's handle. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentRuntime {
+    inner: Arc<Inner>,
+}
+
+impl AgentRuntime {
+    /// Starts the runtime and its orphan claimer (which also resumes, after a restart, the runs
+    /// the previous process left once their leases expire).
+    pub fn start(
+        engine: EngineHandle,
+        store: RunStore,
+        registry: ToolRegistry,
+        config: RuntimeConfig,
+    ) -> Result<Self, RunError> {
+        let allow = HostAllowlist::new(&config.http_hosts)?;
+        let http = allow.http_client()?;
+        let events = Arc::new(EventHub::default());
+        let running = Mutex::new(HashMap::new());
+        let inner = Arc::new(Inner { engine, store, events, config, registry, allow, http, running });
+        let rt = Self { inner };
+        tokio::spawn(claim_loop(Arc::downgrade(&rt.inner)));
+        Ok(rt)
+    }
+
+    pub fn store(&self) -> &RunStore {
+        &self.inner.store
+    }
+
+    fn context(&self) -> SpecContext {
+        let tools = self.inner.registry.names().into_iter().map(str::to_string).collect();
+        SpecContext { models: self.inner.config.models.clone(), tools }
+    }
+
+    /// Validates and stores an agent (replacing one of the same name).
+    pub async fn put_agent(&self, spec: AgentSpec) -> Result<AgentSpec, RunError> {
+        spec.validate(&self.context())?;
+        self.inner.tools_for(&spec)?;
+        self.inner.store.put_agent(&spec.name, &spec.to_json()).await?;
+        Ok(spec)
+    }
+
+    /// Creates an agent from its JSON definition; an existing name is a conflict.
+    pub async fn create_agent(&self, def: Value) -> Result<AgentSpec, RunError> {
+        let spec = AgentSpec::from_json(def)?;
+        if self.inner.store.get_agent(&spec.name).await?.is_some() {
+            return Err(RunError::Conflict(format!("agent '{}' already exists", spec.name)));
+        }
+        self.put_agent(spec).await
+    }
+
+    pub async fn get_agent(&self, name: &str) -> Result<AgentSpec, RunError> {
+        self.inner.agent(name).await
+    }
+
+    pub async fn list_agents(&self) -> Result<Vec<Value>, RunError> {
+        Ok(self.inner.store.list_agents().await?)
+    }
+
+    pub async fn patch_agent(&self, name: &str, patch: Value) -> Result<AgentSpec, RunError> {
+        let spec = self.inner.agent(name).await?.apply_patch(patch)?;
+        self.put_agent(spec).await
+    }
+
+    pub async fn delete_agent(&self, name: &str) -> Result<(), RunError> {
+        match self.inner.store.delete_agent(name).await? {
+            true => Ok(()),
+            false => Err(RunError::NotFound(format!("agent '{name}' does not exist"))),
+        }
+    }
+
+    /// Creates a run and starts driving it. Subscribe with [`AgentRuntime::subscribe`] on the
+    /// returned id before anything else happens by passing `events: true`.
+    pub async fn start_run(
+        &self,
+        agent: &str,
+        input: RunInput,
+    ) -> Result<(RunRecord, broadcast::Receiver<RunEvent>), RunError> {
+        let spec = self.inner.agent(agent).await?;
+        // Fail now, not in the background: a missing variable is the caller's 400.
+        spec.render_instructions(&input.variables)?;
+        let run = RunRecord::new(agent, json!({"input": input.input, "variables": input.variables}));
+        let rx = self.inner.events.subscribe(&run.id);
+        self.inner.store.create_run(&run).await?;
+        self.inner.events.send(&run.id, RunEvent::Created { run: serde_json::to_value(&run)? });
+        spawn_drive(self.inner.clone(), run.id.clone());
+        Ok((run, rx))
+    }
+
+    pub async fn get_run(&self, id: &str) -> Result<RunRecord, RunError> {
+        self.inner.store.get_run(id).await?.ok_or_else(|| RunError::NotFound(format!("run '{id}' does not exist")))
+    }
+
+    pub async fn steps(&self, id: &str) -> Result<Vec<StepRecord>, RunError> {
+        self.get_run(id).await?;
+        Ok(self.inner.store.steps(id).await?)
+    }
+
+    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<RunEvent> {
+        self.inner.events.subscribe(id)
+    }
+
+    /// Cancels a run that has not ended; its driver stops at the next step boundary (and the
+    /// turn in progress is dropped, which aborts its generation).
+    pub async fn cancel(&self, id: &str) -> Result<RunRecord, RunError> {
+        let run = self.get_run(id).await?;
+        self.inner.store.set_status(id, RunStatus::Cancelled, None, None, None).await?;
+        if let Some(flag) = self.inner.running.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            flag.store(true, Ordering::Relaxed);
+        }
+        self.inner.store.append_step(id, StepKind::Status, &json!({"status": "cancelled"}), None).await?;
+        let run = RunRecord { status: RunStatus::Cancelled, ..run };
+        let ended = RunEvent::Ended { event: "run.cancelled".into(), run: serde_json::to_value(&run)? };
+        self.inner.events.send(id, ended);
+        Ok(run)
+    }
+
+    /// Approves or rejects the calls a paused run waits on (`call_id: None`: all of them), and
+    /// resumes it. A rejection reaches the model as the call's error result.
+    pub async fn approve(
+        &self,
+        id: &str,
+        call_id: Option<&str>,
+        approved: bool,
+        reason: Option<String>,
+    ) -> Result<RunRecord, RunError> {
+        let run = self.get_run(id).await?;
+        if run.status != RunStatus::RequiresAction {
+            return Err(RunError::Conflict(format!("run '{id}' is {}, not requires_action", run.status.as_str())));
+        }
+        let waiting = waiting_calls(&run);
+        let chosen: Vec<&String> = waiting.iter().filter(|c| call_id.is_none_or(|w| w == c.as_str())).collect();
+        if chosen.is_empty() {
+            let call = call_id.unwrap_or_default();
+            return Err(RunError::Invalid("call_id".into(), format!("run '{id}' does not wait on call '{call}'")));
+        }
+        for call in chosen {
+            let step = ApprovalStep { call_id: call.clone(), approved, reason: reason.clone() };
+            let key = format!("approval:{call}");
+            self.inner.store.append_step(id, StepKind::Approval, &serde_json::to_value(&step)?, Some(&key)).await?;
+        }
+        self.inner.store.set_status(id, RunStatus::Queued, None, None, None).await?;
+        spawn_drive(self.inner.clone(), id.to_string());
+        self.get_run(id).await
+    }
+}
+
+/// The call ids a paused run waits on (recorded in its output by the loop).
+fn waiting_calls(run: &RunRecord) -> Vec<String> {
+    let list = run.output.as_ref().and_then(|o| o.get("required_action")).and_then(Value::as_array);
+    list.into_iter().flatten().filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_string)).collect()
+}
+
+impl Inner {
+    pub(crate) async fn agent(&self, name: &str) -> Result<AgentSpec, RunError> {
+        let def = self.store.get_agent(name).await?;
+        let def = def.ok_or_else(|| RunError::NotFound(format!("agent '{name}' does not exist")))?;
+        Ok(AgentSpec::from_json(def)?)
+    }
+
+    /// The agent's callable tools by name: registry tools and its own HTTP tools.
+    pub(crate) fn tools_for(&self, spec: &AgentSpec) -> Result<HashMap<String, Arc<dyn Tool>>, RunError> {
+        let mut out: HashMap<String, Arc<dyn Tool>> = HashMap::new();
+        for (i, def) in spec.http_tools.iter().enumerate() {
+            let tool = HttpTool::new(def.clone(), &self.allow, self.http.clone())
+                .map_err(|e| RunError::Invalid(format!("http_tools[{i}]"), e.to_string()))?;
+            out.insert(def.name.clone(), Arc::new(tool.with_timeout(self.config.call_limits.timeout)));
+        }
+        for (i, name) in spec.tools.iter().enumerate() {
+            if out.contains_key(name) {
+                continue;
+            }
+            let tool = self.registry.get(name).ok_or_else(|| {
+                RunError::Invalid(format!("tools[{i}]"), format!("unknown tool '{name}' (not served by this kiln)"))
+            })?;
+            out.insert(name.clone(), tool.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// Drives a run on its own task, under its lease (renewed while it runs).
+fn spawn_drive(rt: Arc<Inner>, run_id: String) {
+    tokio::spawn(async move {
+        if let Err(e) = drive(rt, &run_id).await {
+            tracing::error!(run = %run_id, error = %e, "run drive failed");
+        }
+    });
+}
+
+async fn drive(rt: Arc<Inner>, run_id: &str) -> Result<(), RunError> {
+    let owner = rt.config.owner.clone();
+    if !rt.store.try_acquire(run_id, &owner, rt.config.lease_ttl).await? {
+        return Ok(()); // another process drives it
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    rt.running.lock().unwrap_or_else(|p| p.into_inner()).insert(run_id.to_string(), cancel.clone());
+    let renew = tokio::spawn(renew_loop(rt.clone(), run_id.to_string(), cancel.clone()));
+    let span = tracing::info_span!("run", run = %run_id);
+    let result = async {
+        let run = rt.store.get_run(run_id).await?.ok_or_else(|| RunError::NotFound(run_id.to_string()))?;
+        match Driver::new(rt.clone(), run, cancel.clone()).await {
+            Ok(d) => d.drive().await,
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = rt.store.set_status(run_id, RunStatus::Failed, None, None, Some(msg)).await;
+                Err(e)
+            }
+        }
+    };
+    let result: Result<DriveEnd, RunError> = tracing::Instrument::instrument(result, span).await;
+    renew.abort();
+    rt.running.lock().unwrap_or_else(|p| p.into_inner()).remove(run_id);
+    let _ = rt.store.release(run_id, &owner).await;
+    if let Err(RunError::Engine(e)) = &result {
+        // The engine failing (overload, shutdown) fails the run; the record says why.
+        let _ = rt.store.set_status(run_id, RunStatus::Failed, None, None, Some(e.to_string())).await;
+    }
+    result.map(|_| ())
+}
+
+async fn renew_loop(rt: Arc<Inner>, run_id: String, cancel: Arc<AtomicBool>) {
+    let every = rt.config.lease_ttl / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match rt.store.renew(&run_id, &rt.config.owner, rt.config.lease_ttl).await {
+            Ok(true) => {}
+            // Lost: someone else owns the run now; stop at the next step boundary.
+            _ => {
+                cancel.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+/// Periodically takes over runs whose lease expired (their owner died) and drives them.
+async fn claim_loop(rt: std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = rt.upgrade() else { return };
+        let interval = inner.config.claim_interval;
+        match inner.store.claim_orphans(&inner.config.owner, inner.config.lease_ttl, 16).await {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::info!(run = %id, "resuming a run whose owner's lease expired");
+                    spawn_drive(inner.clone(), id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "claiming orphaned runs failed"),
+        }
+        drop(inner);
+        tokio::time::sleep(interval).await;
+    }
+}

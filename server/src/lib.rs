@@ -2,6 +2,7 @@
 //! config file, and the subcommands; `main.rs` only parses the command line and dispatches.
 //! The only crate that knows HTTP and OpenAI JSON.
 
+pub mod agents;
 pub mod api;
 pub mod bench;
 pub mod bench_agent;

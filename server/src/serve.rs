@@ -56,6 +56,8 @@ pub struct ServeArgs {
     pub http: HttpArgs,
     #[command(flatten)]
     pub rate_limits: RateLimitArgs,
+    #[command(flatten)]
+    pub agents: crate::agents::AgentArgs,
     /// Write refused requests (401, 403, rate-limited 429) as JSON lines to this file (`-`:
     /// stdout). Off by default.
     #[arg(long, env = "KILN_AUDIT_LOG")]
@@ -97,6 +99,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let engine_args = a.engine.clone();
     let (embed_model, embed_name) = (a.embedding_model.clone(), a.served_embedding_model_name.clone());
     let (embed_state, sampling_state) = (state.clone(), state.clone());
+    let defaults_out = std::sync::Arc::new(std::sync::OnceLock::new());
+    let defaults_in = defaults_out.clone();
     let loading = tokio::task::spawn_blocking(move || -> Result<EngineHandle> {
         if let Some(path) = embed_model {
             let h = kiln_inference::embed::start_embedder(&path, &kiln_inference::embed::EmbedConfig::default())
@@ -108,6 +112,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         let defaults = engine_args.sampling_defaults(engine.sampling_defaults);
         tracing::info!(?defaults, "default sampling for fields requests leave out");
         sampling_state.set_sampling_defaults(defaults);
+        let _ = defaults_in.set(defaults);
         warm_up(&engine.handle)?;
         Ok(engine.handle)
     });
@@ -115,6 +120,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
         r = loading => r.context("model loading task")??,
         _ = shutdown_signal() => { server.abort(); return Ok(()); }
     };
+    let defaults = defaults_out.get().copied().unwrap_or_default();
+    let agents = crate::agents::start(&a.agents, handle.clone(), name.clone(), defaults).await?;
+    state.set_agents(agents.runtime.clone());
     state.set_engine(handle.clone());
     println!("kiln: serving {base} (model \"{name}\"); OpenAI SDK: base_url=\"{base}\"");
     tracing::info!(%base, "ready");
@@ -132,6 +140,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     // The last response bodies are done; give their final bytes a moment to leave the socket.
     tokio::time::sleep(Duration::from_millis(250)).await;
     server.abort();
+    if let Some(mcp) = &agents.mcp {
+        mcp.shutdown().await;
+    }
     handle.shutdown();
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! Talks to the engine only through its `EngineHandle`.
 
 pub mod access;
+mod agents;
 pub mod audit;
 pub mod chat;
 mod chat_json;
@@ -41,6 +42,8 @@ use tokio::sync::Semaphore;
 /// Everything the handlers share. The engine appears once the model is loaded and warmed.
 pub struct AppState {
     engine: OnceLock<EngineHandle>,
+    /// The agent layer, started after the engine (absent in servers built without it).
+    agents: OnceLock<kiln_agent::AgentRuntime>,
     /// The embedding model served beside the chat model, if configured, and its name.
     embedder: OnceLock<(String, EmbedHandle)>,
     pub served_model_name: String,
@@ -72,6 +75,7 @@ impl AppState {
         let created = generation::unix_now();
         Self {
             engine: OnceLock::new(),
+            agents: OnceLock::new(),
             embedder: OnceLock::new(),
             metrics: Metrics::new(&served_model_name),
             served_model_name,
@@ -166,6 +170,14 @@ impl AppState {
         }
     }
 
+    pub fn set_agents(&self, rt: kiln_agent::AgentRuntime) {
+        let _ = self.agents.set(rt);
+    }
+
+    pub fn agents(&self) -> Option<&kiln_agent::AgentRuntime> {
+        self.agents.get()
+    }
+
     pub fn engine_if_loaded(&self) -> Option<&EngineHandle> {
         self.engine.get()
     }
@@ -210,6 +222,14 @@ pub fn router(state: Shared) -> Router {
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/metrics", get(misc::metrics))
+        .route("/v1/agents", post(agents::create).get(agents::list))
+        .route("/v1/agents/{name}", get(agents::get).patch(agents::patch).delete(agents::delete))
+        .route("/v1/agents/{name}/runs", post(agents::start_run))
+        .route("/v1/runs/{id}", get(agents::get_run))
+        .route("/v1/runs/{id}/steps", get(agents::steps))
+        .route("/v1/runs/{id}/cancel", post(agents::cancel))
+        .route("/v1/runs/{id}/approve", post(agents::approve))
+        .route("/v1/runs/{id}/reject", post(agents::reject))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

@@ -1,0 +1,127 @@
+//! `kiln serve`'s agent flags and the start of the agent runtime after the engine is up: the run
+//! store (SQLite under `--data-dir`, or `--database-url`), tools (builtins, `--mcp-config`
+//! servers, HTTP tools limited to `--http-tool-hosts`), agents from `--agents DIR`.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kiln_agent::spec::load_dir;
+use kiln_agent::store::RunStore;
+use kiln_agent::tools::mcp::{McpConfig, McpManager};
+use kiln_agent::tools::{CallLimits, ToolRegistry};
+use kiln_agent::{AgentRuntime, RuntimeConfig};
+use kiln_inference::{EngineHandle, SamplingDefaults, SamplingParams};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Where kiln keeps what it persists (the SQLite run store). Default: $XDG_DATA_HOME/kiln or
+    /// ~/.local/share/kiln.
+    #[arg(long, env = "KILN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The run store in Postgres (`postgres://user:pass@host/db`) instead of SQLite; replicas
+    /// sharing one database take over each other's runs.
+    #[arg(long, env = "KILN_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// A directory of agent definitions (`*.toml`), loaded (and stored) at start.
+    #[arg(long, env = "KILN_AGENTS")]
+    pub agents: Option<PathBuf>,
+    /// MCP servers whose tools agents may use (TOML, `[servers.NAME]` with `command` or `url`).
+    #[arg(long, env = "KILN_MCP_CONFIG")]
+    pub mcp_config: Option<PathBuf>,
+    /// Hosts agents' HTTP tools may call (repeatable or comma-separated; `host`, `host:port`,
+    /// `*.domain`). None: HTTP tools are refused.
+    #[arg(long = "http-tool-hosts", env = "KILN_HTTP_TOOL_HOSTS", value_delimiter = ',')]
+    pub http_tool_hosts: Vec<String>,
+    /// Seconds one tool call may take before the model gets a timeout error as its result.
+    #[arg(long, default_value_t = 30, env = "KILN_TOOL_TIMEOUT")]
+    pub tool_timeout: u64,
+    /// Seconds a process's claim on a run lasts without renewal (another process takes over the
+    /// run after that when this one dies).
+    #[arg(long, default_value_t = 30, env = "KILN_RUN_LEASE_SECS")]
+    pub run_lease_secs: u64,
+}
+
+impl AgentArgs {
+    fn store_url(&self) -> Result<String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        let dir = match &self.data_dir {
+            Some(d) => d.clone(),
+            None => default_data_dir()?,
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        Ok(format!("sqlite://{}", dir.join("kiln.db").display()))
+    }
+}
+
+fn default_data_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(d).join("kiln"));
+    }
+    let home = std::env::var_os("HOME").context("no --data-dir and no HOME to put it under")?;
+    Ok(PathBuf::from(home).join(".local/share/kiln"))
+}
+
+/// The running agent layer; `mcp` stays open as long as the runtime serves.
+pub struct Agents {
+    pub runtime: AgentRuntime,
+    pub mcp: Option<McpManager>,
+}
+
+/// Opens the store, starts MCP servers, loads agents and starts the runtime.
+pub async fn start(a: &AgentArgs, engine: EngineHandle, model: String, defaults: SamplingDefaults) -> Result<Agents> {
+    let url = a.store_url()?;
+    let store = RunStore::open(&url).await.with_context(|| format!("opening the run store {}", redact(&url)))?;
+    let mut registry = ToolRegistry::with_builtins();
+    let mcp = match &a.mcp_config {
+        Some(path) => {
+            let manager = McpManager::start(McpConfig::load(path)?).await?;
+            for tool in manager.tools() {
+                registry.insert(tool.clone())?;
+            }
+            Some(manager)
+        }
+        None => None,
+    };
+    let mut config = RuntimeConfig::new(vec![model]);
+    config.lease_ttl = Duration::from_secs(a.run_lease_secs.max(1));
+    config.claim_interval = (config.lease_ttl / 3).max(Duration::from_millis(500));
+    config.call_limits = CallLimits { timeout: Duration::from_secs(a.tool_timeout.max(1)), ..CallLimits::default() };
+    config.sampling = sampling(defaults);
+    config.http_hosts = a.http_tool_hosts.clone();
+    let runtime = AgentRuntime::start(engine, store, registry, config)?;
+    if let Some(dir) = &a.agents {
+        let specs = load_dir(dir).map_err(|e| anyhow::anyhow!("agents in {}: {e}", dir.display()))?;
+        for spec in specs {
+            let name = spec.name.clone();
+            runtime.put_agent(spec).await.with_context(|| format!("agent '{name}' in {}", dir.display()))?;
+        }
+    }
+    Ok(Agents { runtime, mcp })
+}
+
+/// The served model's defaults as the base of every agent turn.
+fn sampling(d: SamplingDefaults) -> SamplingParams {
+    let base = SamplingParams::default();
+    SamplingParams {
+        temperature: d.temperature.unwrap_or(base.temperature),
+        top_p: d.top_p.unwrap_or(base.top_p),
+        top_k: d.top_k.unwrap_or(base.top_k),
+        min_p: d.min_p.unwrap_or(base.min_p),
+        repetition_penalty: d.repetition_penalty.unwrap_or(base.repetition_penalty),
+        ..base
+    }
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}

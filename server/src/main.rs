@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible HTTP API.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Generate text from a prompt (or one chat message) and stream it to stdout.
     Generate(generate::GenerateArgs),
     /// Measure prefill, decode and batched decode throughput of the engine.
@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     match cli.command {
-        Command::Serve(a) => serve::run(a),
+        Command::Serve(a) => serve::run(*a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchAgent(a) => bench_agent::run(a),

@@ -85,19 +85,15 @@ impl Driver {
         let step = self.history.turns + 1;
         self.rt.events.send(&self.run.id, RunEvent::StepStarted { run_id: self.run.id.clone(), step });
         let forced = self.history.force_answer;
-        let plan = self.plan.clone().map(|mut p| {
-            if forced {
-                p.choice = ToolChoice::None;
-            }
-            p
-        });
+        let plan = self.plan.clone();
         let params = self.params();
         let run_id = self.run.id.clone();
         let events = self.rt.events.clone();
         let mut on_text =
             |t: &str| events.send(&run_id, RunEvent::MessageDelta { run_id: run_id.clone(), delta: t.into() });
         let answer_schema = self.spec.output_schema.as_ref();
-        let spec = TurnSpec { messages: &self.history.messages, tools: plan.as_ref(), answer_schema, params };
+        let messages = &self.history.messages;
+        let spec = TurnSpec { messages, tools: plan.as_ref(), answer_schema, answer_only: forced, params };
         let out = self.session.turn(spec, &mut on_text).await?;
         let mut calls: Vec<CallRecord> = out.calls.iter().map(CallRecord::from).collect();
         let repeats_only = !calls.is_empty()

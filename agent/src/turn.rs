@@ -6,7 +6,7 @@
 //! Owns: the session, what it holds (the messages its history renders), sampling for a turn.
 //! Must not: execute tools, record steps or decide what the run does next (`run.rs` does).
 
-use kiln_inference::chat::{self, CallParser, Conversation, Message, Piece, ToolCall, ToolPlan};
+use kiln_inference::chat::{self, CallParser, Conversation, Message, Piece, ToolCall, ToolChoice, ToolPlan};
 use kiln_inference::{Constraint, EngineError, EngineHandle, FinishReason, SamplingParams, Session, SessionInput};
 use serde_json::{Map, Value};
 use std::time::{Duration, Instant};
@@ -18,6 +18,9 @@ pub struct TurnSpec<'a> {
     pub tools: Option<&'a ToolPlan>,
     /// The final answer's JSON schema; applies when the turn may not call tools.
     pub answer_schema: Option<&'a Value>,
+    /// The turn must answer: no calls, though the tools stay in the prompt (so the session's
+    /// history still matches and only new tokens are prefilled).
+    pub answer_only: bool,
     /// Sampling for the turn (temperature, max tokens, ...); the constraint is set here.
     pub params: SamplingParams,
 }
@@ -50,9 +53,22 @@ pub type OnText<'a> = &'a mut (dyn FnMut(&str) + Send);
 pub struct ModelSession {
     engine: EngineHandle,
     session: Session,
-    /// The messages the session's history renders (through the last assistant turn), with the
-    /// tools that turn saw; `None` before the first turn or when unknown.
-    held: Option<(Vec<Message>, Option<ToolPlan>)>,
+    /// What the session's history holds; `None` before the first turn.
+    held: Option<Held>,
+}
+
+/// The last turn: its messages and tools, the prompt it sent (whole) and the tokens the model
+/// generated. The generated ids need not be the tokenizer's own encoding of their text (under a
+/// grammar they often are not), so a re-rendered conversation shares the history only up to the
+/// first model output: the ids themselves are kept.
+#[derive(Clone)]
+struct Held {
+    prompt_messages: Vec<Message>,
+    /// `prompt_messages` plus the turn's assistant message.
+    messages: Vec<Message>,
+    tools: Option<ToolPlan>,
+    prompt: Vec<u32>,
+    output: Vec<u32>,
 }
 
 impl ModelSession {
@@ -70,17 +86,17 @@ impl ModelSession {
         let started = Instant::now();
         let input = self.input(&spec).await?;
         let mut params = spec.params;
-        params.constraint = constraint(spec.tools, spec.answer_schema);
-        if spec.tools.is_some_and(|p| !p.calls_allowed()) {
+        let calls_possible = spec.tools.is_some_and(ToolPlan::calls_allowed) && !spec.answer_only;
+        params.constraint = constraint(spec.tools, spec.answer_schema, calls_possible);
+        if spec.tools.is_some() && !calls_possible {
             chat::forbid_call_token(self.engine.tokenizer(), &mut params);
         }
-        let calls_possible = spec.tools.is_some_and(ToolPlan::calls_allowed);
-        let mut stream = self.session.generate(input, params)?;
+        let mut stream = self.session.generate(SessionInput::Replace(input.clone()), params)?;
         let mut parser = CallParser::new();
-        let (mut content, mut finish, mut completion) = (String::new(), FinishReason::Stop, 0);
+        let (mut content, mut finish, mut output) = (String::new(), FinishReason::Stop, Vec::new());
         while let Some(delta) = stream.next().await {
             let delta = delta?;
-            completion += delta.tokens.len();
+            output.extend_from_slice(&delta.tokens);
             let pieces = if calls_possible { parser.push(&delta.text) } else { vec![Piece::Content(delta.text)] };
             emit(pieces, &mut content, on_text);
             if let Some(r) = delta.finish_reason {
@@ -95,34 +111,41 @@ impl ModelSession {
             calls,
             prompt_tokens: stream.prompt_tokens(),
             cached_tokens: stream.cached_tokens(),
-            completion_tokens: completion,
+            completion_tokens: output.len(),
             elapsed: started.elapsed(),
         };
-        let mut held = spec.messages.to_vec();
-        held.push(out.message());
-        self.held = Some((held, spec.tools.cloned()));
+        let mut messages = spec.messages.to_vec();
+        messages.push(out.message());
+        let prompt_messages = spec.messages.to_vec();
+        self.held = Some(Held { prompt_messages, messages, tools: spec.tools.cloned(), prompt: input, output });
         Ok(out)
     }
 
-    /// What to send: the continuation of the held conversation when `spec` extends it with the
-    /// same tools (only the new tokens are prefilled), else the whole conversation (the engine
-    /// still reuses the longest prefix it holds).
-    async fn input(&self, spec: &TurnSpec<'_>) -> Result<SessionInput, EngineError> {
+    /// The whole prompt of the turn, as the session's history plus new tokens where it can be:
+    /// after a turn, the held history and the continuation (only the new tokens are prefilled);
+    /// the same messages again (a turn the loop discarded), the held prompt; otherwise a fresh
+    /// render (the engine still reuses the longest prefix it holds). Sent as `Replace`, which
+    /// prefills exactly what the history lacks.
+    async fn input(&self, spec: &TurnSpec<'_>) -> Result<Vec<u32>, EngineError> {
         let tok = self.engine.tokenizer().clone();
         let messages = spec.messages.to_vec();
         let tools = spec.tools.cloned();
         let held = self.held.clone();
-        let work = move || -> Result<SessionInput, EngineError> {
+        let work = move || -> Result<Vec<u32>, EngineError> {
             let kwargs = Map::new();
             let next = Conversation { messages: &messages, tools: tools.as_ref(), kwargs: &kwargs };
-            if let Some((done, done_tools)) = &held {
-                let extends = messages.starts_with(done) && same_tools(done_tools.as_ref(), tools.as_ref());
-                let prev = Conversation { messages: done, tools: done_tools.as_ref(), kwargs: &kwargs };
-                if let Some(tokens) = extends.then(|| chat::continuation(&tok, &prev, &next)).flatten() {
-                    return Ok(SessionInput::Append(tokens));
+            if let Some(h) = held.filter(|h| same_tools(h.tools.as_ref(), tools.as_ref())) {
+                if messages == h.prompt_messages {
+                    return Ok(h.prompt);
+                }
+                let prev = Conversation { messages: &h.messages, tools: h.tools.as_ref(), kwargs: &kwargs };
+                if messages.starts_with(&h.messages) {
+                    if let Some(cont) = chat::continuation(&tok, &prev, &next) {
+                        return Ok([h.prompt, h.output, cont].concat());
+                    }
                 }
             }
-            Ok(SessionInput::Replace(chat::render(&tok, &next, true)?))
+            chat::render(&tok, &next, true)
         };
         // Rendering and tokenizing are CPU work: off the async workers.
         tokio::task::spawn_blocking(work).await.map_err(|e| EngineError::Template(format!("render task: {e}")))?
@@ -146,13 +169,15 @@ fn emit(pieces: Vec<Piece>, content: &mut String, on_text: OnText<'_>) {
     }
 }
 
-/// The turn's grammar: tool calls when the turn may call tools (with `tool_choice: none`, text
-/// that is no call); otherwise the answer schema, if any.
-fn constraint(tools: Option<&ToolPlan>, answer_schema: Option<&Value>) -> Option<Constraint> {
+/// The turn's grammar: tool calls when the turn may call tools; otherwise the answer schema, or
+/// text that is no call.
+fn constraint(tools: Option<&ToolPlan>, answer_schema: Option<&Value>, calls: bool) -> Option<Constraint> {
     match tools {
-        Some(plan) if plan.calls_allowed() => chat::grammar::constraint(plan),
-        _ => answer_schema
-            .map(|s| Constraint::json_schema(s.clone()))
-            .or_else(|| tools.and_then(chat::grammar::constraint)),
+        Some(plan) if calls => chat::grammar::constraint(plan),
+        Some(plan) => answer_schema.map(|s| Constraint::json_schema(s.clone())).or_else(|| {
+            let none = ToolPlan { choice: ToolChoice::None, ..plan.clone() };
+            chat::grammar::constraint(&none)
+        }),
+        None => answer_schema.map(|s| Constraint::json_schema(s.clone())),
     }
 }

@@ -21,6 +21,7 @@ fn spec<'a>(messages: &'a [Message], tools: &'a ToolPlan) -> TurnSpec<'a> {
         messages,
         tools: Some(tools),
         answer_schema: None,
+        answer_only: false,
         params: SamplingParams { max_tokens: Some(60), ..SamplingParams::greedy() },
     }
 }

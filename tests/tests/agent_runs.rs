@@ -1,0 +1,253 @@
+//! Server-side agents through the HTTP API (the axum router in-process, the real Qwen2.5-Coder
+//! engine, the real SQLite run store in a temp dir, the real `mcp-server-time` from PyPI over
+//! stdio): an agent from a TOML file uses the calculator and the MCP time tool and completes;
+//! its SSE events come in order and `GET /v1/runs/{id}/steps` returns every step; approval
+//! pauses and resumes, a rejection reaches the model as the call's error; bad input is 404/400
+//! naming the field. Skipped (SKIP printed) when Qwen or the MCP server is not installed; CI
+//! installs both.
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use kiln_server::agents::AgentArgs;
+use kiln_server::api::{router, AppState};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const MODEL: &str = "qwen";
+
+fn mcp_dir() -> PathBuf {
+    match std::env::var_os("KILN_MCP_DIR") {
+        Some(dir) => dir.into(),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/mcp"),
+    }
+}
+
+/// The MCP config naming the installed time server, or None (SKIP printed).
+fn time_server_config(dir: &Path) -> Option<PathBuf> {
+    let time = mcp_dir().join("time-py");
+    if !time.join("mcp_server_time").is_dir() {
+        eprintln!("SKIP: mcp-server-time not installed in {} (run scripts/mcp-servers.sh)", time.display());
+        return None;
+    }
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let toml = format!(
+        "[servers.time]\ncommand = {python:?}\nargs = [\"-m\", \"mcp_server_time\", \"--local-timezone\", \"UTC\"]\n\
+         env = {{ PYTHONPATH = {:?} }}\ntimeout_secs = 60\n",
+        time.display().to_string()
+    );
+    let path = dir.join("mcp.toml");
+    std::fs::write(&path, toml).expect("write mcp.toml");
+    Some(path)
+}
+
+const AGENT: &str = r#"
+name = "clerk"
+description = "Does arithmetic and tells the time"
+instructions = "You are a precise assistant for {{ user }}. Use the calculator tool for any arithmetic and the get_current_time tool for the time. After the tools answer, reply in one short sentence."
+model = "qwen"
+tools = ["calculator", "get_current_time"]
+max_steps = 6
+max_tokens_per_step = 160
+temperature = 0
+"#;
+
+struct App {
+    router: Router,
+    _dir: tempfile::TempDir,
+}
+
+async fn app() -> Option<App> {
+    let model = kiln_tests::qwen25()?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mcp = time_server_config(dir.path())?;
+    let agents = dir.path().join("agents");
+    std::fs::create_dir_all(&agents).expect("agents dir");
+    std::fs::write(agents.join("clerk.toml"), AGENT).expect("agent file");
+    let engine = kiln_tests::start(&model, &kiln_tests::test_config()).expect("engine start").handle;
+    let args = AgentArgs {
+        data_dir: Some(dir.path().join("data")),
+        database_url: None,
+        agents: Some(agents),
+        mcp_config: Some(mcp),
+        http_tool_hosts: vec![],
+        tool_timeout: 60,
+        run_lease_secs: 30,
+    };
+    let started = kiln_server::agents::start(&args, engine.clone(), MODEL.into(), Default::default()).await;
+    let agents = started.expect("agent runtime");
+    let state = Arc::new(AppState::new(MODEL.into(), Vec::new(), "fp_test".into()));
+    state.set_agents(agents.runtime.clone());
+    state.set_engine(engine);
+    std::mem::forget(agents.mcp); // the MCP child lives as long as the test process
+    Some(App { router: router(state), _dir: dir })
+}
+
+async fn call(app: &App, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, String) {
+    let req = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+    let req = req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_string()))).expect("request");
+    let resp = app.router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+async fn json_call(app: &App, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let (status, text) = call(app, method, uri, body).await;
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{uri}: {e}: {text}")))
+}
+
+/// `(event name, data)` of an SSE body.
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let mut name = String::new();
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                name = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.trim_start());
+            }
+        }
+        if !data.is_empty() {
+            out.push((name, serde_json::from_str(&data).expect("event JSON")));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_calculator_and_mcp_time_completes_with_ordered_events_and_every_step() {
+    let Some(app) = app().await else { return };
+    let input = json!({"input": "First call get_current_time with timezone UTC. Then call the calculator with the expression 1234 * 5678. Then tell me both results.", "variables": {"user": "Ada"}, "stream": true});
+    let (status, text) = call(&app, Method::POST, "/v1/agents/clerk/runs", Some(input)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let events = sse_events(&text);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"run.created"), "{names:?}");
+    assert_eq!(names.last(), Some(&"run.completed"), "{names:?}\n{text}");
+    // Each call is announced before its result, and a step starts before its calls.
+    for (i, (name, data)) in events.iter().enumerate() {
+        if name == "tool_result" {
+            let id = &data["call_id"];
+            assert!(events[..i].iter().any(|(n, d)| n == "tool_call" && &d["call_id"] == id), "{names:?}");
+        }
+        if name == "tool_call" {
+            assert!(events[..i].iter().any(|(n, _)| n == "step.started"), "{names:?}");
+        }
+    }
+    for (n, d) in events.iter().filter(|(n, _)| n != "message.delta") {
+        eprintln!("{n}: {d}");
+    }
+    let results: Vec<&Value> = events.iter().filter(|(n, _)| n == "tool_result").map(|(_, d)| d).collect();
+    let calc = results.iter().find(|d| d["name"] == "calculator").expect("the calculator was called");
+    assert_eq!(calc["content"], "7006652", "{calc}");
+    assert!(results.iter().any(|d| d["name"] == "get_current_time" && d["is_error"] == false), "{results:?}");
+    let run = &events.last().unwrap().1["run"];
+    let id = run["id"].as_str().unwrap();
+    assert_eq!(run["status"], "completed");
+    assert!(run["usage"]["steps"].as_u64().unwrap() >= 3, "{run}");
+    let (_, steps) = json_call(&app, Method::GET, &format!("/v1/runs/{id}/steps"), None).await;
+    let steps = steps["data"].as_array().unwrap().clone();
+    let kinds = |k: &str| steps.iter().filter(|s| s["kind"] == k).count();
+    assert_eq!(kinds("tool_result"), results.len(), "every result is a step");
+    assert_eq!(kinds("tool_call"), events.iter().filter(|(n, _)| n == "tool_call").count());
+    assert_eq!(kinds("model_output") as u64, run["usage"]["steps"].as_u64().unwrap());
+    assert!(steps.iter().enumerate().all(|(i, s)| s["seq"] == i as u64), "seqs 0.. without gaps");
+    // Later turns reuse the session: only the tool results are prefilled.
+    let outputs: Vec<&Value> = steps.iter().filter(|s| s["kind"] == "model_output").map(|s| &s["data"]).collect();
+    for o in &outputs[1..] {
+        let fresh = o["prompt_tokens"].as_u64().unwrap() - o["cached_tokens"].as_u64().unwrap();
+        assert!(fresh < 80, "a later step prefilled {fresh} tokens: {o}");
+    }
+    let (_, got) = json_call(&app, Method::GET, &format!("/v1/runs/{id}"), None).await;
+    assert_eq!(got["status"], "completed");
+    assert!(got["output"].as_str().is_some_and(|s| !s.is_empty()), "{got}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_pauses_and_resumes_and_a_rejection_reaches_the_model() {
+    let Some(app) = app().await else { return };
+    let agent = json!({"name": "careful", "instructions": "Use the calculator tool for arithmetic, then answer in one sentence.",
+        "model": MODEL, "tools": ["calculator"], "max_steps": 4, "max_tokens_per_step": 120, "temperature": 0,
+        "tool_rules": {"requires_approval": ["calculator"]}});
+    let (status, body) = json_call(&app, Method::POST, "/v1/agents", Some(agent)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for approve in [true, false] {
+        let (status, run) =
+            json_call(&app, Method::POST, "/v1/agents/careful/runs", Some(json!({"input": "What is 17 * 23?"}))).await;
+        assert_eq!((status, run["status"].as_str()), (StatusCode::OK, Some("requires_action")), "{run}");
+        let id = run["id"].as_str().unwrap();
+        let call_id = run["output"]["required_action"][0]["id"].as_str().unwrap().to_string();
+        let action = if approve { "approve" } else { "reject" };
+        let body = json!({"call_id": call_id, "reason": "not today"});
+        let (status, _) = json_call(&app, Method::POST, &format!("/v1/runs/{id}/{action}"), Some(body)).await;
+        assert_eq!(status, StatusCode::OK);
+        let run = wait_ended(&app, id).await;
+        let (_, steps) = json_call(&app, Method::GET, &format!("/v1/runs/{id}/steps"), None).await;
+        let result = steps["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["kind"] == "tool_result" && s["data"]["call_id"] == call_id.as_str())
+            .unwrap_or_else(|| panic!("no result for {call_id}: {steps}"))
+            .clone();
+        if approve {
+            assert_eq!(result["data"]["content"], "391", "{result}");
+        } else {
+            assert_eq!(result["data"]["is_error"], true, "{result}");
+            assert!(result["data"]["content"].as_str().unwrap().contains("rejected"), "{result}");
+        }
+        assert!(["completed", "incomplete", "requires_action"].contains(&run["status"].as_str().unwrap()), "{run}");
+    }
+}
+
+/// Polls until the run is no longer queued or in progress.
+async fn wait_ended(app: &App, id: &str) -> Value {
+    for _ in 0..600 {
+        let (_, run) = json_call(app, Method::GET, &format!("/v1/runs/{id}"), None).await;
+        if !["queued", "in_progress"].contains(&run["status"].as_str().unwrap_or_default()) {
+            return run;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("run {id} did not end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_404_or_400_naming_the_field() {
+    let Some(app) = app().await else { return };
+    let (s, b) = json_call(&app, Method::POST, "/v1/agents/nobody/runs", Some(json!({"input": "hi"}))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    for uri in ["/v1/runs/run_missing", "/v1/runs/run_missing/steps", "/v1/agents/nobody"] {
+        let (s, b) = json_call(&app, Method::GET, uri, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{uri}: {b}");
+        assert!(b["error"]["message"].is_string(), "{b}");
+    }
+    let base = json!({"name": "x", "model": MODEL, "instructions": "hi"});
+    let cases = [
+        (json!({"max_steps": 0}), "max_steps"),
+        (json!({"tools": ["no_such_tool"]}), "tools[0]"),
+        (json!({"model": "gpt-9"}), "model"),
+        (json!({"tool_rules": {"terminal": ["calculator"]}}), "tool_rules.terminal[0]"),
+        (json!({"bogus": 1}), "bogus"),
+    ];
+    for (patch, field) in cases {
+        let mut def = base.clone();
+        def.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
+        let (s, b) = json_call(&app, Method::POST, "/v1/agents", Some(def)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{field}: {b}");
+        assert_eq!(b["error"]["param"], field, "{b}");
+    }
+    let (s, b) = json_call(&app, Method::POST, "/v1/agents/clerk/runs", Some(json!({"input": "hi"}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a missing template variable: {b}");
+    assert_eq!(b["error"]["param"], "variables");
+    let (s, _) = json_call(&app, Method::POST, "/v1/agents", Some(json!({"name": "clerk", "model": MODEL}))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, b) = json_call(&app, Method::POST, "/v1/runs/run_missing/approve", Some(json!({}))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+}

@@ -10,6 +10,7 @@
 set -euo pipefail
 DIR=${KILN_MCP_DIR:-$HOME/.cache/kiln/mcp}
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore  # CI runs as root; pip only warns, and --target keeps it out of site-packages
 TIME_VER=2026.10.19
 EVERYTHING_VER=2026.8.31
 mkdir -p "$DIR"

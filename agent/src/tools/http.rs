@@ -191,7 +191,12 @@ impl HttpTool {
         };
         let url = fill(&self.parts, |name| {
             let value = args.shift_remove(name).ok_or_else(|| format!("missing argument {name:?}"))?;
-            Ok(utf8_percent_encode(&scalar_text(name, &value)?, COMPONENT).to_string())
+            let text = scalar_text(name, &value)?;
+            // URL parsing resolves "." and ".." segments (encoded or not): they would move the path.
+            if text == "." || text == ".." {
+                return Err(format!("argument {name:?} may not be {text:?}"));
+            }
+            Ok(utf8_percent_encode(&text, COMPONENT).to_string())
         })
         .map_err(ToolError::Failed)?;
         let mut url = Url::parse(&url).map_err(|e| ToolError::Failed(format!("bad URL {url:?}: {e}")))?;

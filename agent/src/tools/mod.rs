@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
+use tracing::Instrument;
 
 /// What the model is told about a tool; `parameters` (a JSON schema of an object) also
 /// constrains its calls.
@@ -162,7 +163,8 @@ pub struct ToolOutcome {
 pub async fn invoke(tool: &Arc<dyn Tool>, args: Value, limits: &CallLimits) -> ToolOutcome {
     let name = tool.def().name.clone();
     let start = Instant::now();
-    let task = tokio::spawn(tool.call(args));
+    let span = tracing::info_span!("tool_call", tool = %name);
+    let task = tokio::spawn(tool.call(args).instrument(span));
     let abort = task.abort_handle();
     let (content, is_error) = match tokio::time::timeout(limits.timeout, task).await {
         Ok(Ok(Ok(text))) => (text, false),
@@ -176,7 +178,9 @@ pub async fn invoke(tool: &Arc<dyn Tool>, args: Value, limits: &CallLimits) -> T
         }
     };
     let (content, truncated) = truncate_result(content, limits.max_result_bytes);
-    ToolOutcome { content, is_error, truncated, elapsed: start.elapsed() }
+    let elapsed = start.elapsed();
+    tracing::debug!(tool = %name, is_error, truncated, elapsed_ms = elapsed.as_millis() as u64, "tool call done");
+    ToolOutcome { content, is_error, truncated, elapsed }
 }
 
 fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {

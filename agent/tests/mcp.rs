@@ -268,3 +268,43 @@ async fn restarts_back_off_while_the_server_cannot_start() {
     assert_eq!((out.content.as_str(), out.is_error), ("Echo: healed", false));
     manager.shutdown().await;
 }
+
+/// Live processes whose process group is `pgid` (field 5 of /proc/PID/stat).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let stat_pgrp = |pid: &str| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces: split after it.
+        // A zombie (killed, not yet reaped by whoever inherited it) no longer runs: not counted.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        if fields.first() == Some(&"Z") {
+            return None;
+        }
+        fields.get(2)?.parse::<u32>().ok()
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| stat_pgrp(pid) == Some(pgid))
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn shutdown_kills_what_the_server_spawned() {
+    let Some(js) = everything_js() else { return };
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        eprintln!("SKIP: no /proc to inspect process groups");
+        return;
+    }
+    // A server with a helper process of its own: the helper must not outlive the server.
+    let script = format!("sleep 300 & exec node '{}' stdio", js.display());
+    let config = format!("[servers.helper]\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\n");
+    let (manager, reg) = start(&config).await;
+    let pid = manager.server_pid("helper").await.unwrap();
+    assert!(group_members(pid).len() >= 2, "server and helper in one group: {:?}", group_members(pid));
+    let out = call(&reg, "echo", json!({"message": "hi"})).await;
+    assert_eq!(out.content, "Echo: hi");
+    manager.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(group_members(pid), Vec::<u32>::new(), "processes outlived shutdown");
+}

@@ -110,11 +110,9 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[tokio::test]
-async fn everything_server_over_streamable_http() {
-    let Some(js) = everything_js() else { return };
-    let port = free_port();
-    let mut server = tokio::process::Command::new("node")
+/// Starts `server-everything streamableHttp` on `port` and waits until it listens.
+async fn http_everything(js: &std::path::Path, port: u16) -> tokio::process::Child {
+    let server = tokio::process::Command::new("node")
         .args([js.to_str().unwrap(), "streamableHttp"])
         .env("PORT", port.to_string())
         .stdout(std::process::Stdio::null())
@@ -127,6 +125,14 @@ async fn everything_server_over_streamable_http() {
         assert!(tokio::time::Instant::now() < deadline, "server-everything did not listen on {port}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    server
+}
+
+#[tokio::test]
+async fn everything_server_over_streamable_http() {
+    let Some(js) = everything_js() else { return };
+    let port = free_port();
+    let mut server = http_everything(&js, port).await;
     let config = format!("[servers.web]\nurl = \"http://127.0.0.1:{port}/mcp\"\nprefix = \"web_\"\ntimeout_secs = 2\n");
     let (manager, reg) = start(&config).await;
     assert!(reg.names().iter().all(|n| n.starts_with("web_")), "{:?}", reg.names());
@@ -140,8 +146,23 @@ async fn everything_server_over_streamable_http() {
     assert!(out.is_error && out.content.contains("timed out after 2 s"), "{}", out.content);
     let out = call(&reg, "web_echo", json!({"message": "again"})).await;
     assert_eq!((out.content.as_str(), out.is_error), ("Echo: again", false));
-    manager.shutdown().await;
+
+    // The server goes away: calls fail (as results) until it is back, then reconnect on their own.
     server.kill().await.unwrap();
+    let out = call(&reg, "web_echo", json!({"message": "gone"})).await;
+    assert!(out.is_error, "{}", out.content);
+    let _server = http_everything(&js, port).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = call(&reg, "web_echo", json!({"message": "back"})).await;
+        if !out.is_error {
+            assert_eq!(out.content, "Echo: back");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never reconnected: {}", out.content);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    manager.shutdown().await;
 }
 
 #[tokio::test]

@@ -186,8 +186,11 @@ impl HttpTool {
 
     /// The request a call with `args` makes (URL filled, query or body from the other args).
     fn request(&self, args: Value) -> Result<reqwest::RequestBuilder, ToolError> {
-        let Value::Object(mut args) = args else {
-            return Err(ToolError::Failed(format!("arguments must be a JSON object, got {args}")));
+        let mut args = match args {
+            Value::Object(args) => args,
+            // A model calling a tool without parameters may send null for "no arguments".
+            Value::Null => Map::new(),
+            other => return Err(ToolError::Failed(format!("arguments must be a JSON object, got {other}"))),
         };
         let url = fill(&self.parts, |name| {
             let value = args.shift_remove(name).ok_or_else(|| format!("missing argument {name:?}"))?;

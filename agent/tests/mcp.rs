@@ -33,10 +33,20 @@ fn time_server(name: &str) -> Option<String> {
     ))
 }
 
+/// The node the install script chose (`$KILN_MCP_DIR/bin/node`), else the one on PATH.
+fn node() -> String {
+    let chosen = mcp_dir().join("bin/node");
+    if chosen.exists() {
+        chosen.display().to_string()
+    } else {
+        "node".into()
+    }
+}
+
 /// The everything server's entry script, or None (after printing SKIP).
 fn everything_js() -> Option<PathBuf> {
     let js = mcp_dir().join("everything/node_modules/@modelcontextprotocol/server-everything/dist/index.js");
-    let has_node = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    let has_node = std::process::Command::new(node()).arg("--version").output().is_ok_and(|o| o.status.success());
     if !js.is_file() || !has_node {
         eprintln!("SKIP: server-everything or node missing ({}; run scripts/mcp-servers.sh)", js.display());
         return None;
@@ -46,7 +56,7 @@ fn everything_js() -> Option<PathBuf> {
 
 fn everything_stdio(name: &str, extra: &str) -> Option<String> {
     let js = everything_js()?;
-    Some(format!("[servers.{name}]\ncommand = \"node\"\nargs = [{:?}, \"stdio\"]\n{extra}\n", js.display().to_string()))
+    Some(format!("[servers.{name}]\ncommand = {:?}\nargs = [{:?}, \"stdio\"]\n{extra}\n", node(), js.display().to_string()))
 }
 
 async fn start(toml: &str) -> (McpManager, ToolRegistry) {
@@ -112,7 +122,7 @@ fn free_port() -> u16 {
 
 /// Starts `server-everything streamableHttp` on `port` and waits until it listens.
 async fn http_everything(js: &std::path::Path, port: u16) -> tokio::process::Child {
-    let server = tokio::process::Command::new("node")
+    let server = tokio::process::Command::new(node())
         .args([js.to_str().unwrap(), "streamableHttp"])
         .env("PORT", port.to_string())
         .stdout(std::process::Stdio::null())
@@ -267,7 +277,7 @@ async fn restarts_back_off_while_the_server_cannot_start() {
     let Some(js) = everything_js() else { return };
     // A launcher that refuses to start while a flag file exists: the server "breaks" on demand.
     let flag = std::env::temp_dir().join(format!("kiln-mcp-broken-{}", std::process::id()));
-    let script = format!("[ -e '{}' ] && exit 1; exec node '{}' stdio", flag.display(), js.display());
+    let script = format!("[ -e '{}' ] && exit 1; exec '{}' '{}' stdio", flag.display(), node(), js.display());
     let config = format!("[servers.flaky]\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\ntimeout_secs = 10\n");
     let (manager, reg) = start(&config).await;
     std::fs::write(&flag, "").unwrap();
@@ -318,7 +328,7 @@ async fn shutdown_kills_what_the_server_spawned() {
         return;
     }
     // A server with a helper process of its own: the helper must not outlive the server.
-    let script = format!("sleep 300 & exec node '{}' stdio", js.display());
+    let script = format!("sleep 300 & exec '{}' '{}' stdio", node(), js.display());
     let config = format!("[servers.helper]\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\n");
     let (manager, reg) = start(&config).await;
     let pid = manager.server_pid("helper").await.unwrap();

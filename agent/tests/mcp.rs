@@ -56,7 +56,11 @@ fn everything_js() -> Option<PathBuf> {
 
 fn everything_stdio(name: &str, extra: &str) -> Option<String> {
     let js = everything_js()?;
-    Some(format!("[servers.{name}]\ncommand = {:?}\nargs = [{:?}, \"stdio\"]\n{extra}\n", node(), js.display().to_string()))
+    Some(format!(
+        "[servers.{name}]\ncommand = {:?}\nargs = [{:?}, \"stdio\"]\n{extra}\n",
+        node(),
+        js.display().to_string()
+    ))
 }
 
 async fn start(toml: &str) -> (McpManager, ToolRegistry) {

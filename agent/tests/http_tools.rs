@@ -89,6 +89,10 @@ async fn get_fills_placeholders_and_query() {
     assert_eq!(seen["query"], "q=x%26y%3Dz&n=3");
     assert_eq!(seen["body"], "");
 
+    // A dot segment would be resolved away by URL parsing: refused, not sent to another path.
+    let (text, is_error) = call(&t, json!({"id": ".."})).await;
+    assert!(is_error && text.as_str().unwrap().contains("may not be \"..\""), "{text}");
+
     let del = tool(&host, "DELETE", "/echo/items/{id}", None);
     let (seen, _) = call(&del, json!({"id": 7})).await;
     assert_eq!(

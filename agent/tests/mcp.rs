@@ -33,10 +33,20 @@ fn time_server(name: &str) -> Option<String> {
     ))
 }
 
+/// The node the install script chose (`$KILN_MCP_DIR/bin/node`), else the one on PATH.
+fn node() -> String {
+    let chosen = mcp_dir().join("bin/node");
+    if chosen.exists() {
+        chosen.display().to_string()
+    } else {
+        "node".into()
+    }
+}
+
 /// The everything server's entry script, or None (after printing SKIP).
 fn everything_js() -> Option<PathBuf> {
     let js = mcp_dir().join("everything/node_modules/@modelcontextprotocol/server-everything/dist/index.js");
-    let has_node = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    let has_node = std::process::Command::new(node()).arg("--version").output().is_ok_and(|o| o.status.success());
     if !js.is_file() || !has_node {
         eprintln!("SKIP: server-everything or node missing ({}; run scripts/mcp-servers.sh)", js.display());
         return None;
@@ -46,7 +56,11 @@ fn everything_js() -> Option<PathBuf> {
 
 fn everything_stdio(name: &str, extra: &str) -> Option<String> {
     let js = everything_js()?;
-    Some(format!("[servers.{name}]\ncommand = \"node\"\nargs = [{:?}, \"stdio\"]\n{extra}\n", js.display().to_string()))
+    Some(format!(
+        "[servers.{name}]\ncommand = {:?}\nargs = [{:?}, \"stdio\"]\n{extra}\n",
+        node(),
+        js.display().to_string()
+    ))
 }
 
 async fn start(toml: &str) -> (McpManager, ToolRegistry) {
@@ -110,11 +124,9 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[tokio::test]
-async fn everything_server_over_streamable_http() {
-    let Some(js) = everything_js() else { return };
-    let port = free_port();
-    let mut server = tokio::process::Command::new("node")
+/// Starts `server-everything streamableHttp` on `port` and waits until it listens.
+async fn http_everything(js: &std::path::Path, port: u16) -> tokio::process::Child {
+    let server = tokio::process::Command::new(node())
         .args([js.to_str().unwrap(), "streamableHttp"])
         .env("PORT", port.to_string())
         .stdout(std::process::Stdio::null())
@@ -127,6 +139,14 @@ async fn everything_server_over_streamable_http() {
         assert!(tokio::time::Instant::now() < deadline, "server-everything did not listen on {port}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    server
+}
+
+#[tokio::test]
+async fn everything_server_over_streamable_http() {
+    let Some(js) = everything_js() else { return };
+    let port = free_port();
+    let mut server = http_everything(&js, port).await;
     let config = format!("[servers.web]\nurl = \"http://127.0.0.1:{port}/mcp\"\nprefix = \"web_\"\ntimeout_secs = 2\n");
     let (manager, reg) = start(&config).await;
     assert!(reg.names().iter().all(|n| n.starts_with("web_")), "{:?}", reg.names());
@@ -140,8 +160,23 @@ async fn everything_server_over_streamable_http() {
     assert!(out.is_error && out.content.contains("timed out after 2 s"), "{}", out.content);
     let out = call(&reg, "web_echo", json!({"message": "again"})).await;
     assert_eq!((out.content.as_str(), out.is_error), ("Echo: again", false));
-    manager.shutdown().await;
+
+    // The server goes away: calls fail (as results) until it is back, then reconnect on their own.
     server.kill().await.unwrap();
+    let out = call(&reg, "web_echo", json!({"message": "gone"})).await;
+    assert!(out.is_error, "{}", out.content);
+    let _server = http_everything(&js, port).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = call(&reg, "web_echo", json!({"message": "back"})).await;
+        if !out.is_error {
+            assert_eq!(out.content, "Echo: back");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never reconnected: {}", out.content);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    manager.shutdown().await;
 }
 
 #[tokio::test]
@@ -246,7 +281,7 @@ async fn restarts_back_off_while_the_server_cannot_start() {
     let Some(js) = everything_js() else { return };
     // A launcher that refuses to start while a flag file exists: the server "breaks" on demand.
     let flag = std::env::temp_dir().join(format!("kiln-mcp-broken-{}", std::process::id()));
-    let script = format!("[ -e '{}' ] && exit 1; exec node '{}' stdio", flag.display(), js.display());
+    let script = format!("[ -e '{}' ] && exit 1; exec '{}' '{}' stdio", flag.display(), node(), js.display());
     let config = format!("[servers.flaky]\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\ntimeout_secs = 10\n");
     let (manager, reg) = start(&config).await;
     std::fs::write(&flag, "").unwrap();
@@ -267,4 +302,44 @@ async fn restarts_back_off_while_the_server_cannot_start() {
     let out = call(&reg, "echo", json!({"message": "healed"})).await;
     assert_eq!((out.content.as_str(), out.is_error), ("Echo: healed", false));
     manager.shutdown().await;
+}
+
+/// Live processes whose process group is `pgid` (field 5 of /proc/PID/stat).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let stat_pgrp = |pid: &str| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces: split after it.
+        // A zombie (killed, not yet reaped by whoever inherited it) no longer runs: not counted.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        if fields.first() == Some(&"Z") {
+            return None;
+        }
+        fields.get(2)?.parse::<u32>().ok()
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| stat_pgrp(pid) == Some(pgid))
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn shutdown_kills_what_the_server_spawned() {
+    let Some(js) = everything_js() else { return };
+    if !std::path::Path::new("/proc/self/stat").exists() {
+        eprintln!("SKIP: no /proc to inspect process groups");
+        return;
+    }
+    // A server with a helper process of its own: the helper must not outlive the server.
+    let script = format!("sleep 300 & exec '{}' '{}' stdio", node(), js.display());
+    let config = format!("[servers.helper]\ncommand = \"sh\"\nargs = [\"-c\", {script:?}]\n");
+    let (manager, reg) = start(&config).await;
+    let pid = manager.server_pid("helper").await.unwrap();
+    assert!(group_members(pid).len() >= 2, "server and helper in one group: {:?}", group_members(pid));
+    let out = call(&reg, "echo", json!({"message": "hi"})).await;
+    assert_eq!(out.content, "Echo: hi");
+    manager.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(group_members(pid), Vec::<u32>::new(), "processes outlived shutdown");
 }

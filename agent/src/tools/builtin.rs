@@ -113,7 +113,7 @@ impl Calculator {
     pub fn new() -> Self {
         let def = ToolDef {
             name: "calculator".into(),
-            description: "Exact arithmetic on integers and decimals: + - * / % ^ and parentheses \
+            description: "Exact arithmetic on integers and decimals: + - * / % ^ (or **) and parentheses \
                           (e.g. \"(1.5 + 2) * 3^2\"). Results are exact: an integer, a decimal, or a \
                           fraction with a decimal approximation."
                 .into(),

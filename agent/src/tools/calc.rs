@@ -1,4 +1,4 @@
-//! The calculator builtin's arithmetic: a recursive-descent parser over `+ - * / % ^`, parentheses,
+//! The calculator builtin's arithmetic: a recursive-descent parser over `+ - * / % ^` (or `**`), parentheses,
 //! unary minus, integers and decimals, evaluated exactly with big rationals (0.1 + 0.2 is 0.3).
 //! It owns parsing, evaluation and printing; it must never panic, never use floats, and never let
 //! one expression take unbounded time or memory (input length, nesting and result size are capped).
@@ -135,10 +135,14 @@ impl Parser<'_> {
         self.power()
     }
 
-    /// power := primary ('^' unary)?, right-associative: 2^3^2 is 2^9.
+    /// power := primary (('^' | '**') unary)?, right-associative: 2^3^2 is 2^9. `**` because
+    /// models trained on Python write it; it is read here, before `term` could see two `*`.
     fn power(&mut self) -> Result<BigRational, CalcError> {
         let base = self.primary()?;
-        if self.eat(b"^").is_none() {
+        self.skip_ws();
+        if self.src[self.pos..].starts_with(b"**") {
+            self.pos += 2;
+        } else if self.eat(b"^").is_none() {
             return Ok(base);
         }
         self.descend()?;

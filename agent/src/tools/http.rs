@@ -186,12 +186,20 @@ impl HttpTool {
 
     /// The request a call with `args` makes (URL filled, query or body from the other args).
     fn request(&self, args: Value) -> Result<reqwest::RequestBuilder, ToolError> {
-        let Value::Object(mut args) = args else {
-            return Err(ToolError::Failed(format!("arguments must be a JSON object, got {args}")));
+        let mut args = match args {
+            Value::Object(args) => args,
+            // A model calling a tool without parameters may send null for "no arguments".
+            Value::Null => Map::new(),
+            other => return Err(ToolError::Failed(format!("arguments must be a JSON object, got {other}"))),
         };
         let url = fill(&self.parts, |name| {
             let value = args.shift_remove(name).ok_or_else(|| format!("missing argument {name:?}"))?;
-            Ok(utf8_percent_encode(&scalar_text(name, &value)?, COMPONENT).to_string())
+            let text = scalar_text(name, &value)?;
+            // URL parsing resolves "." and ".." segments (encoded or not): they would move the path.
+            if text == "." || text == ".." {
+                return Err(format!("argument {name:?} may not be {text:?}"));
+            }
+            Ok(utf8_percent_encode(&text, COMPONENT).to_string())
         })
         .map_err(ToolError::Failed)?;
         let mut url = Url::parse(&url).map_err(|e| ToolError::Failed(format!("bad URL {url:?}: {e}")))?;

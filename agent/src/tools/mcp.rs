@@ -185,6 +185,10 @@ impl Server {
         let program = self.config.command.as_deref().unwrap_or_default();
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(&self.config.args).envs(&self.config.env);
+        // Its own process group: killing it on restart or shutdown also kills what it spawned
+        // (`npx` runs the server as a grandchild; some servers start helpers).
+        let mut cmd = process_wrap::tokio::CommandWrap::from(cmd);
+        cmd.wrap(process_wrap::tokio::ProcessGroup::leader());
         let (child, stderr) = TokioChildProcess::builder(cmd)
             .stderr(Stdio::piped())
             .spawn()
@@ -224,12 +228,29 @@ impl Server {
     }
 }
 
-/// Closes a connection; for a child process, dropping the transport kills it.
+/// Closes a connection; for a child process, dropping the transport ends it (stdin closed, then
+/// killed), and what is left of its process group is killed: a server that exits cleanly on EOF
+/// would otherwise leave its helpers running.
 async fn close(mut conn: Conn) {
     if let Err(e) = conn.service.close_with_timeout(Duration::from_secs(2)).await {
         tracing::debug!(error = %e, "MCP service task ended badly on close");
     }
+    if let Some(pgid) = conn.pid {
+        kill_group(pgid);
+    }
 }
+
+#[cfg(unix)]
+fn kill_group(pgid: u32) {
+    use nix::sys::signal::{killpg, Signal};
+    // ESRCH (the group is already gone) is the usual, good case.
+    if let Ok(pgid) = i32::try_from(pgid) {
+        let _ = killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+}
+
+#[cfg(not(unix))]
+fn kill_group(_pgid: u32) {}
 
 /// The child's stderr goes to the log, line by line (MCP servers log there; stdout is the protocol).
 async fn log_stderr(server: String, stderr: tokio::process::ChildStderr) {
@@ -412,7 +433,8 @@ impl McpManager {
                 }
                 let def = ToolDef {
                     name: exposed,
-                    description: tool.description.as_deref().unwrap_or_default().to_string(),
+                    // The title when a server gives no description: the model needs some hint.
+                    description: tool.description.as_deref().or(tool.title.as_deref()).unwrap_or_default().to_string(),
                     parameters: Value::Object((*tool.input_schema).clone()),
                 };
                 let remote_name = tool.name.to_string();

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
+use tracing::Instrument;
 
 /// What the model is told about a tool; `parameters` (a JSON schema of an object) also
 /// constrains its calls.
@@ -162,21 +163,41 @@ pub struct ToolOutcome {
 pub async fn invoke(tool: &Arc<dyn Tool>, args: Value, limits: &CallLimits) -> ToolOutcome {
     let name = tool.def().name.clone();
     let start = Instant::now();
-    let task = tokio::spawn(tool.call(args));
-    let abort = task.abort_handle();
-    let (content, is_error) = match tokio::time::timeout(limits.timeout, task).await {
+    let (content, is_error) = run(tool, &name, args, limits.timeout).await;
+    let (content, truncated) = truncate_result(content, limits.max_result_bytes);
+    let elapsed = start.elapsed();
+    tracing::debug!(tool = %name, is_error, truncated, elapsed_ms = elapsed.as_millis() as u64, "tool call done");
+    ToolOutcome { content, is_error, truncated, elapsed }
+}
+
+/// Aborts the call's task when `invoke` itself is dropped (the run was cancelled): a tool call
+/// nobody waits for must not keep running.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn run(tool: &Arc<dyn Tool>, name: &str, args: Value, timeout: Duration) -> (String, bool) {
+    // `call` itself may panic before it returns a future: caught like a panic inside the future.
+    let future = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tool.call(args))) {
+        Ok(future) => future,
+        Err(payload) => return (format!("tool {name} crashed: {}", panic_text(payload)), true),
+    };
+    let task = tokio::spawn(future.instrument(tracing::info_span!("tool_call", tool = %name)));
+    let _abort = AbortOnDrop(task.abort_handle());
+    match tokio::time::timeout(timeout, task).await {
         Ok(Ok(Ok(text))) => (text, false),
         Ok(Ok(Err(e))) => (format!("tool {name} failed: {e}"), true),
         Ok(Err(join)) if join.is_panic() => (format!("tool {name} crashed: {}", panic_text(join.into_panic())), true),
         Ok(Err(_)) => (format!("tool {name} was cancelled"), true),
         Err(_) => {
-            abort.abort();
-            tracing::warn!(tool = %name, timeout_ms = limits.timeout.as_millis() as u64, "tool call timed out");
-            (format!("tool {name} timed out after {}", human_duration(limits.timeout)), true)
+            tracing::warn!(tool = %name, timeout_ms = timeout.as_millis() as u64, "tool call timed out");
+            (format!("tool {name} timed out after {}", human_duration(timeout)), true)
         }
-    };
-    let (content, truncated) = truncate_result(content, limits.max_result_bytes);
-    ToolOutcome { content, is_error, truncated, elapsed: start.elapsed() }
+    }
 }
 
 fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {

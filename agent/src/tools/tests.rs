@@ -81,6 +81,44 @@ async fn ok_error_panic_timeout() {
     assert!(out.elapsed >= Duration::from_millis(200) && out.elapsed < Duration::from_secs(5));
 }
 
+/// A tool that panics in `call` itself, before any future exists.
+struct PanicsEarly(ToolDef);
+
+impl Tool for PanicsEarly {
+    fn def(&self) -> &ToolDef {
+        &self.0
+    }
+    fn call(&self, _: Value) -> BoxFuture<'static, Result<String, ToolError>> {
+        panic!("bad arguments {}", 42)
+    }
+}
+
+#[tokio::test]
+async fn a_panic_before_the_future_is_caught_too() {
+    let def = ToolDef { name: "early".into(), description: String::new(), parameters: json!({}) };
+    let tool: Arc<dyn Tool> = Arc::new(PanicsEarly(def));
+    let out = invoke(&tool, json!({}), &limits(1000, 100)).await;
+    assert_eq!((out.content.as_str(), out.is_error), ("tool early crashed: bad arguments 42", true));
+}
+
+#[tokio::test]
+async fn a_dropped_invoke_aborts_the_call() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FINISHED: AtomicBool = AtomicBool::new(false);
+    let slow = fake("slow", |_| {
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            FINISHED.store(true, Ordering::SeqCst);
+            Ok(String::new())
+        }
+        .boxed()
+    });
+    let dropped = tokio::time::timeout(Duration::from_millis(50), invoke(&slow, json!({}), &limits(5000, 100))).await;
+    assert!(dropped.is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!FINISHED.load(Ordering::SeqCst), "the call kept running after invoke was dropped");
+}
+
 #[tokio::test]
 async fn timeout_text_in_seconds() {
     assert_eq!(human_duration(Duration::from_secs(30)), "30 s");

@@ -12,7 +12,7 @@ use crate::history::{call_key, ApprovalStep, CallRecord, History, ModelStep, Res
 use crate::runtime::{Inner, RunError};
 use crate::spec::AgentSpec;
 use crate::store::{RunRecord, RunStatus, StepKind};
-use crate::tools::{invoke, Tool};
+use crate::tools::{invoke_keyed, Tool};
 use crate::turn::{ModelSession, TurnSpec};
 use futures_util::future::join_all;
 use kiln_inference::chat::{ToolChoice, ToolPlan, ToolSpec};
@@ -239,7 +239,8 @@ impl Driver {
             return base(format!("unknown tool {}", call.name), true);
         };
         let args = serde_json::from_str(&call.arguments).unwrap_or(Value::Object(Default::default()));
-        let o = invoke(tool, args, &self.rt.config.call_limits).await;
+        let key = format!("{}:{}", self.run.id, call.id);
+        let o = invoke_keyed(tool, args, Some(&key), &self.rt.config.call_limits).await;
         ResultStep { truncated: o.truncated, latency_ms: o.elapsed.as_millis() as u64, ..base(o.content, o.is_error) }
     }
 

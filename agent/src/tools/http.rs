@@ -229,7 +229,20 @@ impl Tool for HttpTool {
     }
 
     fn call(&self, args: Value) -> BoxFuture<'static, Result<String, ToolError>> {
-        let request = self.request(args);
+        self.send(self.request(args))
+    }
+
+    fn call_keyed(&self, args: Value, key: &str) -> BoxFuture<'static, Result<String, ToolError>> {
+        let key = key.to_string();
+        self.send(self.request(args).map(|r| r.header("Idempotency-Key", key)))
+    }
+}
+
+impl HttpTool {
+    fn send(
+        &self,
+        request: Result<reqwest::RequestBuilder, ToolError>,
+    ) -> BoxFuture<'static, Result<String, ToolError>> {
         let timeout = self.timeout;
         async move {
             let response = request?.send().await.map_err(|e| request_error(e, timeout))?;

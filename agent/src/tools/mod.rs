@@ -57,6 +57,14 @@ impl ToolError {
 pub trait Tool: Send + Sync + 'static {
     fn def(&self) -> &ToolDef;
     fn call(&self, args: Value) -> BoxFuture<'static, Result<String, ToolError>>;
+
+    /// [`Tool::call`] with the call's idempotency key, the same every time the call is run (a run
+    /// resumed after a crash re-runs a call whose result was never recorded). Tools that can pass
+    /// it on override this (HTTP tools send `Idempotency-Key`); the rest ignore it.
+    fn call_keyed(&self, args: Value, key: &str) -> BoxFuture<'static, Result<String, ToolError>> {
+        let _ = key;
+        self.call(args)
+    }
 }
 
 /// Whether `name` is a valid tool name: 1..=64 of `a-zA-Z0-9_-` (what every chat template and
@@ -161,9 +169,14 @@ pub struct ToolOutcome {
 /// Runs one call within `limits`. The tool's future runs on its own task so that a panic in it
 /// is caught (a `JoinError`, not an unwind through the tool loop) and a timeout can abort it.
 pub async fn invoke(tool: &Arc<dyn Tool>, args: Value, limits: &CallLimits) -> ToolOutcome {
+    invoke_keyed(tool, args, None, limits).await
+}
+
+/// [`invoke`] passing the call's idempotency key to the tool (see [`Tool::call_keyed`]).
+pub async fn invoke_keyed(tool: &Arc<dyn Tool>, args: Value, key: Option<&str>, limits: &CallLimits) -> ToolOutcome {
     let name = tool.def().name.clone();
     let start = Instant::now();
-    let (content, is_error) = run(tool, &name, args, limits.timeout).await;
+    let (content, is_error) = run(tool, &name, args, key, limits.timeout).await;
     let (content, truncated) = truncate_result(content, limits.max_result_bytes);
     let elapsed = start.elapsed();
     tracing::debug!(tool = %name, is_error, truncated, elapsed_ms = elapsed.as_millis() as u64, "tool call done");
@@ -180,9 +193,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn run(tool: &Arc<dyn Tool>, name: &str, args: Value, timeout: Duration) -> (String, bool) {
+async fn run(tool: &Arc<dyn Tool>, name: &str, args: Value, key: Option<&str>, timeout: Duration) -> (String, bool) {
     // `call` itself may panic before it returns a future: caught like a panic inside the future.
-    let future = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tool.call(args))) {
+    let start = || match key {
+        Some(k) => tool.call_keyed(args, k),
+        None => tool.call(args),
+    };
+    let future = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(start)) {
         Ok(future) => future,
         Err(payload) => return (format!("tool {name} crashed: {}", panic_text(payload)), true),
     };

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// How a run's drive ended in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +65,10 @@ impl Driver {
             if self.cancel.load(Ordering::Relaxed) || self.stopped_elsewhere().await? {
                 return Ok(DriveEnd::Released);
             }
+            // Spans: run (the drive) -> step -> tool_call (in `invoke`).
+            let span = tracing::info_span!("step", step = self.history.turns);
             if !self.history.pending.is_empty() {
-                if let Some(end) = self.run_pending().await? {
+                if let Some(end) = self.run_pending().instrument(span).await? {
                     return Ok(end);
                 }
                 continue;
@@ -74,7 +77,8 @@ impl Driver {
                 let out = json!({"reason": "max_steps", "max_steps": self.spec.max_steps});
                 return self.finish(RunStatus::Incomplete, Some(out)).await;
             }
-            if let Some(end) = self.model_turn().await? {
+            let span = tracing::info_span!("step", step = self.history.turns + 1);
+            if let Some(end) = self.model_turn().instrument(span).await? {
                 return Ok(end);
             }
         }
@@ -116,6 +120,21 @@ impl Driver {
             tracing::info!(run = %self.run.id, "loop guard: the turn only repeated answered calls; asking for the answer");
         }
         self.append(StepKind::ModelOutput, &serde_json::to_value(&record)?, None).await?;
+        let st = &self.rt.stats;
+        st.steps.fetch_add(1, Ordering::Relaxed);
+        st.prefilled_tokens.fetch_add((record.prompt_tokens - record.cached_tokens) as u64, Ordering::Relaxed);
+        st.reused_tokens.fetch_add(record.cached_tokens as u64, Ordering::Relaxed);
+        st.completion_tokens.fetch_add(record.completion_tokens as u64, Ordering::Relaxed);
+        st.model_ms.fetch_add(record.latency_ms, Ordering::Relaxed);
+        tracing::info!(
+            step,
+            prompt_tokens = record.prompt_tokens,
+            reused_tokens = record.cached_tokens,
+            completion_tokens = record.completion_tokens,
+            calls = record.calls.len(),
+            latency_ms = record.latency_ms,
+            "model step"
+        );
         self.history.apply_model(record);
         if repeats_only || !self.history.pending.is_empty() {
             return Ok(None);
@@ -167,6 +186,7 @@ impl Driver {
             if let Some(end) = self.set_status(RunStatus::RequiresAction, Some(output)).await? {
                 return Ok(Some(end));
             }
+            self.rt.stats.ended(RunStatus::RequiresAction);
             self.rt.events.send(&self.run.id, RunEvent::RequiresAction { run: self.run_json() });
             return Ok(Some(DriveEnd::Status(RunStatus::RequiresAction)));
         }
@@ -241,6 +261,10 @@ impl Driver {
         let args = serde_json::from_str(&call.arguments).unwrap_or(Value::Object(Default::default()));
         let key = format!("{}:{}", self.run.id, call.id);
         let o = invoke_keyed(tool, args, Some(&key), &self.rt.config.call_limits).await;
+        let st = &self.rt.stats;
+        st.tool_calls.fetch_add(1, Ordering::Relaxed);
+        st.tool_errors.fetch_add(u64::from(o.is_error), Ordering::Relaxed);
+        st.tool_ms.fetch_add(o.elapsed.as_millis() as u64, Ordering::Relaxed);
         ResultStep { truncated: o.truncated, latency_ms: o.elapsed.as_millis() as u64, ..base(o.content, o.is_error) }
     }
 
@@ -290,6 +314,7 @@ impl Driver {
         if let Some(end) = self.set_status(status, output).await? {
             return Ok(end);
         }
+        self.rt.stats.ended(status);
         let event = format!("run.{}", status.as_str());
         self.rt.events.send(&self.run.id, RunEvent::Ended { event, run: self.run_json() });
         Ok(DriveEnd::Status(status))
@@ -302,6 +327,7 @@ impl Driver {
             Ok(()) => {
                 self.run.status = failed;
                 self.run.error = Some(error);
+                self.rt.stats.ended(failed);
                 let run = self.run_json();
                 self.rt.events.send(&self.run.id, RunEvent::Ended { event: "run.failed".into(), run });
                 Ok(DriveEnd::Status(failed))

@@ -15,7 +15,7 @@ use crate::tools::{CallLimits, Tool, ToolError, ToolRegistry};
 use kiln_inference::{EngineError, EngineHandle, SamplingParams};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -86,7 +86,42 @@ impl RuntimeConfig {
     }
 }
 
+/// Counters of the agent layer (for `/metrics`); totals since start, this process only.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub runs_started: AtomicU64,
+    pub runs_completed: AtomicU64,
+    pub runs_incomplete: AtomicU64,
+    pub runs_failed: AtomicU64,
+    pub runs_cancelled: AtomicU64,
+    pub runs_paused: AtomicU64,
+    /// Model turns, and their prompt tokens split into prefilled and reused (session/cache).
+    pub steps: AtomicU64,
+    pub prefilled_tokens: AtomicU64,
+    pub reused_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    pub model_ms: AtomicU64,
+    pub tool_calls: AtomicU64,
+    pub tool_errors: AtomicU64,
+    pub tool_ms: AtomicU64,
+}
+
+impl AgentStats {
+    pub(crate) fn ended(&self, status: RunStatus) {
+        let c = match status {
+            RunStatus::Completed => &self.runs_completed,
+            RunStatus::Incomplete => &self.runs_incomplete,
+            RunStatus::Failed => &self.runs_failed,
+            RunStatus::Cancelled => &self.runs_cancelled,
+            RunStatus::RequiresAction => &self.runs_paused,
+            RunStatus::Queued | RunStatus::InProgress => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 pub(crate) struct Inner {
+    pub(crate) stats: AgentStats,
     pub(crate) engine: EngineHandle,
     pub(crate) store: RunStore,
     pub(crate) events: Arc<EventHub>,
@@ -124,10 +159,15 @@ impl AgentRuntime {
         let http = allow.http_client()?;
         let events = Arc::new(EventHub::default());
         let running = Mutex::new(HashMap::new());
-        let inner = Arc::new(Inner { engine, store, events, config, registry, allow, http, running });
+        let stats = AgentStats::default();
+        let inner = Arc::new(Inner { stats, engine, store, events, config, registry, allow, http, running });
         let rt = Self { inner };
         tokio::spawn(claim_loop(Arc::downgrade(&rt.inner)));
         Ok(rt)
+    }
+
+    pub fn stats(&self) -> &AgentStats {
+        &self.inner.stats
     }
 
     pub fn store(&self) -> &RunStore {
@@ -190,6 +230,7 @@ impl AgentRuntime {
         let rx = self.inner.events.subscribe(&run.id);
         self.inner.store.create_run(&run).await?;
         self.inner.events.send(&run.id, RunEvent::Created { run: serde_json::to_value(&run)? });
+        self.inner.stats.runs_started.fetch_add(1, Ordering::Relaxed);
         spawn_drive(self.inner.clone(), run.id.clone());
         Ok((run, rx))
     }
@@ -216,6 +257,7 @@ impl AgentRuntime {
             flag.store(true, Ordering::Relaxed);
         }
         self.inner.store.append_step(id, StepKind::Status, &json!({"status": "cancelled"}), None).await?;
+        self.inner.stats.ended(RunStatus::Cancelled);
         let run = RunRecord { status: RunStatus::Cancelled, ..run };
         let ended = RunEvent::Ended { event: "run.cancelled".into(), run: serde_json::to_value(&run)? };
         self.inner.events.send(id, ended);

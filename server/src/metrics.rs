@@ -324,3 +324,39 @@ fn engine_gauges(out: &mut String, h: &EngineHandle, labels: &str) {
 fn scalar(out: &mut String, (name, help, kind): (&str, &str, &str), labels: &str, v: f64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {v}");
 }
+
+/// The agent layer's counters (`kiln:agent_*`), when the runtime is up.
+pub fn agent_metrics(out: &mut String, st: &kiln_agent::runtime::AgentStats) {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+    let _ = writeln!(out, "# HELP kiln:agent_runs_total Agent runs by how they ended (paused = requires_action).\n# TYPE kiln:agent_runs_total counter");
+    let _ = writeln!(out, "kiln:agent_runs_total{{status=\"started\"}} {}", get(&st.runs_started));
+    for (status, c) in [
+        ("completed", &st.runs_completed),
+        ("incomplete", &st.runs_incomplete),
+        ("failed", &st.runs_failed),
+        ("cancelled", &st.runs_cancelled),
+        ("paused", &st.runs_paused),
+    ] {
+        let _ = writeln!(out, "kiln:agent_runs_total{{status=\"{status}\"}} {}", get(c));
+    }
+    for (name, help, c) in [
+        ("kiln:agent_steps_total", "Model turns of agent runs.", &st.steps),
+        ("kiln:agent_prefilled_tokens_total", "Prompt tokens agent turns prefilled.", &st.prefilled_tokens),
+        (
+            "kiln:agent_reused_tokens_total",
+            "Prompt tokens agent turns reused from their session or the prefix cache.",
+            &st.reused_tokens,
+        ),
+        ("kiln:agent_completion_tokens_total", "Tokens agent turns generated.", &st.completion_tokens),
+        ("kiln:agent_model_milliseconds_total", "Time in agent model turns.", &st.model_ms),
+        ("kiln:agent_tool_calls_total", "Tool calls executed by agent runs.", &st.tool_calls),
+        (
+            "kiln:agent_tool_errors_total",
+            "Tool calls whose result was an error (failure, timeout, crash).",
+            &st.tool_errors,
+        ),
+        ("kiln:agent_tool_milliseconds_total", "Time in tool calls.", &st.tool_ms),
+    ] {
+        scalar(out, (name, help, "counter"), "", get(c));
+    }
+}

@@ -166,6 +166,14 @@ async fn an_agent_with_calculator_and_mcp_time_completes_with_ordered_events_and
     }
     let (_, got) = json_call(&app, Method::GET, &format!("/v1/runs/{id}"), None).await;
     assert_eq!(got["status"], "completed");
+    let (_, metrics) = call(&app, Method::GET, "/metrics", None).await;
+    let metric = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(metric("kiln:agent_tool_calls_total") >= results.len() as f64);
+    assert!(metric("kiln:agent_reused_tokens_total") > 0.0);
+    assert_eq!(metric("kiln:agent_runs_total{status=\"completed\"}"), 1.0);
     assert!(got["output"].as_str().is_some_and(|s| !s.is_empty()), "{got}");
 }
 

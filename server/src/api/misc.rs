@@ -31,7 +31,10 @@ pub async fn health(State(state): State<Shared>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Shared>) -> Response {
-    let text = state.metrics.render(state.engine_if_loaded(), state.embedder_if_loaded().map(|(_, h)| h));
+    let mut text = state.metrics.render(state.engine_if_loaded(), state.embedder_if_loaded().map(|(_, h)| h));
+    if let Some(rt) = state.agents() {
+        crate::metrics::agent_metrics(&mut text, rt.stats());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

@@ -1,0 +1,237 @@
+//! The OpenAI Responses API: `POST /v1/responses` (one model turn, JSON or SSE), `GET` and
+//! `DELETE /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`, `POST
+//! /v1/responses/{id}/cancel`. A turn's conversation is the previous response's (its input
+//! chain and output, when `previous_response_id` is given) plus the new input; stored turns
+//! park their engine session so the next turn of the chain reuses its K/V.
+//! Owns: the stored record's shape (`{"response", "input", "history"}`, JSON so that a durable
+//! store can keep it as is) and the response object's echoed fields. Must not: parse items or
+//! model output (`responses_items.rs`, `responses_sse.rs`) or keep state outside `Responses`.
+
+use super::chat::{forbid_call_token, render_messages, RenderOpts};
+use super::error::{ApiError, ApiResult};
+use super::generation::{collect, submit, track, unix_now, Tracked};
+use super::request::{body_bytes, parse_body, Sampling};
+use super::response_format::grammar_error;
+use super::responses_items::{self as items, new_id, ResponsesRequest};
+use super::responses_sse::{self as sse, Mode, OutputBuilder};
+use super::Shared;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kiln_inference::chat::{self, ToolPlan};
+use kiln_inference::engine::Prompt;
+use kiln_inference::{Constraint, Session, SessionInput};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// What happens when a turn ends: store its record and park its session (when `store`).
+pub struct Finisher {
+    state: Shared,
+    id: String,
+    store: bool,
+    input: Vec<Value>,
+    history: Vec<Value>,
+    session: Option<Session>,
+}
+
+impl Finisher {
+    pub async fn finish(self, response: &Value) -> ApiResult<()> {
+        if !self.store {
+            return Ok(());
+        }
+        let record = json!({"response": response, "input": self.input, "history": self.history});
+        let r = &self.state.responses;
+        r.store.put(&self.id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
+        if let Some(s) = self.session {
+            r.sessions.park(self.id, s);
+        }
+        Ok(())
+    }
+}
+
+pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let req: ResponsesRequest = parse_body(&body_bytes(body)?)?;
+    state.check_model(&req.model)?;
+    if req.background == Some(true) {
+        return Err(ApiError::invalid(
+            "background",
+            "background responses are not supported yet; omit it or send false",
+        ));
+    }
+    let plan = items::tool_plan(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
+    let calls = plan.as_ref().is_some_and(ToolPlan::calls_allowed);
+    let answer = items::answer_schema(req.text.as_ref())?;
+    let sampling = Sampling { temperature: req.temperature, top_p: req.top_p, ..Sampling::default() };
+    let mut params =
+        sampling.to_params((req.max_output_tokens, "max_output_tokens"), None, &state.sampling_defaults())?;
+    let engine = state.engine()?.clone();
+    let mode = match (calls, &answer) {
+        (false, _) => Mode::Text,
+        (true, None) => Mode::Calls,
+        (true, Some(_)) => Mode::CallsOrAnswer,
+    };
+    params.constraint = match (&plan, answer) {
+        (Some(p), Some(a)) => Some(chat::grammar::constraint_with_answer(p, a)),
+        (None, Some(a)) => Some(Constraint::json_schema(a)),
+        (Some(p), None) => chat::grammar::constraint(p),
+        (None, None) => None,
+    };
+    if plan.is_some() && !calls {
+        forbid_call_token(engine.tokenizer(), &mut params);
+    }
+    let store = req.store.unwrap_or(true);
+    let history = match &req.previous_response_id {
+        Some(prev) => chain(&state, prev).await?,
+        None => Vec::new(),
+    };
+    let input = items::input_items(req.input.as_ref())?;
+    let mut all = history.clone();
+    all.extend(input.iter().cloned());
+    let messages = items::to_messages(req.instructions.as_deref(), &all, history.len())?;
+    let opts =
+        RenderOpts { plan: plan.as_ref(), kwargs: Default::default(), add_generation_prompt: true, param: "input" };
+    let ids = render_messages(&state, engine.tokenizer(), messages, opts).await?;
+    let grammar_param = if calls { "tools" } else { "text.format" };
+    let (tracked, session) = if store {
+        // A continued chain takes the previous turn's parked session: only the new tokens prefill.
+        let parked = req.previous_response_id.as_deref().and_then(|p| state.responses.sessions.take(p));
+        let session = parked.unwrap_or_else(|| engine.session());
+        let (session, stream) = tokio::task::spawn_blocking(move || {
+            let s = session.generate(SessionInput::Replace(ids), params);
+            (session, s)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("a session task failed: {e}")))?;
+        let stream = stream.map_err(|e| grammar_error(e, grammar_param, "input"))?;
+        (track(&state, stream), Some(session))
+    } else {
+        let t = submit(&state, &engine, Prompt::Tokens(ids), params).await;
+        (t.map_err(|e| grammar_error(e, grammar_param, "input"))?, None)
+    };
+    let id = new_id("resp");
+    let shell = shell(&state, &id, &req);
+    let finisher = Finisher { state: state.clone(), id, store, input, history, session };
+    if req.stream.unwrap_or(false) {
+        return Ok(sse::stream(tracked, mode, shell, finisher));
+    }
+    respond(tracked, mode, shell, finisher, grammar_param).await
+}
+
+async fn respond(
+    mut tracked: Tracked,
+    mode: Mode,
+    shell: Value,
+    finisher: Finisher,
+    grammar_param: &str,
+) -> ApiResult<Response> {
+    let outs = collect(&mut tracked).await.map_err(|e| grammar_error(e, grammar_param, "input"))?;
+    let out = outs.into_iter().next().unwrap_or_default();
+    let mut b = OutputBuilder::new(mode);
+    b.push(&out.text);
+    b.finish(out.finish == Some(kiln_inference::FinishReason::Length));
+    let usage = sse::usage(tracked.prompt_tokens(), out.tokens, tracked.cached_tokens());
+    let response = sse::finished(&shell, &b, out.finish, usage);
+    finisher.finish(&response).await?;
+    Ok(Json(response).into_response())
+}
+
+/// The conversation a continuation starts from: the previous turn's history, input and output.
+async fn chain(state: &Shared, prev: &str) -> ApiResult<Vec<Value>> {
+    let rec = load(state, prev).await?.ok_or_else(|| {
+        let mut e = ApiError::not_found(format!("Previous response with id '{prev}' not found."));
+        e.param = Some("previous_response_id".into());
+        e
+    })?;
+    let mut items = Vec::new();
+    for k in ["history", "input"] {
+        items.extend(rec[k].as_array().cloned().unwrap_or_default());
+    }
+    items.extend(rec["response"]["output"].as_array().cloned().unwrap_or_default());
+    Ok(items)
+}
+
+async fn load(state: &Shared, id: &str) -> ApiResult<Option<Value>> {
+    state.responses.store.get(id).await.map_err(|e| ApiError::internal(e.to_string()))
+}
+
+async fn record(state: &Shared, id: &str) -> ApiResult<Value> {
+    load(state, id).await?.ok_or_else(|| ApiError::not_found(format!("Response with id '{id}' not found.")))
+}
+
+/// The response object as created (`in_progress`, no output yet), echoing the request.
+fn shell(state: &Shared, id: &str, req: &ResponsesRequest) -> Value {
+    let text = req.text.clone().filter(|t| !t.is_null()).unwrap_or_else(|| json!({"format": {"type": "text"}}));
+    json!({
+        "id": id, "object": "response", "created_at": unix_now(), "status": "in_progress",
+        "background": false, "error": null, "incomplete_details": null,
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+        "model": state.served_model_name, "output": [], "parallel_tool_calls": req.parallel_tool_calls.unwrap_or(true),
+        "previous_response_id": req.previous_response_id, "reasoning": req.reasoning.clone().filter(|r| r.is_object()).unwrap_or_else(|| json!({"effort": null, "summary": null})),
+        "store": req.store.unwrap_or(true), "temperature": req.temperature.unwrap_or(1.0), "text": text,
+        "tool_choice": req.tool_choice.clone().filter(|c| !c.is_null()).unwrap_or_else(|| json!("auto")),
+        "tools": req.tools.clone().unwrap_or_default(), "top_p": req.top_p.unwrap_or(1.0),
+        "truncation": req.truncation.clone().unwrap_or_else(|| "disabled".into()), "usage": null,
+        "user": req.user, "metadata": req.metadata.clone().unwrap_or_default(),
+    })
+}
+
+pub async fn get(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    Ok(Json(record(&state, &id).await?["response"].take()))
+}
+
+pub async fn delete(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let r = &state.responses;
+    if !r.store.delete(&id).await.map_err(|e| ApiError::internal(e.to_string()))? {
+        return Err(ApiError::not_found(format!("Response with id '{id}' not found.")));
+    }
+    drop(r.sessions.take(&id));
+    Ok(Json(json!({"id": id, "object": "response", "deleted": true})))
+}
+
+/// A stored response has finished; only background responses (not supported yet) can be
+/// cancelled, as on OpenAI.
+pub async fn cancel(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    record(&state, &id).await?;
+    Err(ApiError::invalid("response_id", "Only responses created with background=true can be cancelled."))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<i64>,
+    order: Option<String>,
+    after: Option<String>,
+}
+
+/// The request's own input items, newest first unless `order=asc` (OpenAI's default), paged
+/// by `limit` (1..=100, default 20) and `after` (an item id).
+pub async fn input_items(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let mut data = record(&state, &id).await?["input"].as_array().cloned().unwrap_or_default();
+    match q.order.as_deref() {
+        None | Some("desc") => data.reverse(),
+        Some("asc") => {}
+        Some(_) => return Err(ApiError::invalid("order", "order must be 'asc' or 'desc'")),
+    }
+    let limit = match q.limit {
+        None => 20,
+        Some(n @ 1..=100) => n as usize,
+        Some(_) => return Err(ApiError::invalid("limit", "limit must be between 1 and 100")),
+    };
+    if let Some(after) = &q.after {
+        let at = data
+            .iter()
+            .position(|it| it["id"].as_str() == Some(after))
+            .ok_or_else(|| ApiError::invalid("after", format!("no input item with id '{after}'")))?;
+        data.drain(..=at);
+    }
+    let has_more = data.len() > limit;
+    data.truncate(limit);
+    let first = data.first().map(|it| it["id"].clone());
+    let last = data.last().map(|it| it["id"].clone());
+    Ok(Json(json!({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more})))
+}

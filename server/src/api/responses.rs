@@ -20,11 +20,13 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kiln_inference::chat::{self, ToolPlan};
-use kiln_inference::engine::Prompt;
-use kiln_inference::{Constraint, Session, SessionInput};
+use kiln_inference::chat::{self, Conversation, Message, ToolPlan};
+use kiln_inference::engine::{EngineHandle, Prompt};
+use kiln_inference::tokenizer::Tokenizer;
+use kiln_inference::{Constraint, EngineError, SamplingParams, Session, SessionInput};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
 
 /// What happens when a turn ends: store its record and park its session (when `store`).
 pub struct Finisher {
@@ -90,26 +92,20 @@ pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let mut all = history.clone();
     all.extend(input.iter().cloned());
     let messages = items::to_messages(req.instructions.as_deref(), &all, history.len())?;
-    let opts =
-        RenderOpts { plan: plan.as_ref(), kwargs: Default::default(), add_generation_prompt: true, param: "input" };
-    let ids = render_messages(&state, engine.tokenizer(), messages, opts).await?;
-    let grammar_param = if calls { "tools" } else { "text.format" };
-    let (tracked, session) = if store {
-        // A continued chain takes the previous turn's parked session: only the new tokens prefill.
-        let parked = req.previous_response_id.as_deref().and_then(|p| state.responses.sessions.take(p));
-        let session = parked.unwrap_or_else(|| engine.session());
-        let (session, stream) = tokio::task::spawn_blocking(move || {
-            let s = session.generate(SessionInput::Replace(ids), params);
-            (session, s)
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("a session task failed: {e}")))?;
-        let stream = stream.map_err(|e| grammar_error(e, grammar_param, "input"))?;
-        (track(&state, stream), Some(session))
-    } else {
-        let t = submit(&state, &engine, Prompt::Tokens(ids), params).await;
-        (t.map_err(|e| grammar_error(e, grammar_param, "input"))?, None)
+    // A continued chain takes the previous turn's parked session, once.
+    let parked = match (&req.previous_response_id, store) {
+        (Some(p), true) => state.responses.sessions.take(p),
+        _ => None,
     };
+    let done = match parked {
+        Some(_) => Some(items::to_messages(req.instructions.as_deref(), &history, history.len())?),
+        None => None,
+    };
+    let prompt = render_turn(&state, engine.tokenizer(), plan.as_ref(), messages, done).await?;
+    let grammar_param = if calls { "tools" } else { "text.format" };
+    let session = store.then(|| parked.unwrap_or_else(|| engine.session()));
+    let (tracked, session) =
+        run_turn(&state, &engine, session, prompt, params).await.map_err(|e| grammar_error(e, grammar_param, "input"))?;
     let id = new_id("resp");
     let shell = shell(&state, &id, &req);
     let finisher = Finisher { state: state.clone(), id, store, input, history, session };
@@ -117,6 +113,72 @@ pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesReject
         return Ok(sse::stream(tracked, mode, shell, finisher));
     }
     respond(tracked, mode, shell, finisher, grammar_param).await
+}
+
+/// A turn's prompt: the whole conversation, and, when it continues a parked session whose
+/// template renders the new messages as an extension of `done` (the previous turn's
+/// conversation), just what to append to the session (the end of the model's last turn and the
+/// new messages): then the previous turn's own tokens, exactly as generated, stay in the K/V.
+struct TurnPrompt {
+    ids: Vec<u32>,
+    append: Option<Vec<u32>>,
+}
+
+async fn render_turn(
+    state: &Shared,
+    tok: &Arc<Tokenizer>,
+    plan: Option<&ToolPlan>,
+    messages: Vec<Message>,
+    done: Option<Vec<Message>>,
+) -> ApiResult<TurnPrompt> {
+    let append = match &done {
+        Some(done) => {
+            let (tok, plan, next) = (tok.clone(), plan.cloned(), messages.clone());
+            let done = done.clone();
+            state
+                .cpu(move || {
+                    let kwargs = Map::new();
+                    let conv = |m| Conversation { messages: m, tools: plan.as_ref(), kwargs: &kwargs };
+                    chat::continuation(&tok, &conv(&done), &conv(&next))
+                })
+                .await?
+        }
+        None => None,
+    };
+    let opts = RenderOpts { plan, kwargs: Map::new(), add_generation_prompt: true, param: "input" };
+    let ids = render_messages(state, tok, messages, opts).await?;
+    Ok(TurnPrompt { ids, append })
+}
+
+/// Starts the turn: in `session` when given (stored responses), else as a plain request.
+async fn run_turn(
+    state: &Shared,
+    engine: &EngineHandle,
+    session: Option<Session>,
+    prompt: TurnPrompt,
+    params: SamplingParams,
+) -> Result<(Tracked, Option<Session>), EngineError> {
+    let Some(session) = session else {
+        return Ok((submit(state, engine, Prompt::Tokens(prompt.ids), params).await?, None));
+    };
+    // A plain request checks this at submit; a session turn only on its stream, too late for a 400.
+    let max = engine.info().max_model_len;
+    let requested = prompt.ids.len().saturating_add(params.max_tokens.unwrap_or(1));
+    if prompt.ids.len() >= max || requested > max {
+        return Err(EngineError::ContextLengthExceeded { max, prompt: prompt.ids.len(), requested });
+    }
+    let input = match prompt.append {
+        Some(tail) => SessionInput::Append(tail),
+        None => SessionInput::Replace(prompt.ids),
+    };
+    // Session turns tokenize nothing, but compile their grammar: off the async workers.
+    let (session, stream) = tokio::task::spawn_blocking(move || {
+        let s = session.generate(input, params);
+        (session, s)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(format!("a session task failed: {e}")))?;
+    Ok((track(state, stream?), Some(session)))
 }
 
 async fn respond(

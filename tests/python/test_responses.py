@@ -17,7 +17,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from conftest import BASE_URL, MODEL, QWEN_MODEL, root
+from conftest import BASE_URL, MODEL, QWEN_MODEL, root, wait_blocks_free
 
 WEATHER = {
     "type": "function",
@@ -39,6 +39,30 @@ PERSON = {
 }
 
 
+# (client, id) of every stored response the module creates: deleted at its end, which must give
+# every parked session's K/V blocks back (test_zz_after_all and the Qwen check in test_tools.py
+# then find no block in use).
+STORED = []
+
+
+def keep(client, r):
+    STORED.append((client, r.id))
+    return r
+
+
+@pytest.fixture(scope="module", autouse=True)
+def delete_stored_responses_at_the_end():
+    yield
+    for c, rid in STORED:
+        try:
+            c.responses.delete(rid)
+        except openai.NotFoundError:
+            pass  # deleted by the test itself
+    for c in {c for c, _ in STORED}:
+        with httpx.Client(base_url=root(str(c.base_url).rstrip("/")), timeout=30) as h:
+            wait_blocks_free(h, timeout=10)
+
+
 def message_text(resp):
     """The text of the response's message items (not the SDK's `output_text` convenience)."""
     return "".join(c.text for o in resp.output if o.type == "message" for c in o.content if c.type == "output_text")
@@ -49,7 +73,7 @@ def calls(resp):
 
 
 def test_plain_text(client):
-    r = client.responses.create(model=MODEL, input="Name a color.", temperature=0, max_output_tokens=16)
+    r = keep(client, client.responses.create(model=MODEL, input="Name a color.", temperature=0, max_output_tokens=16))
     assert r.id.startswith("resp_") and r.object == "response" and r.model == MODEL
     assert r.status in ("completed", "incomplete")
     assert r.output[0].type == "message" and r.output[0].id.startswith("msg_") and r.output[0].role == "assistant"
@@ -62,7 +86,7 @@ def test_plain_text(client):
 
 def test_instructions_are_the_system_turn(client, http):
     instr = "Answer in French, in three words."
-    told = client.responses.create(model=MODEL, input="Hi.", instructions=instr, temperature=0, max_output_tokens=4)
+    told = keep(client, client.responses.create(model=MODEL, input="Hi.", instructions=instr, temperature=0, max_output_tokens=4))
     assert told.instructions == instr
     # The prompt is exactly chat's rendering of [system: instructions, user: input].
     msgs = [{"role": "system", "content": instr}, {"role": "user", "content": "Hi."}]
@@ -70,16 +94,16 @@ def test_instructions_are_the_system_turn(client, http):
 
 
 def test_max_output_tokens_is_incomplete(client):
-    r = client.responses.create(model=MODEL, input="Write a long story about a kiln.", temperature=0, max_output_tokens=3)
+    r = keep(client, client.responses.create(model=MODEL, input="Write a long story about a kiln.", temperature=0, max_output_tokens=3))
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.usage.output_tokens == 3 and r.max_output_tokens == 3
 
 
 def test_json_schema_format(client):
     fmt = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
-    r = client.responses.create(
+    r = keep(client, client.responses.create(
         model=MODEL, input="Invent a person: a name and an age.", text={"format": fmt}, temperature=0, max_output_tokens=60
-    )
+    ))
     jsonschema.validate(json.loads(message_text(r)), PERSON)
     assert r.text.format.type == "json_schema"
 
@@ -89,16 +113,16 @@ def test_parse_with_pydantic(client):
         name: str
         age: int
 
-    r = client.responses.parse(
+    r = keep(client, client.responses.parse(
         model=MODEL, input="Invent a person: a name and an age.", text_format=Person, temperature=0, max_output_tokens=60
-    )
+    ))
     assert isinstance(r.output_parsed, Person)
 
 
 def test_stream_events_in_order(client):
     with client.responses.stream(model=MODEL, input="Count to five.", temperature=0, max_output_tokens=200) as s:
         events = list(s)
-        final = s.get_final_response()
+        final = keep(client, s.get_final_response())
     types = [e.type for e in events]
     assert types[:5] == [
         "response.created",
@@ -120,7 +144,7 @@ def test_stream_events_in_order(client):
     got = client.responses.retrieve(final.id)
     assert message_text(got) == deltas and got.usage.output_tokens == final.usage.output_tokens
     # Greedy: the non-streamed answer is the same text.
-    same = client.responses.create(model=MODEL, input="Count to five.", temperature=0, max_output_tokens=200)
+    same = keep(client, client.responses.create(model=MODEL, input="Count to five.", temperature=0, max_output_tokens=200))
     assert message_text(same) == deltas
 
 
@@ -129,7 +153,7 @@ def test_stream_cut_by_max_output_tokens_ends_incomplete(client):
     # `response.completed`, so read the raw events.
     events = list(client.responses.create(model=MODEL, input="Tell a long story.", max_output_tokens=3, stream=True))
     assert events[-1].type == "response.incomplete"
-    r = events[-1].response
+    r = keep(client, events[-1].response)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output[0].status == "incomplete" and r.usage.output_tokens == 3
 
@@ -141,12 +165,13 @@ def test_raw_sse_has_event_names_and_no_top_level_error(client):
         lines = [ln for ln in r.iter_lines() if ln]
     names = [ln[len("event: ") :] for ln in lines if ln.startswith("event: ")]
     datas = [json.loads(ln[len("data: ") :]) for ln in lines if ln.startswith("data: ")]
+    keep(client, openai.types.responses.Response.model_validate(datas[-1]["response"]))
     assert names == [d["type"] for d in datas]
     assert all("error" not in d for d in datas)
 
 
 def test_retrieve_input_items_delete(client):
-    r = client.responses.create(
+    r = keep(client, client.responses.create(
         model=MODEL,
         input=[
             {"role": "developer", "content": "Be brief."},
@@ -154,7 +179,7 @@ def test_retrieve_input_items_delete(client):
         ],
         max_output_tokens=4,
         metadata={"k": "v"},
-    )
+    ))
     got = client.responses.retrieve(r.id)
     assert got.id == r.id and got.metadata == {"k": "v"} and got.output[0].id == r.output[0].id
     items = client.responses.input_items.list(r.id)
@@ -183,10 +208,10 @@ def test_store_false_and_unknown_ids(client):
 
 
 def test_chain_remembers(client):
-    first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=8, temperature=0)
-    second = client.responses.create(
+    first = keep(client, client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=8, temperature=0))
+    second = keep(client, client.responses.create(
         model=MODEL, input="What is my name?", previous_response_id=first.id, max_output_tokens=8, temperature=0
-    )
+    ))
     assert second.previous_response_id == first.id
     # The new turn's prompt holds the whole first turn, and its K/V was reused.
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
@@ -219,7 +244,7 @@ def test_bad_requests_name_the_field(client, extra, param):
 
 
 def test_cancel_a_finished_response_is_a_400(client):
-    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+    r = keep(client, client.responses.create(model=MODEL, input="Hi", max_output_tokens=2))
     with pytest.raises(openai.BadRequestError):
         client.responses.cancel(r.id)
 
@@ -229,7 +254,7 @@ def test_cancel_a_finished_response_is_a_400(client):
 
 def test_function_call_then_output(qwen_client):
     c = qwen_client
-    r = c.responses.create(model=QWEN_MODEL, input="What is the weather in Paris?", tools=[WEATHER], temperature=0)
+    r = keep(c, c.responses.create(model=QWEN_MODEL, input="What is the weather in Paris?", tools=[WEATHER], temperature=0))
     assert r.status == "completed"
     (call,) = calls(r)
     assert call.id.startswith("fc_") and call.call_id.startswith("call_") and call.name == "get_weather"
@@ -237,9 +262,9 @@ def test_function_call_then_output(qwen_client):
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
     out = {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({"temp_c": 21, "sky": "sunny"})}
     # Qwen2.5-Coder-0.5B re-calls tools after nearly every result; `none` asks for the answer.
-    final = c.responses.create(
+    final = keep(c, c.responses.create(
         model=QWEN_MODEL, previous_response_id=r.id, input=[out], tools=[WEATHER], tool_choice="none", temperature=0
-    )
+    ))
     assert final.status == "completed" and not calls(final) and message_text(final).strip()
     # An output for a call that is not open (already answered) is a 400 naming the item.
     with pytest.raises(openai.BadRequestError) as e:
@@ -249,10 +274,10 @@ def test_function_call_then_output(qwen_client):
 
 def test_chain_reuses_the_turns_kv(qwen_client):
     c = qwen_client
-    r = c.responses.create(model=QWEN_MODEL, input="What is the weather in Oslo?", tools=[WEATHER], temperature=0)
+    r = keep(c, c.responses.create(model=QWEN_MODEL, input="What is the weather in Oslo?", tools=[WEATHER], temperature=0))
     (call,) = calls(r)
     out = {"type": "function_call_output", "call_id": call.call_id, "output": "{\"temp_c\": 3}"}
-    nxt = c.responses.create(model=QWEN_MODEL, previous_response_id=r.id, input=[out], tools=[WEATHER], temperature=0)
+    nxt = keep(c, c.responses.create(model=QWEN_MODEL, previous_response_id=r.id, input=[out], tools=[WEATHER], temperature=0))
     # The parked session holds the first prompt and the call exactly as generated: all of it
     # is reused except the last sampled token, whose K/V was never computed.
     assert nxt.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens + r.usage.output_tokens - 2
@@ -263,7 +288,7 @@ def test_stream_function_call_events(qwen_client):
         model=QWEN_MODEL, input="What is the weather in Rome?", tools=[WEATHER], tool_choice="required", temperature=0
     ) as s:
         events = list(s)
-        final = s.get_final_response()
+        final = keep(qwen_client, s.get_final_response())
     types = [e.type for e in events]
     assert types == [
         "response.created",
@@ -285,14 +310,14 @@ def test_tools_with_text_format(qwen_client):
     `output_type`): the output is a call or a schema-valid answer, never free text."""
     fmt = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
     for prompt in ("What is the weather in Paris?", "Invent a person: a name and an age."):
-        r = qwen_client.responses.create(
+        r = keep(qwen_client, qwen_client.responses.create(
             model=QWEN_MODEL, input=prompt, tools=[WEATHER], text={"format": fmt}, temperature=0, max_output_tokens=80
-        )
+        ))
         if calls(r):
             jsonschema.validate(json.loads(calls(r)[0].arguments), WEATHER["parameters"])
         else:
             jsonschema.validate(json.loads(message_text(r)), PERSON)
-    r = qwen_client.responses.create(
+    r = keep(qwen_client, qwen_client.responses.create(
         model=QWEN_MODEL,
         input="What is the weather in Paris?",
         tools=[WEATHER],
@@ -300,6 +325,6 @@ def test_tools_with_text_format(qwen_client):
         text={"format": fmt},
         temperature=0,
         max_output_tokens=80,
-    )
+    ))
     assert not calls(r)
     jsonschema.validate(json.loads(message_text(r)), PERSON)

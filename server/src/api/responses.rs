@@ -104,8 +104,9 @@ pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let prompt = render_turn(&state, engine.tokenizer(), plan.as_ref(), messages, done).await?;
     let grammar_param = if calls { "tools" } else { "text.format" };
     let session = store.then(|| parked.unwrap_or_else(|| engine.session()));
-    let (tracked, session) =
-        run_turn(&state, &engine, session, prompt, params).await.map_err(|e| grammar_error(e, grammar_param, "input"))?;
+    let (tracked, session) = run_turn(&state, &engine, session, prompt, params)
+        .await
+        .map_err(|e| grammar_error(e, grammar_param, "input"))?;
     let id = new_id("resp");
     let shell = shell(&state, &id, &req);
     let finisher = Finisher { state: state.clone(), id, store, input, history, session };

@@ -201,7 +201,7 @@ impl OutputBuilder {
 /// The Responses `usage` object.
 pub fn usage(input: usize, output: usize, cached: usize) -> Value {
     json!({
-        "input_tokens": input, "input_tokens_details": {"cached_tokens": cached},
+        "input_tokens": input, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": input + output,
     })

@@ -17,7 +17,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from conftest import BASE_URL, MODEL, QWEN_MODEL, root, wait_blocks_free
+from conftest import BASE_URL, MODEL, QWEN_MODEL, metric, root, wait_blocks_free
 
 WEATHER = {
     "type": "function",
@@ -233,7 +233,8 @@ def test_chain_remembers(client):
         ({"input": 3}, "input"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"temperature": "hot"}, "temperature"),
-        ({"background": True}, "background"),
+        ({"background": True, "stream": True}, "stream"),
+        ({"background": True, "store": False}, "store"),
     ],
 )
 def test_bad_requests_name_the_field(client, extra, param):
@@ -241,6 +242,28 @@ def test_bad_requests_name_the_field(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(**body)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_background_runs_and_cancels(client, http):
+    import time
+
+    r = keep(client, client.responses.create(model=MODEL, input="Hi", background=True, max_output_tokens=8))
+    assert r.status == "queued" and r.background is True and not r.output
+    deadline = time.monotonic() + 60
+    while (got := client.responses.retrieve(r.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert got.status in ("completed", "incomplete") and message_text(got)
+    assert client.responses.cancel(r.id).status == got.status  # finished: returned as it is
+    # A long one cancelled while it runs: its generation stops and the record says so.
+    long = keep(client, client.responses.create(model=MODEL, input="Write a long story.", background=True, max_output_tokens=4000))
+    time.sleep(0.2)
+    assert client.responses.cancel(long.id).status == "cancelled"
+    assert client.responses.retrieve(long.id).status == "cancelled"
+    deadline = time.monotonic() + 10
+    while metric(http, "kiln:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "the cancelled generation still runs"
+        time.sleep(0.05)
 
 
 def test_cancel_a_finished_response_is_a_400(client):

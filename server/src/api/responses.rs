@@ -56,11 +56,12 @@ impl Finisher {
 pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req: ResponsesRequest = parse_body(&body_bytes(body)?)?;
     state.check_model(&req.model)?;
-    if req.background == Some(true) {
-        return Err(ApiError::invalid(
-            "background",
-            "background responses are not supported yet; omit it or send false",
-        ));
+    let background = req.background.unwrap_or(false);
+    if background && req.stream.unwrap_or(false) {
+        return Err(ApiError::invalid("stream", "streaming a background response is not supported yet"));
+    }
+    if background && req.store == Some(false) {
+        return Err(ApiError::invalid("store", "a background response must be stored (store: true)"));
     }
     let plan = items::tool_plan(req.tools.as_deref(), req.tool_choice.as_ref(), req.parallel_tool_calls)?;
     let calls = plan.as_ref().is_some_and(ToolPlan::calls_allowed);
@@ -110,10 +111,15 @@ pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let id = new_id("resp");
     let shell = shell(&state, &id, &req);
     let finisher = Finisher { state: state.clone(), id, store, input, history, session };
+    if background {
+        return start_background(tracked, mode, shell, finisher).await;
+    }
     if req.stream.unwrap_or(false) {
         return Ok(sse::stream(tracked, mode, shell, finisher));
     }
-    respond(tracked, mode, shell, finisher, grammar_param).await
+    let response = complete(tracked, mode, &shell).await.map_err(|e| grammar_error(e, grammar_param, "input"))?;
+    finisher.finish(&response).await?;
+    Ok(Json(response).into_response())
 }
 
 /// A turn's prompt: the whole conversation, and, when it continues a parked session whose
@@ -182,22 +188,50 @@ async fn run_turn(
     Ok((track(state, stream?), Some(session)))
 }
 
-async fn respond(
-    mut tracked: Tracked,
-    mode: Mode,
-    shell: Value,
-    finisher: Finisher,
-    grammar_param: &str,
-) -> ApiResult<Response> {
-    let outs = collect(&mut tracked).await.map_err(|e| grammar_error(e, grammar_param, "input"))?;
+/// Runs the turn to its end: the finished response object.
+async fn complete(mut tracked: Tracked, mode: Mode, shell: &Value) -> Result<Value, EngineError> {
+    let outs = collect(&mut tracked).await?;
     let out = outs.into_iter().next().unwrap_or_default();
     let mut b = OutputBuilder::new(mode);
     b.push(&out.text);
     b.finish(out.finish == Some(kiln_inference::FinishReason::Length));
     let usage = sse::usage(tracked.prompt_tokens(), out.tokens, tracked.cached_tokens());
-    let response = sse::finished(&shell, &b, out.finish, usage);
-    finisher.finish(&response).await?;
-    Ok(Json(response).into_response())
+    Ok(sse::finished(shell, &b, out.finish, usage))
+}
+
+/// `background: true`: the record is stored `queued` and returned at once; a task runs the turn
+/// and stores the result unless `cancel` removed it from `running` first (whoever removes the
+/// entry decides the final status, so a cancel never overwrites a finished result or the
+/// reverse). Cancelling drops the task, which aborts the generation.
+async fn start_background(tracked: Tracked, mode: Mode, mut shell: Value, finisher: Finisher) -> ApiResult<Response> {
+    shell["status"] = json!("queued");
+    let (state, id) = (finisher.state.clone(), finisher.id.clone());
+    let record = json!({"response": shell, "input": finisher.input, "history": finisher.history});
+    state.responses.store.put(&id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    // Held until the task is registered, so it cannot finish (and find no entry) before that.
+    let mut running = state.responses.running.lock().await;
+    let task_shell = shell.clone();
+    let task = tokio::spawn(async move {
+        let response = match complete(tracked, mode, &task_shell).await {
+            Ok(r) => r,
+            Err(e) => {
+                let mut r = task_shell;
+                r["status"] = json!("failed");
+                r["error"] = json!({"code": "server_error", "message": e.to_string()});
+                r
+            }
+        };
+        let state = finisher.state.clone();
+        if state.responses.running.lock().await.remove(&finisher.id).is_none() {
+            return; // cancelled meanwhile
+        }
+        let id = finisher.id.clone();
+        if let Err(e) = finisher.finish(&response).await {
+            tracing::error!(response = %id, error = %e.message, "cannot store a background response");
+        }
+    });
+    running.insert(id, task.abort_handle());
+    Ok(Json(shell).into_response())
 }
 
 /// The conversation a continuation starts from: the previous turn's history, input and output.
@@ -228,7 +262,7 @@ fn shell(state: &Shared, id: &str, req: &ResponsesRequest) -> Value {
     let text = req.text.clone().filter(|t| !t.is_null()).unwrap_or_else(|| json!({"format": {"type": "text"}}));
     json!({
         "id": id, "object": "response", "created_at": unix_now(), "status": "in_progress",
-        "background": false, "error": null, "incomplete_details": null,
+        "background": req.background.unwrap_or(false), "error": null, "incomplete_details": null,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "model": state.served_model_name, "output": [], "parallel_tool_calls": req.parallel_tool_calls.unwrap_or(true),
         "previous_response_id": req.previous_response_id, "reasoning": req.reasoning.clone().filter(|r| r.is_object()).unwrap_or_else(|| json!({"effort": null, "summary": null})),
@@ -250,14 +284,27 @@ pub async fn delete(State(state): State<Shared>, Path(id): Path<String>) -> ApiR
         return Err(ApiError::not_found(format!("Response with id '{id}' not found.")));
     }
     drop(r.sessions.take(&id));
+    if let Some(task) = r.running.lock().await.remove(&id) {
+        task.abort();
+    }
     Ok(Json(json!({"id": id, "object": "response", "deleted": true})))
 }
 
-/// A stored response has finished; only background responses (not supported yet) can be
-/// cancelled, as on OpenAI.
+/// Cancels a background response still running (its generation is aborted, its record
+/// becomes `cancelled`); a finished background response is returned as it is; any other one is a
+/// 400, as on OpenAI.
 pub async fn cancel(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    record(&state, &id).await?;
-    Err(ApiError::invalid("response_id", "Only responses created with background=true can be cancelled."))
+    let mut rec = record(&state, &id).await?;
+    if rec["response"]["background"] != json!(true) {
+        return Err(ApiError::invalid("response_id", "Only responses created with background=true can be cancelled."));
+    }
+    let Some(task) = state.responses.running.lock().await.remove(&id) else {
+        return Ok(Json(rec["response"].take()));
+    };
+    task.abort();
+    rec["response"]["status"] = json!("cancelled");
+    state.responses.store.put(&id, rec.clone()).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(rec["response"].take()))
 }
 
 #[derive(Debug, Deserialize)]

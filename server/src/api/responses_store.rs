@@ -104,11 +104,17 @@ impl ParkedSessions {
 pub struct Responses {
     pub store: Arc<dyn ResponseStore>,
     pub sessions: ParkedSessions,
+    /// Background responses still running, by id (`cancel` aborts them).
+    pub running: tokio::sync::Mutex<HashMap<String, tokio::task::AbortHandle>>,
 }
 
 impl Default for Responses {
     fn default() -> Self {
-        Self { store: Arc::new(MemoryStore::new(STORED_RESPONSES)), sessions: ParkedSessions::new(PARKED_SESSIONS) }
+        Self {
+            store: Arc::new(MemoryStore::new(STORED_RESPONSES)),
+            sessions: ParkedSessions::new(PARKED_SESSIONS),
+            running: Default::default(),
+        }
     }
 }
 

@@ -219,6 +219,24 @@ def test_chain_remembers(client):
     assert [i.type for i in client.responses.input_items.list(second.id).data] == ["message"]
 
 
+def test_chain_with_new_instructions_is_rendered_anew(client, http):
+    """`instructions` are not carried along a chain: a turn with other instructions than the
+    previous one cannot append to its session (whose history holds the old ones); its prompt is
+    exactly the whole conversation rendered with the new instructions."""
+    first = keep(client, client.responses.create(model=MODEL, input="My name is Ada.", instructions="Be brief.", max_output_tokens=8, temperature=0))
+    new = "You are a kind assistant who answers in French."
+    second = keep(client, client.responses.create(
+        model=MODEL, input="What is my name?", instructions=new, previous_response_id=first.id, max_output_tokens=4, temperature=0
+    ))
+    msgs = [
+        {"role": "system", "content": new},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": message_text(first)},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    assert second.usage.input_tokens == http.post("/tokenize", json={"model": MODEL, "messages": msgs}).json()["count"]
+
+
 @pytest.mark.parametrize(
     "extra, param",
     [

@@ -14,6 +14,7 @@ use super::request::{body_bytes, parse_body, Sampling};
 use super::response_format::grammar_error;
 use super::responses_items::{self as items, new_id, ResponsesRequest};
 use super::responses_sse::{self as sse, Mode, OutputBuilder};
+use super::responses_store::Parked;
 use super::Shared;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -36,6 +37,8 @@ pub struct Finisher {
     input: Vec<Value>,
     history: Vec<Value>,
     session: Option<Session>,
+    /// What the prompt was rendered with (see `Parked::rendered_with`).
+    rendered_with: String,
 }
 
 impl Finisher {
@@ -46,8 +49,8 @@ impl Finisher {
         let record = json!({"response": response, "input": self.input, "history": self.history});
         let r = &self.state.responses;
         r.store.put(&self.id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
-        if let Some(s) = self.session {
-            r.sessions.park(self.id, s);
+        if let Some(session) = self.session {
+            r.sessions.park(self.id, Parked { session, rendered_with: self.rendered_with });
         }
         Ok(())
     }
@@ -93,24 +96,29 @@ pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let mut all = history.clone();
     all.extend(input.iter().cloned());
     let messages = items::to_messages(req.instructions.as_deref(), &all, history.len())?;
-    // A continued chain takes the previous turn's parked session, once.
+    // A continued chain takes the previous turn's parked session, once. Its history holds the
+    // earlier turns as rendered then: new tokens may be appended only if this turn renders them
+    // the same way (same instructions and tools); otherwise the whole conversation is re-sent.
+    let rendered_with = format!("{:?}", (&req.instructions, &plan));
     let parked = match (&req.previous_response_id, store) {
         (Some(p), true) => state.responses.sessions.take(p),
         _ => None,
     };
-    let done = match parked {
-        Some(_) => Some(items::to_messages(req.instructions.as_deref(), &history, history.len())?),
-        None => None,
+    let done = match &parked {
+        Some(p) if p.rendered_with == rendered_with => {
+            Some(items::to_messages(req.instructions.as_deref(), &history, history.len())?)
+        }
+        _ => None,
     };
     let prompt = render_turn(&state, engine.tokenizer(), plan.as_ref(), messages, done).await?;
     let grammar_param = if calls { "tools" } else { "text.format" };
-    let session = store.then(|| parked.unwrap_or_else(|| engine.session()));
+    let session = store.then(|| parked.map_or_else(|| engine.session(), |p| p.session));
     let (tracked, session) = run_turn(&state, &engine, session, prompt, params)
         .await
         .map_err(|e| grammar_error(e, grammar_param, "input"))?;
     let id = new_id("resp");
     let shell = shell(&state, &id, &req);
-    let finisher = Finisher { state: state.clone(), id, store, input, history, session };
+    let finisher = Finisher { state: state.clone(), id, store, input, history, session, rendered_with };
     if background {
         return start_background(tracked, mode, shell, finisher).await;
     }

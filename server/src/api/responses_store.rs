@@ -74,7 +74,14 @@ impl ResponseStore for MemoryStore {
 /// so a response continues in place once; later forks re-render and hit the prefix cache.
 pub struct ParkedSessions {
     capacity: usize,
-    inner: Mutex<VecDeque<(String, Session)>>,
+    inner: Mutex<VecDeque<(String, Parked)>>,
+}
+
+/// A parked session and what its history was rendered with (instructions, tools): a next turn
+/// rendered with anything else must re-send its whole conversation instead of appending.
+pub struct Parked {
+    pub session: Session,
+    pub rendered_with: String,
 }
 
 impl ParkedSessions {
@@ -82,16 +89,16 @@ impl ParkedSessions {
         Self { capacity, inner: Mutex::new(VecDeque::new()) }
     }
 
-    pub fn take(&self, id: &str) -> Option<Session> {
+    pub fn take(&self, id: &str) -> Option<Parked> {
         let mut q = self.inner.lock().expect("sessions lock");
         let at = q.iter().position(|(k, _)| k == id)?;
         q.remove(at).map(|(_, s)| s)
     }
 
-    pub fn park(&self, id: String, session: Session) {
+    pub fn park(&self, id: String, parked: Parked) {
         let evicted = {
             let mut q = self.inner.lock().expect("sessions lock");
-            q.push_back((id, session));
+            q.push_back((id, parked));
             let n = q.len().saturating_sub(self.capacity);
             q.drain(..n).collect::<Vec<_>>()
         };

@@ -353,6 +353,34 @@ mod tests {
     }
 
     #[test]
+    fn text_then_call_closes_the_message_first() {
+        let mut b = OutputBuilder::new(Mode::Calls);
+        let mut evs = b.push("Let me check.");
+        evs.extend(b.push("<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>"));
+        evs.extend(b.finish(false));
+        assert_eq!(
+            types(&evs),
+            [
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+            ]
+        );
+        assert_eq!(evs[6]["output_index"], 1);
+        assert_eq!(
+            (b.output[0]["type"].as_str(), b.output[1]["type"].as_str()),
+            (Some("message"), Some("function_call"))
+        );
+    }
+
+    #[test]
     fn an_answer_is_never_a_call_and_empty_output_is_a_message() {
         let mut b = OutputBuilder::new(Mode::CallsOrAnswer);
         assert!(b.push("  ").is_empty());

@@ -170,6 +170,53 @@ def test_raw_sse_has_event_names_and_no_top_level_error(client):
     assert all("error" not in d for d in datas)
 
 
+def raw_turn(base_url, body):
+    """The raw JSON response and the raw SSE events of the same request."""
+    url = f"{root(base_url)}/v1/responses"
+    plain = httpx.post(url, json=body, timeout=300).json()
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=300) as r:
+        events = [json.loads(ln[len("data: ") :]) for ln in r.iter_lines() if ln.startswith("data: ")]
+    return plain, events
+
+
+def validate_strictly(plain, events):
+    """Every required field of the SDK's own types is there (its normal parsing is lenient)."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    Response.model_validate(plain)
+    adapter = TypeAdapter(ResponseStreamEvent)
+    for e in events:
+        adapter.validate_python(e)
+
+
+def test_objects_validate_against_the_sdk_types(client):
+    plain, events = raw_turn(BASE_URL, {"model": MODEL, "input": "Hi", "max_output_tokens": 6, "temperature": 0})
+    validate_strictly(plain, events)
+    items = httpx.get(f"{root(BASE_URL)}/v1/responses/{plain['id']}/input_items", timeout=30).json()
+    openai.types.responses.ResponseItemList.model_validate(items)
+    for r in (plain, events[-1]["response"]):
+        keep(client, openai.types.responses.Response.model_validate(r))
+
+
+def test_tool_objects_validate_against_the_sdk_types(qwen_client):
+    from conftest import QWEN_BASE_URL
+
+    body = {"model": QWEN_MODEL, "input": "Weather in Paris?", "tools": [WEATHER], "tool_choice": "required"}
+    plain, events = raw_turn(QWEN_BASE_URL, body)
+    validate_strictly(plain, events)
+    assert plain["output"][0]["type"] == "function_call"
+    for r in (plain, events[-1]["response"]):
+        keep(qwen_client, openai.types.responses.Response.model_validate(r))
+    out = {"type": "function_call_output", "call_id": plain["output"][0]["call_id"], "output": "Sunny"}
+    body = {"model": QWEN_MODEL, "input": [out], "previous_response_id": plain["id"], "max_output_tokens": 8}
+    nxt = httpx.post(f"{root(QWEN_BASE_URL)}/v1/responses", json=body, timeout=300).json()
+    keep(qwen_client, openai.types.responses.Response.model_validate(nxt))
+    items = httpx.get(f"{root(QWEN_BASE_URL)}/v1/responses/{nxt['id']}/input_items", timeout=30).json()
+    openai.types.responses.ResponseItemList.model_validate(items)
+    assert items["data"][0]["type"] == "function_call_output"
+
+
 def test_retrieve_input_items_delete(client):
     r = keep(client, client.responses.create(
         model=MODEL,

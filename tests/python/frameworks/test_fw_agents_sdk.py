@@ -13,6 +13,7 @@ agents = pytest.importorskip("agents")
 from agents import Agent, ModelSettings, Runner, function_tool  # noqa: E402
 
 CALLS = []
+CLIENT = None  # the client of the running `run`, for direct checks
 
 
 @function_tool
@@ -39,7 +40,8 @@ def run(qwen, main):
     outlive the loop it was used in)."""
 
     async def go():
-        client = AsyncOpenAI(base_url=qwen[0], api_key="unused", max_retries=0, timeout=300)
+        global CLIENT
+        client = CLIENT = AsyncOpenAI(base_url=qwen[0], api_key="unused", max_retries=0, timeout=300)
         agents.set_default_openai_client(client, use_for_tracing=False)
         agents.set_default_openai_api("responses")
         agents.set_tracing_disabled(True)
@@ -91,3 +93,18 @@ def test_output_type_with_tools(qwen):
     )
     r = run(qwen, lambda: Runner.run(agent, "Describe the weather of London in one sentence.", max_turns=6))
     assert isinstance(r.final_output, Weather) and r.final_output.summary
+
+
+def test_previous_response_id_chain(qwen):
+    """The SDK's server-side conversation: the second run sends only its new input and
+    `previous_response_id`; kiln continues the stored chain on the parked session's K/V."""
+    agent = Agent(name="memory", instructions="Be helpful.", model=qwen[1], model_settings=ModelSettings(temperature=0))
+
+    async def chain():
+        first = await Runner.run(agent, "My name is Ada. Reply OK.")
+        second = await Runner.run(agent, "What is my name?", previous_response_id=first.last_response_id)
+        return [await CLIENT.responses.retrieve(r.last_response_id) for r in (first, second)], second
+
+    (r1, r2), second = run(qwen, chain)
+    assert r2.previous_response_id == r1.id and "Ada" in second.final_output
+    assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens + r1.usage.output_tokens - 2

@@ -296,6 +296,8 @@ def test_chain_with_new_instructions_is_rendered_anew(client, http):
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]}, "input[0].call_id"),
         ({"input": 3}, "input"),
+        ({"text": 3}, "text"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"background": True, "stream": True}, "stream"),
@@ -329,6 +331,13 @@ def test_background_runs_and_cancels(client, http):
     while metric(http, "kiln:num_requests_running") != 0:
         assert time.monotonic() < deadline, "the cancelled generation still runs"
         time.sleep(0.05)
+
+
+def test_bad_query_parameters_name_themselves(client):
+    r = keep(client, client.responses.create(model=MODEL, input="Hi", max_output_tokens=2))
+    for query, param in [("limit=abc", "limit"), ("limit=0", "limit"), ("order=up", "order"), ("after=nope", "after")]:
+        got = httpx.get(f"{root(BASE_URL)}/v1/responses/{r.id}/input_items?{query}", timeout=30)
+        assert got.status_code == 400 and got.json()["error"]["param"] == param, got.text
 
 
 def test_cancel_a_finished_response_is_a_400(client):

@@ -17,7 +17,7 @@ use super::responses_sse::{self as sse, Mode, OutputBuilder};
 use super::responses_store::Parked;
 use super::Shared;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -282,11 +282,13 @@ fn shell(state: &Shared, id: &str, req: &ResponsesRequest) -> Value {
     })
 }
 
-pub async fn get(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get(State(state): State<Shared>, id: Result<Path<String>, PathRejection>) -> ApiResult<Json<Value>> {
+    let id = response_id(id)?;
     Ok(Json(record(&state, &id).await?["response"].take()))
 }
 
-pub async fn delete(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn delete(State(state): State<Shared>, id: Result<Path<String>, PathRejection>) -> ApiResult<Json<Value>> {
+    let id = response_id(id)?;
     let r = &state.responses;
     if !r.store.delete(&id).await.map_err(|e| ApiError::internal(e.to_string()))? {
         return Err(ApiError::not_found(format!("Response with id '{id}' not found.")));
@@ -301,7 +303,8 @@ pub async fn delete(State(state): State<Shared>, Path(id): Path<String>) -> ApiR
 /// Cancels a background response still running (its generation is aborted, its record
 /// becomes `cancelled`); a finished background response is returned as it is; any other one is a
 /// 400, as on OpenAI.
-pub async fn cancel(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn cancel(State(state): State<Shared>, id: Result<Path<String>, PathRejection>) -> ApiResult<Json<Value>> {
+    let id = response_id(id)?;
     let mut rec = record(&state, &id).await?;
     if rec["response"]["background"] != json!(true) {
         return Err(ApiError::invalid("response_id", "Only responses created with background=true can be cancelled."));
@@ -315,6 +318,21 @@ pub async fn cancel(State(state): State<Shared>, Path(id): Path<String>) -> ApiR
     Ok(Json(rec["response"].take()))
 }
 
+/// The `{id}` of the path, with a malformed one in OpenAI's error shape like any other mistake.
+fn response_id(p: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    p.map(|Path(id)| id)
+        .map_err(|e| ApiError::invalid("response_id", format!("invalid response id: {}", e.body_text())))
+}
+
+/// A bad query parameter names itself: serde's message starts with the field
+/// ("Failed to deserialize query string: limit: invalid digit ...").
+fn query_error(e: QueryRejection) -> ApiError {
+    let text = e.body_text();
+    let detail = text.split_once("query string: ").map_or(text.as_str(), |(_, d)| d);
+    let param = detail.split_once(": ").map_or("query", |(p, _)| p);
+    ApiError::invalid(param, format!("invalid query parameter: {detail}"))
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
     limit: Option<i64>,
@@ -326,9 +344,11 @@ pub struct ListQuery {
 /// by `limit` (1..=100, default 20) and `after` (an item id).
 pub async fn input_items(
     State(state): State<Shared>,
-    Path(id): Path<String>,
-    Query(q): Query<ListQuery>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    let id = response_id(id)?;
+    let Query(q) = q.map_err(query_error)?;
     let mut data = record(&state, &id).await?["input"].as_array().cloned().unwrap_or_default();
     match q.order.as_deref() {
         None | Some("desc") => data.reverse(),

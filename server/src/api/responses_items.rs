@@ -146,6 +146,12 @@ fn parts_text(p: &str, parts: &[Value]) -> ApiResult<String> {
         let key = if kind == "refusal" { "refusal" } else { "text" };
         match (kind, part.get(key).and_then(Value::as_str)) {
             ("input_text" | "output_text" | "text" | "refusal", Some(t)) => text.push_str(t),
+            ("input_text" | "output_text" | "text" | "refusal", None) => {
+                return Err(ApiError::invalid(
+                    &format!("{p}[{j}].{key}"),
+                    format!("a '{kind}' part needs a string '{key}'"),
+                ))
+            }
             _ => {
                 return Err(ApiError::invalid(
                     &format!("{p}[{j}]"),
@@ -272,6 +278,9 @@ fn chat_tool(i: usize, t: &Value) -> ApiResult<Value> {
 
 /// `text.format` as the answer's JSON schema (with kiln's JSON options); `None` for plain text.
 pub fn answer_schema(text: Option<&Value>) -> ApiResult<Option<Value>> {
+    if text.is_some_and(|t| !t.is_object() && !t.is_null()) {
+        return Err(ApiError::invalid("text", "text must be an object such as {\"format\": {\"type\": \"text\"}}"));
+    }
     let Some(format) = text.and_then(|t| t.get("format")).filter(|f| !f.is_null()) else { return Ok(None) };
     let kind = format.get("type").and_then(Value::as_str);
     let rf = match kind {
@@ -333,6 +342,7 @@ mod tests {
         assert_eq!(param(json!(["x", {"type": "web_search_call"}])), "input[0]");
         assert_eq!(param(json!([{"type": "function_call", "name": "f", "arguments": "{}"}])), "input[0].call_id");
         assert_eq!(param(json!([{"type": "function_call_output", "call_id": "c"}])), "input[0].output");
+        assert_eq!(param(json!([{"role": "user", "content": [{"type": "input_text"}]}])), "input[0].content[0].text");
     }
 
     #[test]
@@ -376,6 +386,7 @@ mod tests {
         assert!(answer_schema(Some(&f)).unwrap().is_some());
         let e = answer_schema(Some(&json!({"format": {"type": "json_schema", "schema": {}}}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("text.format.name"));
+        assert_eq!(answer_schema(Some(&json!(3))).unwrap_err().param.as_deref(), Some("text"));
         let e = answer_schema(Some(&json!({"format": {"type": "xml"}}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("text.format"));
     }

@@ -5,6 +5,10 @@
 # otherwise), waits for /health, runs pytest against them with the official `openai` package, and
 # always stops the servers. Exit code = pytest's.
 #
+# With the Qwen server up it then runs tests/python/frameworks/ (the OpenAI Agents SDK, Pydantic AI,
+# LangChain against the Responses and Chat APIs) in a second venv, KILN_FRAMEWORKS_VENV (default
+# ~/.cache/kiln-test-venv-frameworks): their `openai` pin moves faster than the main suite's.
+#
 # Env: KILN_TEST_VENV (default ~/.cache/kiln-test-venv), PYTHON (default python3),
 #      KILN_BIN (skip the build, use this binary), KILN_MODELS_DIR. Arguments go to pytest
 #      (e.g. `tests/python/run.sh -k stream -x`).
@@ -14,17 +18,20 @@ ROOT=$(cd "$HERE/../.." && pwd)
 cd "$ROOT"
 log() { echo "tests/python: $*" >&2; }
 
-# 1. The venv: created once, reinstalled only when requirements.txt or the Python changes.
+# 1. The venvs: created once, reinstalled only when their requirements or the Python change.
 PY=${PYTHON:-python3}
+make_venv() { # dir requirements-file
+  local venv=$1 req=$2 stamp
+  stamp="$(sha256sum "$req" | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version.split()[0])')"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.kiln-stamp" 2>/dev/null)" != "$stamp" ]; then
+    log "creating the venv in $venv"
+    rm -rf "$venv"
+    "$PY" -m venv "$venv" && "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req" >&2 &&
+      echo "$stamp" > "$venv/.kiln-stamp"
+  fi
+}
 VENV=${KILN_TEST_VENV:-$HOME/.cache/kiln-test-venv}
-stamp="$(sha256sum "$HERE/requirements.txt" | cut -d' ' -f1) $("$PY" -c 'import sys; print(sys.version.split()[0])')"
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.kiln-stamp" 2>/dev/null)" != "$stamp" ]; then
-  log "creating the venv in $VENV"
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$HERE/requirements.txt" >&2
-  echo "$stamp" > "$VENV/.kiln-stamp"
-fi
+make_venv "$VENV" "$HERE/requirements.txt"
 VPY="$VENV/bin/python"
 
 # 2. The binary and the model.
@@ -113,7 +120,16 @@ log "servers up on ports $PORT (open), $AUTH_PORT (--api-key)${QWEN_PORT:+ and $
 status=0
 env "${qwen_env[@]}" KILN_BASE_URL="http://127.0.0.1:$PORT/v1" KILN_AUTH_BASE_URL="http://127.0.0.1:$AUTH_PORT/v1" \
   KILN_API_KEY="$API_KEY" KILN_MODEL="smollm2-135m-instruct-q4_1" PYTHONDONTWRITEBYTECODE=1 \
-  "$VPY" -m pytest -p no:cacheprovider -q -rf --durations=5 "$HERE" "$@" || status=$?
+  "$VPY" -m pytest -p no:cacheprovider -q -rf --durations=5 --ignore="$HERE/frameworks" "$HERE" "$@" || status=$?
+if [ -n "${qwen_pid:-}" ]; then
+  FW_VENV=${KILN_FRAMEWORKS_VENV:-$HOME/.cache/kiln-test-venv-frameworks}
+  if make_venv "$FW_VENV" "$HERE/frameworks/requirements.txt"; then
+    env "${qwen_env[@]}" PYTHONDONTWRITEBYTECODE=1 "$FW_VENV/bin/python" -m pytest -p no:cacheprovider -q -rf \
+      --rootdir "$HERE/frameworks" "$HERE/frameworks" "$@" || { fw=$?; [ "$fw" = 5 ] || status=$fw; } # 5: none selected
+  else
+    log "SKIP: the frameworks venv could not be installed; tests/python/frameworks did not run"
+  fi
+fi
 for p in "${pids[@]}"; do
   kill -0 "$p" 2>/dev/null || { log "a server died during the suite"; status=1; }
 done

@@ -32,6 +32,23 @@ pub fn constraint(plan: &ToolPlan) -> Option<Constraint> {
     }
 }
 
+/// Tools beside a structured final answer (the Responses API's `text.format` with `tools`, as
+/// the OpenAI Agents SDK sends for an `output_type`): the whole output is either tagged calls or
+/// one JSON value under `answer` (a schema with its JSON options, see `compact_json_schema`).
+/// Engaged from the first token: no bare or fenced call, so an answer whose first key is `name`
+/// can never be read as a call. Under `none`, only the answer.
+pub fn constraint_with_answer(plan: &ToolPlan, answer: serde_json::Value) -> Constraint {
+    match plan.choice {
+        ToolChoice::None => Constraint::json_schema(answer),
+        ToolChoice::Required | ToolChoice::Named(_) => Constraint::lark(lark(plan, false)),
+        ToolChoice::Auto => {
+            let calls = lark(plan, false);
+            let rest = calls.strip_prefix("start: tagged\n").unwrap_or(&calls);
+            Constraint::lark(format!("start: tagged | answer\nanswer: %json {answer}\n{rest}"))
+        }
+    }
+}
+
 /// `none`: any text except one that opens the way `auto` takes for a call, a bare `{"name`...
 /// object or one in a ```` ```json ```` block (the tag itself is a banned token, see chat.rs).
 /// Without this a model that answers tool results with another call (Qwen2.5-Coder-0.5B does,
@@ -87,10 +104,18 @@ mod tests {
         assert!(
             matches!(&c.grammar, crate::Grammar::Lark(g) if g.starts_with("start: tagged | body | \"```json\\n\" body \"\\n```\"\n"))
         );
-        let none = constraint(&ToolPlan { choice: ToolChoice::None, ..auto }).unwrap();
+        let none = constraint(&ToolPlan { choice: ToolChoice::None, ..auto.clone() }).unwrap();
         assert!(none.triggers.is_empty());
         let expected =
             "start: TEXT\nTEXT: /(?s:.*)/ & ~/[ \\t\\r\\n]*(```json[ \\t\\r\\n]*)?\\{[ \\t\\r\\n]*\"name(?s:.*)/\n";
         assert_eq!(none.grammar, crate::Grammar::Lark(expected.into()));
+        let answer = json!({"type": "object"});
+        let both = constraint_with_answer(&auto, answer.clone());
+        assert!(both.triggers.is_empty());
+        assert!(
+            matches!(&both.grammar, crate::Grammar::Lark(g) if g.starts_with("start: tagged | answer\nanswer: %json {\"type\":\"object\"}\ntagged: "))
+        );
+        let only = constraint_with_answer(&ToolPlan { choice: ToolChoice::None, ..auto }, answer.clone());
+        assert_eq!(only, Constraint::json_schema(answer));
     }
 }

@@ -92,16 +92,35 @@ pub(super) async fn render_prompt(
     kwargs: serde_json::Map<String, Value>,
     add_generation_prompt: bool,
 ) -> ApiResult<Vec<u32>> {
-    if tok.chat_template.is_none() {
-        return Err(ApiError::invalid("messages", "this model has no chat template; use /v1/completions"));
-    }
     let messages = chat_json::messages(messages)?;
-    let (tok, plan) = (tok.clone(), plan.cloned());
+    render_messages(state, tok, messages, RenderOpts { plan, kwargs, add_generation_prompt, param: "messages" }).await
+}
+
+/// How [`render_messages`] renders: the turn's tools, template variables, whether to open the
+/// assistant's turn, and the request field errors name (`messages`, `input`).
+pub(super) struct RenderOpts<'a> {
+    pub plan: Option<&'a ToolPlan>,
+    pub kwargs: serde_json::Map<String, Value>,
+    pub add_generation_prompt: bool,
+    pub param: &'static str,
+}
+
+/// Renders typed messages on the blocking pool (shared by chat and the Responses API).
+pub(super) async fn render_messages(
+    state: &Shared,
+    tok: &std::sync::Arc<Tokenizer>,
+    messages: Vec<chat::Message>,
+    opts: RenderOpts<'_>,
+) -> ApiResult<Vec<u32>> {
+    if tok.chat_template.is_none() {
+        return Err(ApiError::invalid(opts.param, "this model has no chat template; use /v1/completions"));
+    }
+    let (tok, plan, kwargs, add) = (tok.clone(), opts.plan.cloned(), opts.kwargs, opts.add_generation_prompt);
     state
         .cpu(move || {
             let conv = Conversation { messages: &messages, tools: plan.as_ref(), kwargs: &kwargs };
-            chat::render(&tok, &conv, add_generation_prompt)
+            chat::render(&tok, &conv, add)
         })
         .await?
-        .map_err(|e| ApiError::from_engine(e, "messages"))
+        .map_err(|e| ApiError::from_engine(e, opts.param))
 }

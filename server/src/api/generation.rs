@@ -27,12 +27,18 @@ pub async fn submit(
     params: SamplingParams,
 ) -> Result<Tracked, EngineError> {
     let stream = engine.generate_async(prompt, params).await?;
+    Ok(track(state, stream))
+}
+
+/// Tracks a stream the caller started itself (a session turn); call from the handler's task,
+/// where the rate-limit charge is known.
+pub fn track(state: &Shared, stream: TokenStream) -> Tracked {
     state.metrics.prompt_tokens.fetch_add(stream.prompt_tokens() as u64, Ordering::Relaxed);
     let charge = current_charge();
     if let Some(c) = &charge {
         c.tokens(stream.prompt_tokens());
     }
-    Ok(Tracked { stream, state: state.clone(), start: Instant::now(), last: None, generated: 0, charge })
+    Tracked { stream, state: state.clone(), start: Instant::now(), last: None, generated: 0, charge }
 }
 
 impl Tracked {

@@ -18,6 +18,10 @@ mod misc;
 pub mod ratelimit;
 pub mod request;
 mod response_format;
+mod responses;
+mod responses_items;
+mod responses_sse;
+pub mod responses_store;
 mod sse;
 
 use crate::metrics::Metrics;
@@ -34,6 +38,7 @@ use kiln_inference::embed::EmbedHandle;
 use kiln_inference::engine::EngineHandle;
 use kiln_inference::SamplingDefaults;
 use ratelimit::{RateLimiter, RateLimits};
+use responses_store::Responses;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -68,6 +73,8 @@ pub struct AppState {
     pub rate_limits: Arc<RateLimiter>,
     /// Where refusals are recorded (see `audit.rs`; off by default).
     pub audit: Option<AuditLog>,
+    /// Stored Responses API turns and their parked sessions (see `responses_store.rs`).
+    pub responses: Responses,
 }
 
 impl AppState {
@@ -90,6 +97,7 @@ impl AppState {
             cpu_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))),
             rate_limits: Arc::new(RateLimiter::new(RateLimits::default())),
             audit: None,
+            responses: Responses::default(),
         }
     }
 
@@ -219,6 +227,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route("/v1/embeddings", post(embeddings::handle))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::get).delete(responses::delete))
+        .route("/v1/responses/{id}/input_items", get(responses::input_items))
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/metrics", get(misc::metrics))
@@ -295,6 +307,8 @@ pub(crate) fn route_label(path: &str) -> &'static str {
         "/v1/completions" => "/v1/completions",
         "/v1/embeddings" => "/v1/embeddings",
         "/v1/models" => "/v1/models",
+        "/v1/responses" => "/v1/responses",
+        p if p.starts_with("/v1/responses/") => "/v1/responses/{id}",
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         "/tokenize" => "/tokenize",
         "/detokenize" => "/detokenize",

@@ -94,8 +94,12 @@ pub struct History {
     /// `name + canonical arguments` -> result, for calls answered in this run.
     pub answered: HashMap<String, String>,
     pub approvals: HashMap<String, ApprovalStep>,
-    /// The previous turn was discarded by the loop guard: the next one may not call tools.
+    /// The next turn must answer without calls (after a free-text answer the output schema
+    /// rejected).
     pub force_answer: bool,
+    /// Tools the next turn may not call: the loop guard discarded a turn that only repeated
+    /// answered calls of these.
+    pub excluded: Vec<String>,
     /// The last non-discarded model turn, if the run has one.
     pub last_model: Option<ModelStep>,
     pub usage: Usage,
@@ -145,10 +149,11 @@ impl History {
         u.total_tokens = u.prompt_tokens + u.completion_tokens;
         u.model_ms += m.latency_ms;
         if m.discarded {
-            self.force_answer = true;
+            self.excluded.extend(m.calls.iter().map(|c| c.name.clone()));
             return;
         }
         self.force_answer = false;
+        self.excluded.clear();
         let calls = m.calls.iter().map(CallRecord::to_call).collect();
         self.messages.push(Message::assistant_calls(m.content.clone(), calls));
         self.pending = m.calls.clone();
@@ -160,7 +165,8 @@ impl History {
         let call = self.pending.remove(at);
         self.usage.tool_calls += u32::from(!r.repeated);
         self.usage.tool_ms += r.latency_ms;
-        if !r.is_error {
+        // A failed call is answered too: the same call would fail the same way.
+        if !r.repeated {
             self.answered.insert(call_key(&call.name, &call.arguments), r.content.clone());
         }
         self.messages.push(Message::tool_result(&r.call_id, r.content));
@@ -212,7 +218,7 @@ mod tests {
         let mut discarded = model;
         discarded["discarded"] = json!(true);
         h.replay(&[step(2, StepKind::ModelOutput, discarded)]);
-        assert!(h.force_answer);
+        assert_eq!(h.excluded, vec!["calc".to_string()]);
         assert_eq!((h.turns, h.messages.len(), h.usage.prompt_tokens), (2, 4, 20));
     }
 }

@@ -88,7 +88,11 @@ impl Driver {
     async fn model_turn(&mut self) -> Result<Option<DriveEnd>, RunError> {
         let step = self.history.turns + 1;
         self.rt.events.send(&self.run.id, RunEvent::StepStarted { run_id: self.run.id.clone(), step });
-        let forced = self.history.force_answer;
+        // Tools the loop guard excluded stay in the prompt (the session's history still
+        // matches) but not in the grammar; with none left the turn must answer.
+        let callable: Vec<String> =
+            self.spec.tool_names().into_iter().filter(|n| !self.history.excluded.contains(n)).collect();
+        let forced = self.history.force_answer || (self.plan.is_some() && callable.is_empty());
         let plan = self.plan.clone();
         let params = self.params();
         let run_id = self.run.id.clone();
@@ -97,9 +101,19 @@ impl Driver {
             |t: &str| events.send(&run_id, RunEvent::MessageDelta { run_id: run_id.clone(), delta: t.into() });
         let answer_schema = self.spec.output_schema.as_ref();
         let messages = &self.history.messages;
-        let spec = TurnSpec { messages, tools: plan.as_ref(), answer_schema, answer_only: forced, params };
+        let spec = TurnSpec {
+            messages,
+            tools: plan.as_ref(),
+            callable: &callable,
+            answer_schema,
+            answer_only: forced,
+            params,
+        };
         let out = self.session.turn(spec, &mut on_text).await?;
         let mut calls: Vec<CallRecord> = out.calls.iter().map(CallRecord::from).collect();
+        // Loop guard: a turn that only repeats answered calls is discarded (recorded, not run);
+        // the next may call other tools or must answer. Repeats beside new calls are answered
+        // from the earlier results, with a note.
         let repeats_only = !calls.is_empty()
             && !forced
             && calls.iter().all(|c| self.history.answered.contains_key(&call_key(&c.name, &c.arguments)));
@@ -253,7 +267,12 @@ impl Driver {
             return base(format!("The user rejected this call ({why}). Do not retry it."), true);
         }
         if let Some(previous) = self.history.answered.get(&call_key(&call.name, &call.arguments)) {
-            return ResultStep { repeated: true, ..base(previous.clone(), false) };
+            let note = format!(
+                "{previous}\n(You already called {} with these arguments; this is its earlier result. Do not call it \
+                 again: go on with the next step, or give the answer.)",
+                call.name
+            );
+            return ResultStep { repeated: true, ..base(note, false) };
         }
         let Some(tool) = self.tools.get(&call.name) else {
             return base(format!("unknown tool {}", call.name), true);

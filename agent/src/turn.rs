@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 /// What one turn asks of the model.
 pub struct TurnSpec<'a> {
     pub messages: &'a [Message],
-    /// `None`: no tools this turn.
+    /// `None`: no tools this turn. All of them are in the prompt.
     pub tools: Option<&'a ToolPlan>,
+    /// The tools the grammar lets this turn call (a subset of `tools`); empty means all.
+    pub callable: &'a [String],
     /// The final answer's JSON schema; applies when the turn may not call tools.
     pub answer_schema: Option<&'a Value>,
     /// The turn must answer: no calls, though the tools stay in the prompt (so the session's
@@ -87,7 +89,8 @@ impl ModelSession {
         let input = self.input(&spec).await?;
         let mut params = spec.params;
         let calls_possible = spec.tools.is_some_and(ToolPlan::calls_allowed) && !spec.answer_only;
-        params.constraint = constraint(spec.tools, spec.answer_schema, calls_possible);
+        let grammar_plan = spec.tools.map(|p| restrict(p, spec.callable));
+        params.constraint = constraint(grammar_plan.as_ref(), spec.answer_schema, calls_possible);
         if spec.tools.is_some() && !calls_possible {
             chat::forbid_call_token(self.engine.tokenizer(), &mut params);
         }
@@ -150,6 +153,15 @@ impl ModelSession {
         // Rendering and tokenizing are CPU work: off the async workers.
         tokio::task::spawn_blocking(work).await.map_err(|e| EngineError::Template(format!("render task: {e}")))?
     }
+}
+
+/// The plan whose grammar allows only `callable` (all tools when empty).
+fn restrict(plan: &ToolPlan, callable: &[String]) -> ToolPlan {
+    let mut p = plan.clone();
+    if !callable.is_empty() {
+        p.tools.retain(|t| callable.contains(&t.name));
+    }
+    p
 }
 
 fn same_tools(a: Option<&ToolPlan>, b: Option<&ToolPlan>) -> bool {

@@ -20,6 +20,7 @@ fn spec<'a>(messages: &'a [Message], tools: &'a ToolPlan) -> TurnSpec<'a> {
     TurnSpec {
         messages,
         tools: Some(tools),
+        callable: &[],
         answer_schema: None,
         answer_only: false,
         params: SamplingParams { max_tokens: Some(60), ..SamplingParams::greedy() },

@@ -206,3 +206,45 @@ async fn decide(state: Shared, id: String, body: Result<Bytes, BytesRejection>, 
     let run = runtime(&state)?.approve(&id, d.call_id.as_deref(), ok, d.reason).await?;
     Ok(Json(run_json(&run)))
 }
+
+/// `GET /v1/runs/{id}/events` as a WebSocket: the run as it is now (`run.snapshot`), then its
+/// live events as JSON text messages (the same objects as the SSE `data`), closed after its last
+/// event. A run that already ended gets the snapshot and a close.
+pub async fn events_ws(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let rt = runtime(&state)?.clone();
+    // Subscribe before reading the record, so nothing falls between the two.
+    let rx = rt.subscribe(&id);
+    let run = rt.get_run(&id).await?;
+    Ok(ws.on_upgrade(move |socket| relay(socket, run, rx)))
+}
+
+async fn relay(mut socket: axum::extract::ws::WebSocket, run: RunRecord, mut rx: broadcast::Receiver<RunEvent>) {
+    use axum::extract::ws::Message;
+    let snapshot = json!({"type": "run.snapshot", "run": run_json(&run)});
+    if socket.send(Message::Text(snapshot.to_string().into())).await.is_err() {
+        return;
+    }
+    let live = matches!(run.status.as_str(), "queued" | "in_progress");
+    if !live {
+        let _ = socket.send(Message::Close(None)).await;
+        return;
+    }
+    loop {
+        let ev = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(skipped = n, "slow WebSocket reader");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        };
+        if socket.send(Message::Text(event_data(&ev).to_string().into())).await.is_err() || ev.is_last() {
+            break;
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}

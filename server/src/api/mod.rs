@@ -242,6 +242,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/runs/{id}/cancel", post(agents::cancel))
         .route("/v1/runs/{id}/approve", post(agents::approve))
         .route("/v1/runs/{id}/reject", post(agents::reject))
+        .route("/v1/runs/{id}/events", get(agents::events_ws))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

@@ -7,7 +7,7 @@
 //! store can keep it as is) and the response object's echoed fields. Must not: parse items or
 //! model output (`responses_items.rs`, `responses_sse.rs`) or keep state outside `Responses`.
 
-use super::chat::{forbid_call_token, render_messages, RenderOpts};
+use super::chat::{render_messages, RenderOpts};
 use super::error::{ApiError, ApiResult};
 use super::generation::{collect, submit, track, unix_now, Tracked};
 use super::request::{body_bytes, parse_body, Sampling};
@@ -85,7 +85,7 @@ pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesReject
         (None, None) => None,
     };
     if plan.is_some() && !calls {
-        forbid_call_token(engine.tokenizer(), &mut params);
+        kiln_inference::chat::forbid_call_token(engine.tokenizer(), &mut params);
     }
     let store = req.store.unwrap_or(true);
     let history = match &req.previous_response_id {

@@ -13,9 +13,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn model_dir() -> PathBuf {
-    let base = std::env::var_os("KILN_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/models")
-    });
+    let base = std::env::var_os("KILN_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/models"));
     base.join("all-minilm-l6-v2")
 }
 
@@ -73,10 +73,46 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "apple", "river", "engine", "quantum", "violin", "mountain", "database", "coffee", "planet", "garden",
-    "rocket", "poetry", "harbor", "silicon", "forest", "thunder", "library", "bicycle", "glacier", "market",
-    "kernel", "orchid", "desert", "compiler", "lantern", "meadow", "satellite", "pepper", "canyon", "museum",
-    "tiger", "volcano", "network", "ribbon", "saffron", "tunnel", "whisper", "cathedral", "falcon", "sapphire",
+    "apple",
+    "river",
+    "engine",
+    "quantum",
+    "violin",
+    "mountain",
+    "database",
+    "coffee",
+    "planet",
+    "garden",
+    "rocket",
+    "poetry",
+    "harbor",
+    "silicon",
+    "forest",
+    "thunder",
+    "library",
+    "bicycle",
+    "glacier",
+    "market",
+    "kernel",
+    "orchid",
+    "desert",
+    "compiler",
+    "lantern",
+    "meadow",
+    "satellite",
+    "pepper",
+    "canyon",
+    "museum",
+    "tiger",
+    "volcano",
+    "network",
+    "ribbon",
+    "saffron",
+    "tunnel",
+    "whisper",
+    "cathedral",
+    "falcon",
+    "sapphire",
 ];
 
 fn sentence(rng: &mut Rng, words: usize) -> String {
@@ -231,7 +267,11 @@ fn scope_isolation_property() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-async fn isolation_case(e: &EmbedHandle, writes: &[(bool, usize, usize)], queries: &[(bool, usize, usize)]) -> Result<()> {
+async fn isolation_case(
+    e: &EmbedHandle,
+    writes: &[(bool, usize, usize)],
+    queries: &[(bool, usize, usize)],
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let store = MemoryStore::open_embedded(dir.path(), e.clone()).await?;
     let (a, b) = (scope("agent:a"), scope("agent:b"));
@@ -304,7 +344,11 @@ async fn conflicts_resolve_under_8_concurrent_writers() -> Result<()> {
     let low = NewMemory { text: "city low".into(), key: Some("user.city".into()), priority: 0, ..Default::default() };
     let after = &store.add(&g, vec![low]).await?[0];
     ensure!(after.text == fact.text && after.history.last().is_some_and(|h| h.outcome == "rejected"));
-    println!("conflicts: 8 writers x 5 writes -> live fact {:?} with {} history entries", fact.text, fact.history.len());
+    println!(
+        "conflicts: 8 writers x 5 writes -> live fact {:?} with {} history entries",
+        fact.text,
+        fact.history.len()
+    );
     Ok(())
 }
 

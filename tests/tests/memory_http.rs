@@ -61,7 +61,10 @@ async fn memory_routes_end_to_end() -> Result<()> {
     // Without an embedding model the routes say what is missing.
     let bare = router(s.clone());
     let (st, body) = send(&bare, Method::POST, "/v1/memory/agent:a", Some(json!({"text": "x"}))).await;
-    ensure!(st == StatusCode::SERVICE_UNAVAILABLE && body["error"]["message"].as_str().unwrap().contains("--embedding-model"));
+    ensure!(
+        st == StatusCode::SERVICE_UNAVAILABLE
+            && body["error"]["message"].as_str().unwrap().contains("--embedding-model")
+    );
 
     let e = start_embedder(dir.to_str().unwrap(), &EmbedConfig::default())?;
     s.set_embedder(EMBED.into(), e.clone());

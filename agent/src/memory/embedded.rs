@@ -10,9 +10,9 @@ use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::external::uuid::Uuid;
 use qdrant_edge::{
     Condition, CreateIndex, Distance, EdgeConfigBuilder, EdgeShard, EdgeVectorParamsBuilder, FieldCondition,
-    FieldIndexOperations, Filter, JsonPath, Match, NamedQuery, PayloadOps, SetPayloadOp, PayloadFieldSchema, PayloadSchemaType, PointId,
-    PointInsertOperations, PointOperations, PointStruct, QueryEnum, Range, ScrollRequest, SearchRequest,
-    UpdateOperation, VectorInternal, WithPayloadInterface,
+    FieldIndexOperations, Filter, JsonPath, Match, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaType,
+    PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum, Range, ScrollRequest, SearchRequest,
+    SetPayloadOp, UpdateOperation, VectorInternal, WithPayloadInterface,
 };
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -168,7 +168,12 @@ impl EmbeddedBackend {
     }
 
     /// Up to `limit` points matching `conds`, by id from `from` (inclusive); the next id if more.
-    pub fn scroll(&self, conds: &[Cond], from: Option<Uuid>, limit: usize) -> Result<(Vec<Hit>, Option<Uuid>), MemoryError> {
+    pub fn scroll(
+        &self,
+        conds: &[Cond],
+        from: Option<Uuid>,
+        limit: usize,
+    ) -> Result<(Vec<Hit>, Option<Uuid>), MemoryError> {
         let req = ScrollRequest {
             offset: from.map(PointId::Uuid),
             limit: Some(limit.max(1)),
@@ -185,7 +190,13 @@ impl EmbeddedBackend {
     }
 
     /// The `limit` nearest points to `vector` by cosine among those matching `conds`.
-    pub fn search(&self, vector: Vec<f32>, conds: &[Cond], limit: usize, threshold: Option<f32>) -> Result<Vec<Hit>, MemoryError> {
+    pub fn search(
+        &self,
+        vector: Vec<f32>,
+        conds: &[Cond],
+        limit: usize,
+        threshold: Option<f32>,
+    ) -> Result<Vec<Hit>, MemoryError> {
         let req = SearchRequest {
             query: QueryEnum::Nearest(NamedQuery { query: VectorInternal::Dense(vector), using: None }),
             filter: Some(filter(conds)?),

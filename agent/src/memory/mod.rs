@@ -229,11 +229,18 @@ impl MemoryStore {
 
     /// One keyed write under the (scope, key) lock, so concurrent writers serialize and the
     /// outcome depends only on (priority, arrival order).
-    async fn add_keyed(&self, scope: &Scope, key: &str, item: NewMemory, vector: Vec<f32>) -> Result<Memory, MemoryError> {
+    async fn add_keyed(
+        &self,
+        scope: &Scope,
+        key: &str,
+        item: NewMemory,
+        vector: Vec<f32>,
+    ) -> Result<Memory, MemoryError> {
         let _guard = self.inner.locks.lock(&scope.to_string(), key).await;
         let (inner, scope, key) = (self.inner.clone(), scope.clone(), key.to_string());
         blocking(move || {
-            let conds = [Cond::Eq("scope".into(), Value::String(scope.to_string())), Cond::Eq("key".into(), key.into())];
+            let conds =
+                [Cond::Eq("scope".into(), Value::String(scope.to_string())), Cond::Eq("key".into(), key.into())];
             let (found, _) = inner.backend.scroll(&conds, None, 2)?;
             // Taken under the lock: a later arrival never carries an earlier timestamp.
             let now = found.iter().filter_map(|h| record::memory(h).ok()).fold(now_ms(), |t, m| t.max(m.updated_at_ms));

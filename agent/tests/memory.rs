@@ -120,7 +120,7 @@ fn sentence(rng: &mut Rng, words: usize) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crud_paging_filters_and_ttl() -> Result<()> {
+async fn crud_paging_and_filters() -> Result<()> {
     let e = embedder_or_skip!();
     let dir = tempfile::tempdir()?;
     let store = MemoryStore::open_embedded(dir.path(), e).await?;
@@ -179,6 +179,16 @@ async fn crud_paging_filters_and_ttl() -> Result<()> {
     ensure!(matches!(store.search(&scope("agent:nobody"), query("x", 1)).await, Err(MemoryError::NotFound(_))));
     ensure!(matches!(store.list(&scope("user:nobody"), None, 5).await, Err(MemoryError::NotFound(_))));
 
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_and_delete_scope() -> Result<()> {
+    let e = embedder_or_skip!();
+    let dir = tempfile::tempdir()?;
+    let store = MemoryStore::open_embedded(dir.path(), e).await?;
+    let a = scope("agent:a");
+    store.add(&a, vec![note("a note in another scope", json!({}))]).await?;
     // TTL: gone for every reader once expired; purge removes it from disk.
     let b = scope("run:r1");
     let keep = store.add(&b, vec![note("a note that stays", json!({}))]).await?;

@@ -57,6 +57,8 @@ async fn memory_routes_end_to_end() -> Result<()> {
         println!("SKIP: {} missing (scripts/fetch-models.sh embed)", dir.display());
         return Ok(());
     }
+    // Created before the state so it outlives the shard (its Drop flushes into this directory).
+    let tmp = tempfile::tempdir()?;
     let s = state()?;
     // Without an embedding model the routes say what is missing.
     let bare = router(s.clone());
@@ -68,7 +70,6 @@ async fn memory_routes_end_to_end() -> Result<()> {
 
     let e = start_embedder(dir.to_str().unwrap(), &EmbedConfig::default())?;
     s.set_embedder(EMBED.into(), e.clone());
-    let tmp = tempfile::tempdir()?;
     s.set_memory(MemoryStore::open_embedded(tmp.path(), e).await?);
     let app = router(s);
 
@@ -114,6 +115,12 @@ async fn memory_routes_end_to_end() -> Result<()> {
     let (st, _) = send(&app, Method::GET, &item, None).await;
     ensure!(st == StatusCode::NOT_FOUND);
 
+    facts_bad_input_and_scope_delete(&app).await
+}
+
+/// Keyed facts, 400/404 answers and deleting one scope, on a router with memory.
+async fn facts_bad_input_and_scope_delete(app: &Router) -> Result<()> {
+    let app = app.clone();
     // Keyed facts: the higher priority wins, the loser is in history.
     let fact = |t: &str, p: i64| json!({"text": t, "key": "office.city", "priority": p});
     send(&app, Method::POST, "/v1/memory/global", Some(fact("Office is in Lyon", 5))).await;

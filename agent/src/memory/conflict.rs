@@ -49,10 +49,12 @@ pub(crate) fn entry(m: &Memory, outcome: &str) -> HistoryEntry {
 /// Prune idle lock entries once the map grows past this (locks are created per key on demand).
 const PRUNE_AT: usize = 1024;
 
+type LockMap = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
 /// One async mutex per (scope, key): writes to one fact serialize, others run in parallel.
 #[derive(Default)]
 pub struct KeyLocks {
-    map: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    map: Mutex<LockMap>,
 }
 
 impl KeyLocks {

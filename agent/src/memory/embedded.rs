@@ -29,6 +29,9 @@ pub enum Cond {
     Lte(String, i64),
 }
 
+/// A point to write: id, its vector, its payload.
+pub type NewPoint = (Uuid, Vec<f32>, Map<String, Value>);
+
 /// A stored point: id, payload, and (on search) its cosine score.
 #[derive(Debug, Clone)]
 pub struct Hit {
@@ -122,7 +125,7 @@ impl EmbeddedBackend {
     }
 
     /// Inserts or replaces points (one WAL record, one flush for the whole batch).
-    pub fn upsert(&self, points: Vec<(Uuid, Vec<f32>, Map<String, Value>)>) -> Result<(), MemoryError> {
+    pub fn upsert(&self, points: Vec<NewPoint>) -> Result<(), MemoryError> {
         if points.is_empty() {
             return Ok(());
         }

@@ -3,7 +3,7 @@
 //! it has no TTL, so "alive" is one indexed range condition) and `history`. Must not: decide
 //! conflicts or touch the backend.
 
-use super::embedded::Hit;
+use super::embedded::{Hit, NewPoint};
 use super::{conflict, HistoryEntry, Memory, MemoryError, MemoryPatch, NewMemory, Scope};
 use qdrant_edge::external::uuid::Uuid;
 use serde_json::{json, Map, Value};
@@ -70,7 +70,7 @@ pub fn payload(m: &Memory) -> Map<String, Value> {
     map
 }
 
-pub fn point(m: &Memory, vector: Vec<f32>) -> Result<(Uuid, Vec<f32>, Map<String, Value>), MemoryError> {
+pub fn point(m: &Memory, vector: Vec<f32>) -> Result<NewPoint, MemoryError> {
     let id = Uuid::parse_str(&m.id).map_err(|e| MemoryError::Backend(format!("bad memory id {}: {e}", m.id)))?;
     Ok((id, vector, payload(m)))
 }

@@ -5,6 +5,7 @@
 
 pub mod events;
 pub mod history;
+pub mod memory;
 mod run;
 pub mod runtime;
 pub mod spec;

@@ -1,14 +1,17 @@
 //! `kiln serve`'s agent flags and the start of the agent runtime after the engine is up: the run
 //! store (SQLite under `--data-dir`, or `--database-url`), tools (builtins, `--mcp-config`
-//! servers, HTTP tools limited to `--http-tool-hosts`), agents from `--agents DIR`.
+//! servers, HTTP tools limited to `--http-tool-hosts`), agents from `--agents DIR`; and the memory
+//! store (qdrant-edge under `--data-dir/memory`, when an embedding model is served).
 
 use anyhow::{Context, Result};
 use clap::Args;
+use kiln_agent::memory::MemoryStore;
 use kiln_agent::spec::load_dir;
 use kiln_agent::store::RunStore;
 use kiln_agent::tools::mcp::{McpConfig, McpManager};
 use kiln_agent::tools::{CallLimits, ToolRegistry};
 use kiln_agent::{AgentRuntime, RuntimeConfig};
+use kiln_inference::embed::EmbedHandle;
 use kiln_inference::{EngineHandle, SamplingDefaults, SamplingParams};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,17 +46,45 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
-    fn store_url(&self) -> Result<String> {
-        if let Some(url) = &self.database_url {
-            return Ok(url.clone());
-        }
+    fn data_dir(&self) -> Result<PathBuf> {
         let dir = match &self.data_dir {
             Some(d) => d.clone(),
             None => default_data_dir()?,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
-        Ok(format!("sqlite://{}", dir.join("kiln.db").display()))
+        Ok(dir)
     }
+
+    fn store_url(&self) -> Result<String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        Ok(format!("sqlite://{}", self.data_dir()?.join("kiln.db").display()))
+    }
+}
+
+/// How often expired memories are deleted (readers never see them in between).
+const MEMORY_PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// Opens the embedded memory store under `--data-dir/memory` for `embedder`'s vectors, and starts
+/// its periodic TTL purge.
+pub async fn start_memory(a: &AgentArgs, embedder: EmbedHandle) -> Result<MemoryStore> {
+    let dir = a.data_dir()?.join("memory");
+    let store = MemoryStore::open_embedded(&dir, embedder)
+        .await
+        .with_context(|| format!("opening the memory store in {}", dir.display()))?;
+    let purger = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(MEMORY_PURGE_EVERY);
+        loop {
+            tick.tick().await;
+            if let Err(e) = purger.purge_expired().await {
+                tracing::warn!(error = %e, "memory TTL purge failed");
+            }
+        }
+    });
+    tracing::info!(dir = %dir.display(), "memory store open");
+    Ok(store)
 }
 
 fn default_data_dir() -> Result<PathBuf> {

@@ -123,6 +123,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let defaults = defaults_out.get().copied().unwrap_or_default();
     let agents = crate::agents::start(&a.agents, handle.clone(), name.clone(), defaults).await?;
     state.set_agents(agents.runtime.clone());
+    if let Some((_, embedder)) = state.embedder_if_loaded() {
+        state.set_memory(crate::agents::start_memory(&a.agents, embedder.clone()).await?);
+    }
     state.set_engine(handle.clone());
     println!("kiln: serving {base} (model \"{name}\"); OpenAI SDK: base_url=\"{base}\"");
     tracing::info!(%base, "ready");

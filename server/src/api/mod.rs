@@ -14,6 +14,7 @@ pub mod error;
 mod generation;
 mod guard;
 mod logprobs;
+mod memory;
 mod misc;
 pub mod ratelimit;
 pub mod request;
@@ -51,6 +52,8 @@ pub struct AppState {
     agents: OnceLock<kiln_agent::AgentRuntime>,
     /// The embedding model served beside the chat model, if configured, and its name.
     embedder: OnceLock<(String, EmbedHandle)>,
+    /// Agent memory (needs the embedding model; absent without it).
+    memory: OnceLock<kiln_agent::memory::MemoryStore>,
     pub served_model_name: String,
     pub api_keys: Vec<String>,
     /// Stable per build + model + engine config.
@@ -84,6 +87,7 @@ impl AppState {
             engine: OnceLock::new(),
             agents: OnceLock::new(),
             embedder: OnceLock::new(),
+            memory: OnceLock::new(),
             metrics: Metrics::new(&served_model_name),
             served_model_name,
             api_keys,
@@ -186,6 +190,14 @@ impl AppState {
         self.agents.get()
     }
 
+    pub fn set_memory(&self, m: kiln_agent::memory::MemoryStore) {
+        let _ = self.memory.set(m);
+    }
+
+    pub fn memory(&self) -> Option<&kiln_agent::memory::MemoryStore> {
+        self.memory.get()
+    }
+
     pub fn engine_if_loaded(&self) -> Option<&EngineHandle> {
         self.engine.get()
     }
@@ -243,6 +255,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/runs/{id}/approve", post(agents::approve))
         .route("/v1/runs/{id}/reject", post(agents::reject))
         .route("/v1/runs/{id}/events", get(agents::events_ws))
+        // Memory (issue 12).
+        .route("/v1/memory/{scope}", post(memory::add).get(memory::list).delete(memory::delete_scope))
+        .route("/v1/memory/{scope}/search", post(memory::search))
+        .route("/v1/memory/{scope}/{id}", get(memory::get).patch(memory::patch).delete(memory::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

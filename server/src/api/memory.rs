@@ -1,0 +1,175 @@
+//! The memory API: `POST /v1/memory/{scope}` (add), `POST /v1/memory/{scope}/search`,
+//! `GET /v1/memory/{scope}` (list, `?limit=&after=`), `GET/PATCH/DELETE /v1/memory/{scope}/{id}`
+//! and `DELETE /v1/memory/{scope}`. Maps JSON to [`kiln_agent::memory`] and its errors to HTTP;
+//! scopes, embedding, storage and conflict resolution live in `kiln-agent`. Must not: embed or
+//! store anything itself.
+
+use super::error::{ApiError, ApiResult};
+use super::request::{body_bytes, parse_body};
+use super::Shared;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use kiln_agent::memory::{Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, Scope, SearchQuery};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+impl From<MemoryError> for ApiError {
+    fn from(e: MemoryError) -> Self {
+        match e {
+            MemoryError::NotFound(m) => ApiError::not_found(m),
+            MemoryError::Invalid { field, message } => ApiError::invalid(field, message),
+            MemoryError::Unavailable(m) => ApiError::unavailable(m),
+            MemoryError::Backend(m) => ApiError::internal(m),
+        }
+    }
+}
+
+/// The store, or a clear 503 saying why there is none.
+fn store(state: &Shared) -> ApiResult<&MemoryStore> {
+    state.engine()?;
+    state.memory().ok_or_else(|| {
+        ApiError::unavailable(
+            "memory is not available: it needs an embedding model; start kiln with --embedding-model PATH",
+        )
+    })
+}
+
+fn scope(s: &str) -> ApiResult<Scope> {
+    Ok(s.parse::<Scope>()?)
+}
+
+/// A memory as clients see it (`created_at`/`updated_at`/`expires_at` in Unix seconds).
+pub fn memory_json(m: &Memory) -> Value {
+    json!({
+        "id": m.id, "object": "memory", "scope": m.scope, "text": m.text, "metadata": m.metadata,
+        "key": m.key, "priority": m.priority,
+        "created_at": m.created_at_ms / 1000, "updated_at": m.updated_at_ms / 1000,
+        "expires_at": m.expires_at_ms.map(|t| t / 1000),
+        "history": m.history.iter().map(|h| json!({
+            "text": h.text, "metadata": h.metadata, "priority": h.priority,
+            "written_at": h.written_at_ms / 1000, "outcome": h.outcome,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBody {
+    text: String,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    priority: Option<i64>,
+}
+
+pub async fn add(
+    State(state): State<Shared>,
+    Path(s): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let b: AddBody = parse_body(&body_bytes(body)?)?;
+    let item = NewMemory {
+        text: b.text,
+        metadata: b.metadata.unwrap_or_default(),
+        key: b.key,
+        ttl_seconds: b.ttl_seconds,
+        priority: b.priority.unwrap_or(0),
+    };
+    let stored = store(&state)?.add(&scope(&s)?, vec![item]).await?;
+    let m = stored.first().ok_or_else(|| ApiError::internal("the store acknowledged no memory"))?;
+    Ok(Json(memory_json(m)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchBody {
+    query: String,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    filter: Option<Map<String, Value>>,
+    #[serde(default)]
+    score_threshold: Option<f32>,
+}
+
+pub async fn search(
+    State(state): State<Shared>,
+    Path(s): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let b: SearchBody = parse_body(&body_bytes(body)?)?;
+    let q = SearchQuery {
+        query: b.query,
+        top_k: b.top_k.unwrap_or(10),
+        score_threshold: b.score_threshold,
+        filter: b.filter.unwrap_or_default(),
+    };
+    let hits = store(&state)?.search(&scope(&s)?, q).await?;
+    let data: Vec<Value> = hits
+        .iter()
+        .map(|h| {
+            let m = &h.memory;
+            json!({"id": m.id, "text": m.text, "score": h.score, "metadata": m.metadata, "key": m.key,
+                "created_at": m.created_at_ms / 1000})
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<Shared>,
+    Path(s): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let page = store(&state)?.list(&scope(&s)?, q.after.as_deref(), q.limit.unwrap_or(20)).await?;
+    let data: Vec<Value> = page.data.iter().map(memory_json).collect();
+    let first = page.data.first().map(|m| m.id.clone());
+    Ok(Json(json!({"object": "list", "data": data, "first_id": first, "last_id": page.last_id,
+        "has_more": page.has_more})))
+}
+
+pub async fn get(State(state): State<Shared>, Path((s, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    Ok(Json(memory_json(&store(&state)?.get(&scope(&s)?, &id).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+}
+
+pub async fn patch(
+    State(state): State<Shared>,
+    Path((s, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let b: PatchBody = parse_body(&body_bytes(body)?)?;
+    let m = store(&state)?.update(&scope(&s)?, &id, MemoryPatch { text: b.text, metadata: b.metadata }).await?;
+    Ok(Json(memory_json(&m)))
+}
+
+pub async fn delete(State(state): State<Shared>, Path((s, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    store(&state)?.delete(&scope(&s)?, &id).await?;
+    Ok(Json(json!({"id": id, "object": "memory.deleted", "deleted": true})))
+}
+
+pub async fn delete_scope(State(state): State<Shared>, Path(s): Path<String>) -> ApiResult<Json<Value>> {
+    let sc = scope(&s)?;
+    store(&state)?.delete_scope(&sc).await?;
+    Ok(Json(json!({"scope": sc.to_string(), "object": "memory.scope.deleted", "deleted": true})))
+}

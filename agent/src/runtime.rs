@@ -339,11 +339,13 @@ fn spawn_drive(rt: Arc<Inner>, run_id: String) {
 
 async fn drive(rt: Arc<Inner>, run_id: &str) -> Result<(), RunError> {
     let owner = rt.config.owner.clone();
+    // One driver per run in this process: the orphan claimer and a start or an approval may race
+    // for the same run, and the lease (same owner) cannot tell them apart.
+    let Some(cancel) = take_slot(&rt, run_id).await else { return Ok(()) };
     if !rt.store.try_acquire(run_id, &owner, rt.config.lease_ttl).await? {
+        rt.running.lock().unwrap_or_else(|p| p.into_inner()).remove(run_id);
         return Ok(()); // another process drives it
     }
-    let cancel = Arc::new(AtomicBool::new(false));
-    rt.running.lock().unwrap_or_else(|p| p.into_inner()).insert(run_id.to_string(), cancel.clone());
     let renew = tokio::spawn(renew_loop(rt.clone(), run_id.to_string(), cancel.clone()));
     let span = tracing::info_span!("run", run = %run_id);
     let result = async {
@@ -366,6 +368,23 @@ async fn drive(rt: Arc<Inner>, run_id: &str) -> Result<(), RunError> {
         let _ = rt.store.set_status(run_id, RunStatus::Failed, None, None, Some(e.to_string())).await;
     }
     result.map(|_| ())
+}
+
+/// Registers this process as the run's driver; waits a little for a driver that is finishing
+/// (an approval right after the pause), and gives up if it stays: the run is being driven.
+async fn take_slot(rt: &Inner, run_id: &str) -> Option<Arc<AtomicBool>> {
+    for _ in 0..40 {
+        {
+            let mut running = rt.running.lock().unwrap_or_else(|p| p.into_inner());
+            if !running.contains_key(run_id) {
+                let cancel = Arc::new(AtomicBool::new(false));
+                running.insert(run_id.to_string(), cancel.clone());
+                return Some(cancel);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
 }
 
 async fn renew_loop(rt: Arc<Inner>, run_id: String, cancel: Arc<AtomicBool>) {

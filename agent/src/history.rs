@@ -45,6 +45,49 @@ impl CallRecord {
     }
 }
 
+/// A message of the conversation a run continues, as stored in the run's input (`history`):
+/// a run started from a Responses API chain carries the turns before its input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PriorMessage {
+    pub role: String,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<CallRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl From<&Message> for PriorMessage {
+    fn from(m: &Message) -> Self {
+        Self {
+            role: m.role.as_str().to_string(),
+            content: m.content.clone(),
+            tool_calls: m.tool_calls.iter().map(CallRecord::from).collect(),
+            tool_call_id: m.tool_call_id.clone(),
+        }
+    }
+}
+
+impl PriorMessage {
+    /// The message; `None` for a role this kiln does not know (a newer kiln's record).
+    pub fn to_message(&self) -> Option<Message> {
+        let role = match self.role.as_str() {
+            "system" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
+            _ => return None,
+        };
+        Some(Message {
+            role,
+            content: self.content.clone(),
+            tool_calls: self.tool_calls.iter().map(CallRecord::to_call).collect(),
+            tool_call_id: self.tool_call_id.clone(),
+            name: None,
+        })
+    }
+}
+
 /// A tool call's result as recorded (idempotency key `result:{call_id}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultStep {
@@ -106,12 +149,14 @@ pub struct History {
 }
 
 impl History {
-    /// Starts from the instructions and the user's input.
-    pub fn new(instructions: &str, input: &str) -> Self {
+    /// Starts from the instructions, the conversation before the run (if it continues one) and
+    /// the user's input.
+    pub fn new(instructions: &str, prior: Vec<Message>, input: &str) -> Self {
         let mut messages = Vec::new();
         if !instructions.trim().is_empty() {
             messages.push(Message::new(Role::System, instructions));
         }
+        messages.extend(prior);
         messages.push(Message::new(Role::User, input));
         Self { messages, ..Self::default() }
     }
@@ -207,7 +252,7 @@ mod tests {
         let model = json!({"content": "", "calls": [call], "finish": "tool_calls", "prompt_tokens": 10,
             "cached_tokens": 0, "completion_tokens": 5, "latency_ms": 7});
         let result = json!({"call_id": "c1", "name": "calc", "content": "3", "is_error": false, "latency_ms": 2});
-        let mut h = History::new("Be exact.", "1+2?");
+        let mut h = History::new("Be exact.", Vec::new(), "1+2?");
         h.replay(&[step(0, StepKind::ModelOutput, model.clone())]);
         assert_eq!(h.pending.len(), 1);
         h.replay(&[step(1, StepKind::ToolResult, result)]);

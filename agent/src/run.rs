@@ -8,7 +8,7 @@
 //! the steps do not record.
 
 use crate::events::RunEvent;
-use crate::history::{call_key, ApprovalStep, CallRecord, History, ModelStep, ResultStep};
+use crate::history::{call_key, ApprovalStep, CallRecord, History, ModelStep, PriorMessage, ResultStep};
 use crate::runtime::{Inner, RunError};
 use crate::spec::AgentSpec;
 use crate::store::{RunRecord, RunStatus, StepKind};
@@ -46,13 +46,16 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) async fn new(rt: Arc<Inner>, run: RunRecord, cancel: Arc<AtomicBool>) -> Result<Self, RunError> {
-        let spec = rt.agent(&run.agent).await?;
+        let spec = rt.agent_of(&run).await?;
         let tools = rt.tools_for(&spec)?;
         let plan = plan(&spec, &tools)?;
         let vars = run.input.get("variables").and_then(Value::as_object).cloned().unwrap_or_default();
         let instructions = spec.render_instructions(&vars)?;
         let input = run.input.get("input").and_then(Value::as_str).unwrap_or_default().to_string();
-        let mut history = History::new(&instructions, &input);
+        let prior = run.input.get("history").cloned().unwrap_or(Value::Array(Vec::new()));
+        let prior: Vec<PriorMessage> = serde_json::from_value(prior)?;
+        let mut history =
+            History::new(&instructions, prior.iter().filter_map(PriorMessage::to_message).collect(), &input);
         history.replay(&rt.store.steps(&run.id).await?);
         let session = ModelSession::new(rt.engine.clone());
         Ok(Self { rt, run, spec, tools, plan, session, history, cancel })
@@ -60,7 +63,7 @@ impl Driver {
 
     /// Drives the run until it ends, pauses for approval, or is taken away.
     pub(crate) async fn drive(mut self) -> Result<DriveEnd, RunError> {
-        self.set_status(RunStatus::InProgress, None).await?;
+        self.set_status(RunStatus::InProgress, None, None).await?;
         loop {
             if self.cancel.load(Ordering::Relaxed) || self.stopped_elsewhere().await? {
                 return Ok(DriveEnd::Released);
@@ -197,7 +200,7 @@ impl Driver {
             let waiting: Vec<Value> =
                 needs.iter().map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments})).collect();
             let output = json!({"required_action": waiting});
-            if let Some(end) = self.set_status(RunStatus::RequiresAction, Some(output)).await? {
+            if let Some(end) = self.set_status(RunStatus::RequiresAction, Some(output), None).await? {
                 return Ok(Some(end));
             }
             self.rt.stats.ended(RunStatus::RequiresAction);
@@ -311,15 +314,25 @@ impl Driver {
         serde_json::to_value(&self.run).unwrap_or(Value::Null)
     }
 
-    /// Records a status; `Some(Released)` when the store says the run already ended elsewhere.
-    async fn set_status(&mut self, status: RunStatus, output: Option<Value>) -> Result<Option<DriveEnd>, RunError> {
+    /// Records a status (with the run's error, for `Failed`); `Some(Released)` when the store
+    /// says the run already ended elsewhere.
+    async fn set_status(
+        &mut self,
+        status: RunStatus,
+        output: Option<Value>,
+        error: Option<String>,
+    ) -> Result<Option<DriveEnd>, RunError> {
         let usage = serde_json::to_value(&self.history.usage)?;
-        match self.rt.store.set_status(&self.run.id, status, output.clone(), Some(usage.clone()), None).await {
+        let stored = self.rt.store.set_status(&self.run.id, status, output.clone(), Some(usage.clone()), error.clone());
+        match stored.await {
             Ok(()) => {
                 self.run.status = status;
                 self.run.usage = usage;
                 if output.is_some() {
                     self.run.output = output;
+                }
+                if error.is_some() {
+                    self.run.error = error;
                 }
                 self.append(StepKind::Status, &json!({"status": status.as_str()}), None).await?;
                 Ok(None)
@@ -330,30 +343,27 @@ impl Driver {
     }
 
     async fn finish(&mut self, status: RunStatus, output: Option<Value>) -> Result<DriveEnd, RunError> {
-        if let Some(end) = self.set_status(status, output).await? {
+        self.end(status, output, None).await
+    }
+
+    async fn fail(&mut self, error: String) -> Result<DriveEnd, RunError> {
+        self.end(RunStatus::Failed, None, Some(error)).await
+    }
+
+    /// Records a terminal status, counts it and tells the run's subscribers.
+    async fn end(
+        &mut self,
+        status: RunStatus,
+        output: Option<Value>,
+        error: Option<String>,
+    ) -> Result<DriveEnd, RunError> {
+        if let Some(end) = self.set_status(status, output, error).await? {
             return Ok(end);
         }
         self.rt.stats.ended(status);
         let event = format!("run.{}", status.as_str());
         self.rt.events.send(&self.run.id, RunEvent::Ended { event, run: self.run_json() });
         Ok(DriveEnd::Status(status))
-    }
-
-    async fn fail(&mut self, error: String) -> Result<DriveEnd, RunError> {
-        let usage = serde_json::to_value(&self.history.usage)?;
-        let failed = RunStatus::Failed;
-        match self.rt.store.set_status(&self.run.id, failed, None, Some(usage), Some(error.clone())).await {
-            Ok(()) => {
-                self.run.status = failed;
-                self.run.error = Some(error);
-                self.rt.stats.ended(failed);
-                let run = self.run_json();
-                self.rt.events.send(&self.run.id, RunEvent::Ended { event: "run.failed".into(), run });
-                Ok(DriveEnd::Status(failed))
-            }
-            Err(crate::store::StoreError::Conflict(_)) => Ok(DriveEnd::Released),
-            Err(e) => Err(e.into()),
-        }
     }
 }
 

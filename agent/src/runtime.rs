@@ -5,13 +5,15 @@
 //!
 //! Owns: which runs this process drives. Must not: know HTTP (the server maps [`RunError`]).
 
+use crate::cost::{Cost, Prices};
 use crate::events::{EventHub, RunEvent};
-use crate::history::ApprovalStep;
+use crate::history::{ApprovalStep, PriorMessage, Usage};
 use crate::run::{DriveEnd, Driver};
 use crate::spec::{AgentSpec, SpecContext, SpecError};
 use crate::store::{RunRecord, RunStatus, RunStore, StepKind, StepRecord, StoreError};
 use crate::tools::http::{HostAllowlist, HttpTool};
 use crate::tools::{CallLimits, Tool, ToolError, ToolRegistry};
+use kiln_inference::chat::Message;
 use kiln_inference::{EngineError, EngineHandle, SamplingParams};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -70,6 +72,8 @@ pub struct RuntimeConfig {
     pub models: Vec<String>,
     /// Hosts HTTP tools may call.
     pub http_hosts: Vec<String>,
+    /// What tokens cost; `None`: costs are unknown.
+    pub prices: Option<Prices>,
 }
 
 impl RuntimeConfig {
@@ -82,6 +86,7 @@ impl RuntimeConfig {
             sampling: SamplingParams::default(),
             models,
             http_hosts: Vec::new(),
+            prices: None,
         }
     }
 }
@@ -138,6 +143,11 @@ pub(crate) struct Inner {
 pub struct RunInput {
     pub input: String,
     pub variables: serde_json::Map<String, Value>,
+    /// The conversation before `input`, when the run continues one (a Responses API chain).
+    pub history: Vec<Message>,
+    /// An agent defined by the caller for this run only (the Responses API's server-side tools),
+    /// instead of a stored one; kept in the run's record so that whoever resumes it has it.
+    pub spec: Option<AgentSpec>,
 }
 
 /// The agent layer's handle. Cheap to clone.
@@ -172,6 +182,23 @@ impl AgentRuntime {
 
     pub fn store(&self) -> &RunStore {
         &self.inner.store
+    }
+
+    /// What a run's usage (as stored in its record) cost, when prices are configured.
+    pub fn cost(&self, usage: &Value) -> Option<Cost> {
+        let prices = self.inner.config.prices?;
+        let usage: Usage = serde_json::from_value(usage.clone()).unwrap_or_default();
+        Some(prices.cost(&usage))
+    }
+
+    /// Tools served by MCP server `server` (`None`: kiln's own builtins), by name.
+    pub fn tools_served_by(&self, server: Option<&str>) -> Vec<String> {
+        self.inner.registry.served_by(server).into_iter().map(str::to_string).collect()
+    }
+
+    /// The MCP server serving tool `name` (`None`: kiln's own tool, or no such tool).
+    pub fn tool_server(&self, name: &str) -> Option<String> {
+        self.inner.registry.get(name).and_then(|t| t.server().map(str::to_string))
     }
 
     fn context(&self) -> SpecContext {
@@ -223,10 +250,25 @@ impl AgentRuntime {
         agent: &str,
         input: RunInput,
     ) -> Result<(RunRecord, broadcast::Receiver<RunEvent>), RunError> {
-        let spec = self.inner.agent(agent).await?;
+        let spec = match &input.spec {
+            Some(spec) => {
+                spec.validate(&self.context())?;
+                self.inner.tools_for(spec)?;
+                spec.clone()
+            }
+            None => self.inner.agent(agent).await?,
+        };
         // Fail now, not in the background: a missing variable is the caller's 400.
         spec.render_instructions(&input.variables)?;
-        let run = RunRecord::new(agent, json!({"input": input.input, "variables": input.variables}));
+        let history: Vec<PriorMessage> = input.history.iter().map(PriorMessage::from).collect();
+        let mut record = json!({"input": input.input, "variables": input.variables});
+        if !history.is_empty() {
+            record["history"] = serde_json::to_value(history)?;
+        }
+        if input.spec.is_some() {
+            record["spec"] = spec.to_json();
+        }
+        let run = RunRecord::new(&spec.name, record);
         let rx = self.inner.events.subscribe(&run.id);
         self.inner.store.create_run(&run).await?;
         self.inner.events.send(&run.id, RunEvent::Created { run: serde_json::to_value(&run)? });
@@ -301,6 +343,15 @@ fn waiting_calls(run: &RunRecord) -> Vec<String> {
 }
 
 impl Inner {
+    /// The agent a run runs: the one defined in its input (see [`RunInput::spec`]) or the
+    /// stored agent it names.
+    pub(crate) async fn agent_of(&self, run: &RunRecord) -> Result<AgentSpec, RunError> {
+        match run.input.get("spec") {
+            Some(def) => Ok(AgentSpec::from_json(def.clone())?),
+            None => self.agent(&run.agent).await,
+        }
+    }
+
     pub(crate) async fn agent(&self, name: &str) -> Result<AgentSpec, RunError> {
         let def = self.store.get_agent(name).await?;
         let def = def.ok_or_else(|| RunError::NotFound(format!("agent '{name}' does not exist")))?;

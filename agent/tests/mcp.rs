@@ -11,26 +11,12 @@ use kiln_agent::tools::mcp::{McpConfig, McpManager};
 use kiln_agent::tools::{invoke, CallLimits, Tool, ToolError, ToolOutcome, ToolRegistry};
 use serde_json::{json, Value};
 
-fn mcp_dir() -> PathBuf {
-    match std::env::var_os("KILN_MCP_DIR") {
-        Some(dir) => dir.into(),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/mcp"),
-    }
-}
+#[path = "support/mcp_servers.rs"]
+mod mcp_servers;
+use mcp_servers::mcp_dir;
 
-/// `[servers.NAME]` for the time server, or None (after printing SKIP) when it is not installed.
 fn time_server(name: &str) -> Option<String> {
-    let dir = mcp_dir().join("time-py");
-    if !dir.join("mcp_server_time").is_dir() {
-        eprintln!("SKIP: mcp-server-time not installed in {} (run scripts/mcp-servers.sh)", dir.display());
-        return None;
-    }
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    Some(format!(
-        "[servers.{name}]\ncommand = {python:?}\nargs = [\"-m\", \"mcp_server_time\", \"--local-timezone\", \"UTC\"]\n\
-         env = {{ PYTHONPATH = {:?} }}\ntimeout_secs = 30\n",
-        dir.display().to_string()
-    ))
+    mcp_servers::time_server(name, 30)
 }
 
 /// The node the install script chose (`$KILN_MCP_DIR/bin/node`), else the one on PATH.

@@ -117,6 +117,22 @@ async fn responses_put_get_delete() -> Result<()> {
 }
 
 #[tokio::test]
+async fn responses_prune_by_age() -> Result<()> {
+    on_both("responses_prune_by_age", |s, _| async move {
+        s.put_response("resp_old", &json!({"id": "resp_old"})).await?;
+        let cut = kiln_agent::store::now_ms() + 1;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        s.put_response("resp_new", &json!({"id": "resp_new"})).await?;
+        assert_eq!(s.prune_responses(cut).await?, 1);
+        assert_eq!(s.get_response("resp_old").await?, None);
+        assert!(s.get_response("resp_new").await?.is_some());
+        assert_eq!(s.prune_responses(cut).await?, 0);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
 async fn runs_create_get_list() -> Result<()> {
     on_both("runs_create_get_list", |s, _| async move {
         let mut r1 = run("r1", "a", RunStatus::Queued);
@@ -379,6 +395,30 @@ async fn concurrent_opens_of_a_fresh_database_migrate_once() -> Result<()> {
         assert!(stores[3].get_run("r").await?.is_some());
         for s in &stores {
             s.close().await;
+        }
+        db.cleanup().await?;
+    }
+    Ok(())
+}
+
+/// A database at an older schema (as a previous kiln left it), opened by several processes at
+/// once: each waits its turn and finds the newer migrations applied by the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_opens_of_an_older_database_migrate_once() -> Result<()> {
+    for db in Db::all("concurrent_upgrades").await? {
+        RunStore::open(&db.url).await?.close().await;
+        let pool = sqlx::AnyPool::connect(&db.url).await?;
+        sqlx::query("DELETE FROM kiln_migrations WHERE version > 1").execute(&pool).await?;
+        sqlx::query("DROP INDEX kiln_responses_created").execute(&pool).await?;
+        pool.close().await;
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = db.url.clone();
+                tokio::spawn(async move { RunStore::open(&url).await })
+            })
+            .collect();
+        for o in opens {
+            o.await??.close().await;
         }
         db.cleanup().await?;
     }

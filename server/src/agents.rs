@@ -5,6 +5,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use kiln_agent::cost::Prices;
 use kiln_agent::memory::MemoryStore;
 use kiln_agent::spec::load_dir;
 use kiln_agent::store::RunStore;
@@ -43,6 +44,19 @@ pub struct AgentArgs {
     /// run after that when this one dies).
     #[arg(long, default_value_t = 30, env = "KILN_RUN_LEASE_SECS")]
     pub run_lease_secs: u64,
+    /// Days a stored Responses API response is kept (OpenAI keeps them 30 days); 0 keeps them
+    /// until deleted.
+    #[arg(long, default_value_t = 30, env = "KILN_RESPONSES_RETENTION_DAYS")]
+    pub responses_retention_days: u64,
+    /// USD per million prompt tokens, for the `cost` of agent runs (unset: cost is null).
+    #[arg(long, env = "KILN_PRICE_INPUT", requires = "price_output")]
+    pub price_input: Option<f64>,
+    /// USD per million prompt tokens served from cached K/V (default: the input price).
+    #[arg(long, env = "KILN_PRICE_CACHED_INPUT", requires = "price_input")]
+    pub price_cached_input: Option<f64>,
+    /// USD per million generated tokens.
+    #[arg(long, env = "KILN_PRICE_OUTPUT", requires = "price_input")]
+    pub price_output: Option<f64>,
 }
 
 impl AgentArgs {
@@ -55,12 +69,44 @@ impl AgentArgs {
         Ok(dir)
     }
 
+    /// The price list, when `--price-input` and `--price-output` are both set.
+    fn prices(&self) -> Result<Option<Prices>> {
+        let (Some(input), Some(output)) = (self.price_input, self.price_output) else { return Ok(None) };
+        let cached_input = self.price_cached_input.unwrap_or(input);
+        if [input, output, cached_input].iter().any(|p| !p.is_finite() || *p < 0.0) {
+            anyhow::bail!("--price-* must be finite and >= 0 (USD per million tokens)");
+        }
+        Ok(Some(Prices { input, cached_input, output }))
+    }
+
     fn store_url(&self) -> Result<String> {
         if let Some(url) = &self.database_url {
             return Ok(url.clone());
         }
         Ok(format!("sqlite://{}", self.data_dir()?.join("kiln.db").display()))
     }
+}
+
+/// How often stored responses past their retention are deleted.
+const RESPONSES_PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes stored responses older than `days` every hour (from now, then hourly).
+fn prune_responses(store: RunStore, days: u64) {
+    if days == 0 {
+        return;
+    }
+    let keep_ms = i64::try_from(days.saturating_mul(86_400_000)).unwrap_or(i64::MAX);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RESPONSES_PRUNE_EVERY);
+        loop {
+            tick.tick().await;
+            match store.prune_responses(kiln_agent::store::now_ms().saturating_sub(keep_ms)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "stored responses past their retention deleted"),
+                Err(e) => tracing::warn!(error = %e, "pruning stored responses failed"),
+            }
+        }
+    });
 }
 
 /// How often expired memories are deleted (readers never see them in between).
@@ -122,6 +168,8 @@ pub async fn start(a: &AgentArgs, engine: EngineHandle, model: String, defaults:
     config.call_limits = CallLimits { timeout: Duration::from_secs(a.tool_timeout.max(1)), ..CallLimits::default() };
     config.sampling = sampling(defaults);
     config.http_hosts = a.http_tool_hosts.clone();
+    config.prices = a.prices()?;
+    prune_responses(store.clone(), a.responses_retention_days);
     let runtime = AgentRuntime::start(engine, store, registry, config)?;
     if let Some(dir) = &a.agents {
         let specs = load_dir(dir).map_err(|e| anyhow::anyhow!("agents in {}: {e}", dir.display()))?;

@@ -19,26 +19,12 @@ use tower::ServiceExt;
 
 const MODEL: &str = "qwen";
 
-fn mcp_dir() -> PathBuf {
-    match std::env::var_os("KILN_MCP_DIR") {
-        Some(dir) => dir.into(),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/mcp"),
-    }
-}
+#[path = "../../agent/tests/support/mcp_servers.rs"]
+mod mcp_servers;
 
 /// The MCP config naming the installed time server, or None (SKIP printed).
 fn time_server_config(dir: &Path) -> Option<PathBuf> {
-    let time = mcp_dir().join("time-py");
-    if !time.join("mcp_server_time").is_dir() {
-        eprintln!("SKIP: mcp-server-time not installed in {} (run scripts/mcp-servers.sh)", time.display());
-        return None;
-    }
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let toml = format!(
-        "[servers.time]\ncommand = {python:?}\nargs = [\"-m\", \"mcp_server_time\", \"--local-timezone\", \"UTC\"]\n\
-         env = {{ PYTHONPATH = {:?} }}\ntimeout_secs = 60\n",
-        time.display().to_string()
-    );
+    let toml = mcp_servers::time_server("time", 60)?;
     let path = dir.join("mcp.toml");
     std::fs::write(&path, toml).expect("write mcp.toml");
     Some(path)
@@ -76,6 +62,10 @@ async fn app() -> Option<App> {
         http_tool_hosts: vec![],
         tool_timeout: 60,
         run_lease_secs: 30,
+        responses_retention_days: 30,
+        price_input: Some(1.0),
+        price_cached_input: Some(0.5),
+        price_output: Some(2.0),
     };
     let started = kiln_server::agents::start(&args, engine.clone(), MODEL.into(), Default::default()).await;
     let agents = started.expect("agent runtime");
@@ -151,6 +141,12 @@ async fn an_agent_with_calculator_and_mcp_time_completes_with_ordered_events_and
     let id = run["id"].as_str().unwrap();
     assert_eq!(run["status"], "completed");
     assert!(run["usage"]["steps"].as_u64().unwrap() >= 3, "{run}");
+    // Cost from the configured prices (USD per million tokens: 1 input, 0.5 cached, 2 output).
+    let u = &run["usage"];
+    let n = |k: &str| u[k].as_f64().unwrap();
+    let want =
+        ((n("prompt_tokens") - n("cached_tokens")) + 0.5 * n("cached_tokens") + 2.0 * n("completion_tokens")) / 1e6;
+    assert!((run["cost"]["total"].as_f64().unwrap() - want).abs() < 1e-12, "{run}");
     let (_, steps) = json_call(&app, Method::GET, &format!("/v1/runs/{id}/steps"), None).await;
     let steps = steps["data"].as_array().unwrap().clone();
     let kinds = |k: &str| steps.iter().filter(|s| s["kind"] == k).count();
@@ -214,6 +210,66 @@ async fn approval_pauses_and_resumes_and_a_rejection_reaches_the_model() {
         }
         assert!(["completed", "incomplete", "requires_action"].contains(&run["status"].as_str().unwrap()), "{run}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_run_kiln_tools_server_side_and_pause_for_approval() {
+    let Some(app) = app().await else { return };
+    let instructions = "Use the calculator tool for arithmetic, then answer in one short sentence.";
+    let tool = |approval: &str| json!({"type": "mcp", "server_label": "kiln", "allowed_tools": ["calculator"], "require_approval": approval});
+    let ask = |approval: &str| {
+        json!({"model": MODEL, "instructions": instructions, "input": "What is 1234 * 5678?",
+        "tools": [tool(approval)], "temperature": 0, "max_output_tokens": 120})
+    };
+    // Executed in kiln: the call and its exact result come back as an mcp_call item.
+    let (status, r) = json_call(&app, Method::POST, "/v1/responses", Some(ask("never"))).await;
+    assert_eq!((status, r["status"].as_str()), (StatusCode::OK, Some("completed")), "{r}");
+    let output = r["output"].as_array().unwrap();
+    let call = output.iter().find(|i| i["type"] == "mcp_call").unwrap_or_else(|| panic!("no mcp_call: {r}"));
+    assert_eq!((call["name"].as_str(), call["server_label"].as_str()), (Some("calculator"), Some("kiln")), "{r}");
+    assert_eq!(call["output"], "7006652", "{r}");
+    assert_eq!(output.last().unwrap()["type"], "message", "{r}");
+    assert!(r["usage"]["input_tokens"].as_u64().unwrap() > 0, "{r}");
+    // OpenAI's default: every call needs approval; the response ends with the request.
+    let (status, r) = json_call(&app, Method::POST, "/v1/responses", Some(ask("always"))).await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let request = r["output"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (request["type"].as_str(), request["name"].as_str()),
+        (Some("mcp_approval_request"), Some("calculator")),
+        "{r}"
+    );
+    let answer = json!({"model": MODEL, "previous_response_id": r["id"], "tools": [tool("always")],
+        "input": [{"type": "mcp_approval_response", "approval_request_id": request["id"], "approve": true}]});
+    let (status, r2) = json_call(&app, Method::POST, "/v1/responses", Some(answer)).await;
+    assert_eq!((status, r2["status"].as_str()), (StatusCode::OK, Some("completed")), "{r2}");
+    let call = r2["output"].as_array().unwrap().iter().find(|i| i["type"] == "mcp_call").cloned();
+    assert_eq!(call.map(|c| c["output"].clone()), Some(json!("7006652")), "{r2}");
+    // The stored response reads back; bad requests name their field.
+    let (status, got) =
+        json_call(&app, Method::GET, &format!("/v1/responses/{}", r2["id"].as_str().unwrap()), None).await;
+    assert_eq!((status, &got["output"]), (StatusCode::OK, &r2["output"]));
+    let bad = [
+        (json!({"tools": [{"type": "mcp", "server_label": "nowhere"}]}), "tools[0].server_label"),
+        (
+            json!({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://example.com/mcp"}]}),
+            "tools[0].server_url",
+        ),
+        (json!({"tools": [tool("never"), {"type": "function", "name": "f"}]}), "tools[1].type"),
+        (
+            json!({"tools": [{"type": "mcp", "server_label": "kiln", "allowed_tools": ["rm"]}]}),
+            "tools[0].allowed_tools",
+        ),
+    ];
+    for (patch, param) in bad {
+        let mut body = ask("never");
+        body.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
+        let (status, e) = json_call(&app, Method::POST, "/v1/responses", Some(body)).await;
+        assert_eq!((status, e["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{e}");
+    }
+    let (status, e) =
+        json_call(&app, Method::POST, "/v1/responses", Some(json!({"model": "agent:nobody", "input": "hi"}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
 }
 
 /// Polls until the run is no longer queued or in progress.

@@ -294,6 +294,13 @@ impl RunStore {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Deletes stored responses created before `before_ms` (unix ms); returns how many.
+    pub async fn prune_responses(&self, before_ms: i64) -> Result<u64> {
+        let done =
+            sqlx::query("DELETE FROM kiln_responses WHERE created_at < $1").bind(before_ms).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
     /// Closes the pool (waits for connections to be returned); other clones stop working too.
     pub async fn close(&self) {
         self.pool.close().await;

@@ -9,15 +9,16 @@ use super::{now_ms, Backend, Result, RunStore};
 
 /// (version, statements). SQL here must mean the same in SQLite and Postgres: TEXT for strings and
 /// JSON, BIGINT for integers and unix-millisecond times.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE IF NOT EXISTS kiln_agents (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE IF NOT EXISTS kiln_agents (
             name TEXT PRIMARY KEY,
             spec TEXT NOT NULL,
             updated_at BIGINT NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS kiln_runs (
+            "CREATE TABLE IF NOT EXISTS kiln_runs (
             id TEXT PRIMARY KEY,
             agent TEXT NOT NULL,
             status TEXT NOT NULL,
@@ -30,10 +31,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             lease_owner TEXT,
             lease_until BIGINT
         )",
-        "CREATE INDEX IF NOT EXISTS kiln_runs_agent_created ON kiln_runs (agent, created_at)",
-        "CREATE INDEX IF NOT EXISTS kiln_runs_status ON kiln_runs (status)",
-        // (run_id, seq) is the primary key: two appends can never record the same seq.
-        "CREATE TABLE IF NOT EXISTS kiln_steps (
+            "CREATE INDEX IF NOT EXISTS kiln_runs_agent_created ON kiln_runs (agent, created_at)",
+            "CREATE INDEX IF NOT EXISTS kiln_runs_status ON kiln_runs (status)",
+            // (run_id, seq) is the primary key: two appends can never record the same seq.
+            "CREATE TABLE IF NOT EXISTS kiln_steps (
             run_id TEXT NOT NULL REFERENCES kiln_runs (id) ON DELETE CASCADE,
             seq BIGINT NOT NULL,
             kind TEXT NOT NULL,
@@ -42,22 +43,31 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             created_at BIGINT NOT NULL,
             PRIMARY KEY (run_id, seq)
         )",
-        // NULL keys are distinct in both databases, so only keyed steps are constrained.
-        "CREATE UNIQUE INDEX IF NOT EXISTS kiln_steps_key ON kiln_steps (run_id, idempotency_key)",
-        "CREATE TABLE IF NOT EXISTS kiln_responses (
+            // NULL keys are distinct in both databases, so only keyed steps are constrained.
+            "CREATE UNIQUE INDEX IF NOT EXISTS kiln_steps_key ON kiln_steps (run_id, idempotency_key)",
+            "CREATE TABLE IF NOT EXISTS kiln_responses (
             id TEXT PRIMARY KEY,
             body TEXT NOT NULL,
             created_at BIGINT NOT NULL
         )",
-    ],
-)];
+        ],
+    ),
+    // Stored responses expire by age (`RunStore::prune_responses`).
+    (2, &["CREATE INDEX IF NOT EXISTS kiln_responses_created ON kiln_responses (created_at)"]),
+];
 
 /// An arbitrary constant naming kiln's migration lock among Postgres advisory locks.
 const PG_MIGRATION_LOCK: i64 = 0x6b696c6e_6d696772; // "kilnmigr"
 
 /// Applies every migration not yet recorded.
 pub(super) async fn migrate(store: &RunStore) -> Result<()> {
-    let mut tx = store.pool.begin().await?;
+    // SQLite: take the write lock at BEGIN. A deferred transaction would read the applied
+    // versions first and fail (SQLITE_BUSY, not retried) when another process migrated meanwhile;
+    // IMMEDIATE waits its turn (busy timeout) and then reads what the other one applied.
+    let mut tx = match store.backend {
+        Backend::Sqlite => store.pool.begin_with("BEGIN IMMEDIATE").await?,
+        Backend::Postgres => store.pool.begin().await?,
+    };
     if store.backend == Backend::Postgres {
         // Two kiln processes opening one fresh database would otherwise race on CREATE TABLE
         // (IF NOT EXISTS is not safe under concurrency in Postgres). Released at commit.

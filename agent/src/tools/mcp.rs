@@ -293,6 +293,10 @@ impl Tool for McpTool {
         let remote = self.remote_name.clone();
         async move { call_tool(server, remote, args).await }.boxed()
     }
+
+    fn server(&self) -> Option<&str> {
+        Some(&self.server.name)
+    }
 }
 
 async fn call_tool(server: Arc<Server>, remote: String, args: Value) -> Result<String, ToolError> {

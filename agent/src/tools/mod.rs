@@ -65,6 +65,12 @@ pub trait Tool: Send + Sync + 'static {
         let _ = key;
         self.call(args)
     }
+
+    /// The MCP server that serves this tool (its name in `--mcp-config`); `None` for kiln's own
+    /// tools (builtins, HTTP tools).
+    fn server(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Whether `name` is a valid tool name: 1..=64 of `a-zA-Z0-9_-` (what every chat template and
@@ -122,6 +128,11 @@ impl ToolRegistry {
 
     pub fn defs(&self) -> Vec<&ToolDef> {
         self.tools.iter().map(|t| t.def()).collect()
+    }
+
+    /// The registry's tools served by MCP server `server` (`None`: kiln's own tools).
+    pub fn served_by(&self, server: Option<&str>) -> Vec<&str> {
+        self.tools.iter().filter(|t| t.server() == server).map(|t| t.def().name.as_str()).collect()
     }
 
     pub fn names(&self) -> Vec<&str> {

@@ -40,13 +40,12 @@ fn runtime(state: &Shared) -> ApiResult<&AgentRuntime> {
     state.agents().ok_or_else(|| ApiError::unavailable("the agent runtime is not started (see --data-dir)"))
 }
 
-/// A run as clients see it.
-pub fn run_json(r: &RunRecord) -> Value {
+/// A run as clients see it. `cost` is null unless prices are configured (`--price-*`).
+pub fn run_json(rt: &AgentRuntime, r: &RunRecord) -> Value {
     json!({
         "id": r.id, "object": "agent.run", "agent": r.agent, "status": r.status.as_str(),
         "input": r.input, "output": r.output, "usage": r.usage, "error": r.error,
-        // No price list is configured: cost is unknown rather than made up.
-        "cost": null,
+        "cost": rt.cost(&r.usage),
         "created_at": r.created_at / 1000, "updated_at": r.updated_at / 1000,
     })
 }
@@ -104,19 +103,20 @@ pub async fn start_run(
 ) -> ApiResult<Response> {
     let req: RunRequest = parse_body(&body_bytes(body)?)?;
     let rt = runtime(&state)?;
-    let (run, rx) = rt.start_run(&name, RunInput { input: req.input, variables: req.variables }).await?;
+    let (run, rx) =
+        rt.start_run(&name, RunInput { input: req.input, variables: req.variables, ..RunInput::default() }).await?;
     if req.stream {
-        return Ok(sse(run, rx));
+        return Ok(sse(rt.clone(), run, rx));
     }
     if req.background {
-        return Ok(Json(run_json(&run)).into_response());
+        return Ok(Json(run_json(rt, &run)).into_response());
     }
     wait(rt, &run.id, rx).await?;
-    Ok(Json(run_json(&rt.get_run(&run.id).await?)).into_response())
+    Ok(Json(run_json(rt, &rt.get_run(&run.id).await?)).into_response())
 }
 
 /// Waits until the run ends or pauses (its last event), then the caller reads its record.
-async fn wait(rt: &AgentRuntime, id: &str, mut rx: broadcast::Receiver<RunEvent>) -> ApiResult<()> {
+pub(super) async fn wait(rt: &AgentRuntime, id: &str, mut rx: broadcast::Receiver<RunEvent>) -> ApiResult<()> {
     loop {
         match rx.recv().await {
             Ok(ev) if ev.is_last() => return Ok(()),
@@ -129,8 +129,8 @@ async fn wait(rt: &AgentRuntime, id: &str, mut rx: broadcast::Receiver<RunEvent>
 }
 
 /// The run's events as SSE (`event: <type>`, `data: <json>`), ending after its last event.
-fn sse(run: RunRecord, rx: broadcast::Receiver<RunEvent>) -> Response {
-    let first = RunEvent::Created { run: run_json(&run) };
+fn sse(rt: AgentRuntime, run: RunRecord, rx: broadcast::Receiver<RunEvent>) -> Response {
+    let first = RunEvent::Created { run: run_json(&rt, &run) };
     let events = stream::unfold((rx, false), |(mut rx, done)| async move {
         if done {
             return None;
@@ -149,23 +149,24 @@ fn sse(run: RunRecord, rx: broadcast::Receiver<RunEvent>) -> Response {
     });
     let body = stream::once(async move { first })
         .chain(events)
-        .map(|ev| Ok::<_, Infallible>(Event::default().event(ev.name()).data(event_data(&ev).to_string())));
+        .map(move |ev| Ok::<_, Infallible>(Event::default().event(ev.name()).data(event_data(&rt, &ev).to_string())));
     Sse::new(body).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
 /// An event's JSON with runs in their client shape.
-fn event_data(ev: &RunEvent) -> Value {
+fn event_data(rt: &AgentRuntime, ev: &RunEvent) -> Value {
     let mut v = ev.to_json();
     if let Some(run) = v.get_mut("run") {
         if let Ok(r) = serde_json::from_value::<RunRecord>(run.clone()) {
-            *run = run_json(&r);
+            *run = run_json(rt, &r);
         }
     }
     v
 }
 
 pub async fn get_run(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(run_json(&runtime(&state)?.get_run(&id).await?)))
+    let rt = runtime(&state)?;
+    Ok(Json(run_json(rt, &rt.get_run(&id).await?)))
 }
 
 pub async fn steps(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
@@ -174,7 +175,8 @@ pub async fn steps(State(state): State<Shared>, Path(id): Path<String>) -> ApiRe
 }
 
 pub async fn cancel(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(run_json(&runtime(&state)?.cancel(&id).await?)))
+    let rt = runtime(&state)?;
+    Ok(Json(run_json(rt, &rt.cancel(&id).await?)))
 }
 
 #[derive(Deserialize, Default)]
@@ -203,8 +205,9 @@ pub async fn reject(
 async fn decide(state: Shared, id: String, body: Result<Bytes, BytesRejection>, ok: bool) -> ApiResult<Json<Value>> {
     let bytes = body_bytes(body)?;
     let d: Decision = if bytes.is_empty() { Decision::default() } else { parse_body(&bytes)? };
-    let run = runtime(&state)?.approve(&id, d.call_id.as_deref(), ok, d.reason).await?;
-    Ok(Json(run_json(&run)))
+    let rt = runtime(&state)?;
+    let run = rt.approve(&id, d.call_id.as_deref(), ok, d.reason).await?;
+    Ok(Json(run_json(rt, &run)))
 }
 
 /// `GET /v1/runs/{id}/events` as a WebSocket: the run as it is now (`run.snapshot`), then its
@@ -219,12 +222,17 @@ pub async fn events_ws(
     // Subscribe before reading the record, so nothing falls between the two.
     let rx = rt.subscribe(&id);
     let run = rt.get_run(&id).await?;
-    Ok(ws.on_upgrade(move |socket| relay(socket, run, rx)))
+    Ok(ws.on_upgrade(move |socket| relay(socket, rt, run, rx)))
 }
 
-async fn relay(mut socket: axum::extract::ws::WebSocket, run: RunRecord, mut rx: broadcast::Receiver<RunEvent>) {
+async fn relay(
+    mut socket: axum::extract::ws::WebSocket,
+    rt: AgentRuntime,
+    run: RunRecord,
+    mut rx: broadcast::Receiver<RunEvent>,
+) {
     use axum::extract::ws::Message;
-    let snapshot = json!({"type": "run.snapshot", "run": run_json(&run)});
+    let snapshot = json!({"type": "run.snapshot", "run": run_json(&rt, &run)});
     if socket.send(Message::Text(snapshot.to_string().into())).await.is_err() {
         return;
     }
@@ -242,7 +250,7 @@ async fn relay(mut socket: axum::extract::ws::WebSocket, run: RunRecord, mut rx:
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
-        if socket.send(Message::Text(event_data(&ev).to_string().into())).await.is_err() || ev.is_last() {
+        if socket.send(Message::Text(event_data(&rt, &ev).to_string().into())).await.is_err() || ev.is_last() {
             break;
         }
     }

@@ -20,6 +20,7 @@ pub mod ratelimit;
 pub mod request;
 mod response_format;
 mod responses;
+mod responses_agent;
 mod responses_items;
 mod responses_sse;
 pub mod responses_store;
@@ -182,7 +183,9 @@ impl AppState {
         }
     }
 
+    /// Starts serving the agent API; stored Responses go to its run store from now on.
     pub fn set_agents(&self, rt: kiln_agent::AgentRuntime) {
+        self.responses.set_durable(Arc::new(responses_store::SqlStore(rt.store().clone())));
         let _ = self.agents.set(rt);
     }
 

@@ -48,7 +48,7 @@ impl Finisher {
         }
         let record = json!({"response": response, "input": self.input, "history": self.history});
         let r = &self.state.responses;
-        r.store.put(&self.id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
+        r.store().put(&self.id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
         if let Some(session) = self.session {
             r.sessions.park(self.id, Parked { session, rendered_with: self.rendered_with });
         }
@@ -58,6 +58,9 @@ impl Finisher {
 
 pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req: ResponsesRequest = parse_body(&body_bytes(body)?)?;
+    if super::responses_agent::wants_agent(&req) {
+        return super::responses_agent::create(state, req).await;
+    }
     state.check_model(&req.model)?;
     let background = req.background.unwrap_or(false);
     if background && req.stream.unwrap_or(false) {
@@ -215,7 +218,7 @@ async fn start_background(tracked: Tracked, mode: Mode, mut shell: Value, finish
     shell["status"] = json!("queued");
     let (state, id) = (finisher.state.clone(), finisher.id.clone());
     let record = json!({"response": shell, "input": finisher.input, "history": finisher.history});
-    state.responses.store.put(&id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    state.responses.store().put(&id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
     // Held until the task is registered, so it cannot finish (and find no entry) before that.
     let mut running = state.responses.running.lock().await;
     let task_shell = shell.clone();
@@ -257,8 +260,8 @@ async fn chain(state: &Shared, prev: &str) -> ApiResult<Vec<Value>> {
     Ok(items)
 }
 
-async fn load(state: &Shared, id: &str) -> ApiResult<Option<Value>> {
-    state.responses.store.get(id).await.map_err(|e| ApiError::internal(e.to_string()))
+pub(super) async fn load(state: &Shared, id: &str) -> ApiResult<Option<Value>> {
+    state.responses.store().get(id).await.map_err(|e| ApiError::internal(e.to_string()))
 }
 
 async fn record(state: &Shared, id: &str) -> ApiResult<Value> {
@@ -266,7 +269,7 @@ async fn record(state: &Shared, id: &str) -> ApiResult<Value> {
 }
 
 /// The response object as created (`in_progress`, no output yet), echoing the request.
-fn shell(state: &Shared, id: &str, req: &ResponsesRequest) -> Value {
+pub(super) fn shell(state: &Shared, id: &str, req: &ResponsesRequest) -> Value {
     let text = req.text.clone().filter(|t| !t.is_null()).unwrap_or_else(|| json!({"format": {"type": "text"}}));
     json!({
         "id": id, "object": "response", "created_at": unix_now(), "status": "in_progress",
@@ -290,7 +293,7 @@ pub async fn get(State(state): State<Shared>, id: Result<Path<String>, PathRejec
 pub async fn delete(State(state): State<Shared>, id: Result<Path<String>, PathRejection>) -> ApiResult<Json<Value>> {
     let id = response_id(id)?;
     let r = &state.responses;
-    if !r.store.delete(&id).await.map_err(|e| ApiError::internal(e.to_string()))? {
+    if !r.store().delete(&id).await.map_err(|e| ApiError::internal(e.to_string()))? {
         return Err(ApiError::not_found(format!("Response with id '{id}' not found.")));
     }
     drop(r.sessions.take(&id));
@@ -314,7 +317,7 @@ pub async fn cancel(State(state): State<Shared>, id: Result<Path<String>, PathRe
     };
     task.abort();
     rec["response"]["status"] = json!("cancelled");
-    state.responses.store.put(&id, rec.clone()).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    state.responses.store().put(&id, rec.clone()).await.map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Json(rec["response"].take()))
 }
 

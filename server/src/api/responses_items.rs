@@ -112,7 +112,20 @@ fn input_item(p: &str, it: &Value) -> ApiResult<Option<Value>> {
                 "status": "completed",
             })))
         }
-        "reasoning" => Ok(None),
+        "reasoning" | "mcp_list_tools" => Ok(None),
+        // Server-side tool calls (see `responses_agent.rs`) come back when a client re-sends the
+        // previous output as input; approval items carry decisions.
+        "mcp_call" | "mcp_approval_request" => Ok(Some(it.clone())),
+        "mcp_approval_response" => {
+            let approve = obj.get("approve").and_then(Value::as_bool).ok_or_else(|| {
+                ApiError::invalid(&format!("{p}.approve"), format!("{p}.approve must be true or false"))
+            })?;
+            let reason = obj.get("reason").and_then(Value::as_str);
+            Ok(Some(json!({
+                "type": "mcp_approval_response", "id": id("mcpa"),
+                "approval_request_id": field("approval_request_id")?, "approve": approve, "reason": reason,
+            })))
+        }
         "" => Err(ApiError::invalid(&format!("{p}.type"), "an input item needs a 'type' (or a 'role')")),
         other => Err(ApiError::invalid(
             &format!("{p}.type"),
@@ -186,6 +199,15 @@ pub fn to_messages(instructions: Option<&str>, items: &[Value], first_new: usize
                 }
                 calls_allowed = true;
             }
+            // A call kiln ran itself: the call and its result, as one exchange.
+            Some("mcp_call") => {
+                let call = ToolCall { id: text("id"), name: text("name"), arguments: text("arguments") };
+                let result = it.get("output").and_then(Value::as_str).map_or_else(|| text("error"), str::to_string);
+                out.push(Message::assistant_calls("", vec![call]));
+                out.push(Message::tool_result(&text("id"), result));
+                calls_allowed = false;
+            }
+            Some("mcp_approval_request" | "mcp_approval_response") => {}
             Some("function_call_output") => {
                 let id = text("call_id");
                 if !open.remove(&id) {
@@ -232,8 +254,7 @@ pub fn tool_plan(
     if tools.is_none() && matches!(choice.and_then(Value::as_str), Some("auto" | "none")) {
         return Ok(None);
     }
-    let chat_tools: Option<Vec<Value>> =
-        tools.map(|ts| ts.iter().enumerate().map(|(i, t)| chat_tool(i, t)).collect()).transpose()?;
+    let chat_tools: Option<Vec<Value>> = tools.map(|ts| ts.iter().map(chat_tool).collect());
     let chat_choice = match choice {
         Some(Value::Object(o)) => match (o.get("type").and_then(Value::as_str), o.get("name")) {
             (Some("function"), Some(Value::String(n))) => Some(json!({"type": "function", "function": {"name": n}})),
@@ -252,20 +273,11 @@ pub fn tool_plan(
     })
 }
 
-fn chat_tool(i: usize, t: &Value) -> ApiResult<Value> {
-    let p = format!("tools[{i}]");
-    match t.get("type").and_then(Value::as_str) {
-        Some("function") => {}
-        other => {
-            return Err(ApiError::invalid(
-                &format!("{p}.type"),
-                format!("tool type '{}' is not supported; only 'function' tools are", other.unwrap_or("(missing)")),
-            ))
-        }
-    }
-    match t.get("name") {
-        Some(Value::String(_)) => {}
-        _ => return Err(ApiError::invalid(&format!("{p}.name"), "a function tool needs a 'name'")),
+/// A flat Responses function tool in chat's nested shape; anything else as it is, for chat's
+/// checks to refuse with the same messages.
+fn chat_tool(t: &Value) -> Value {
+    if t.get("type").and_then(Value::as_str) != Some("function") {
+        return t.clone();
     }
     let mut f = Map::new();
     for k in ["name", "description", "parameters"] {
@@ -273,7 +285,7 @@ fn chat_tool(i: usize, t: &Value) -> ApiResult<Value> {
             f.insert(k.into(), v.clone());
         }
     }
-    Ok(json!({"type": "function", "function": f}))
+    json!({"type": "function", "function": f})
 }
 
 /// `text.format` as the answer's JSON schema (with kiln's JSON options); `None` for plain text.

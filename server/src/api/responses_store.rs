@@ -1,13 +1,16 @@
 //! Where Responses API records live between requests: the [`ResponseStore`] trait (one JSON
-//! record per response id, so a durable store can sit behind it unchanged), its bounded
-//! in-memory implementation, and the parked engine sessions that let `previous_response_id`
-//! reuse a turn's K/V. Must not: interpret records (`responses.rs` does) or know HTTP.
+//! record per response id), its two implementations (the agent run store, SQLite or Postgres,
+//! once the agent runtime is up: stored responses then survive a restart and are shared by
+//! replicas; a bounded in-memory one before that or without it), and the parked engine sessions
+//! that let `previous_response_id` reuse a turn's K/V. Must not: interpret records
+//! (`responses.rs` does) or know HTTP.
 
 use futures_util::future::BoxFuture;
+use kiln_agent::store::RunStore;
 use kiln_inference::session::Session;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Storage failed (a durable store's I/O); the server answers 500.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,27 @@ impl ResponseStore for MemoryStore {
     }
 }
 
+/// The durable store: the agent runtime's run store (table `kiln_responses`).
+pub struct SqlStore(pub RunStore);
+
+fn store_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl ResponseStore for SqlStore {
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Value>, StoreError>> {
+        Box::pin(async move { self.0.get_response(id).await.map_err(store_err) })
+    }
+
+    fn put<'a>(&'a self, id: &'a str, record: Value) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.0.put_response(id, &record).await.map_err(store_err) })
+    }
+
+    fn delete<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { self.0.delete_response(id).await.map_err(store_err) })
+    }
+}
+
 /// Engine sessions parked after a stored turn, keyed by response id, least recently parked
 /// evicted first (dropping a `Session` releases its blocks). A continuation *takes* the session,
 /// so a response continues in place once; later forks re-render and hit the prefix cache.
@@ -109,7 +133,9 @@ impl ParkedSessions {
 
 /// What the Responses endpoints share.
 pub struct Responses {
-    pub store: Arc<dyn ResponseStore>,
+    memory: Arc<dyn ResponseStore>,
+    /// Set once when the agent runtime starts (see [`Responses::set_durable`]).
+    durable: OnceLock<Arc<dyn ResponseStore>>,
     pub sessions: ParkedSessions,
     /// Background responses still running, by id (`cancel` aborts them).
     pub running: tokio::sync::Mutex<HashMap<String, tokio::task::AbortHandle>>,
@@ -118,10 +144,24 @@ pub struct Responses {
 impl Default for Responses {
     fn default() -> Self {
         Self {
-            store: Arc::new(MemoryStore::new(STORED_RESPONSES)),
+            memory: Arc::new(MemoryStore::new(STORED_RESPONSES)),
+            durable: OnceLock::new(),
             sessions: ParkedSessions::new(PARKED_SESSIONS),
             running: Default::default(),
         }
+    }
+}
+
+impl Responses {
+    /// Where records go: the durable store once set, else RAM. `serve` sets it before the
+    /// engine, and no response is made without an engine, so nothing is left behind in RAM.
+    pub fn store(&self) -> &Arc<dyn ResponseStore> {
+        self.durable.get().unwrap_or(&self.memory)
+    }
+
+    /// Stores records in `store` from now on (first call wins).
+    pub fn set_durable(&self, store: Arc<dyn ResponseStore>) {
+        let _ = self.durable.set(store);
     }
 }
 

@@ -1,0 +1,316 @@
+//! The Responses API over the agent layer, so that an unchanged OpenAI client can use kiln's
+//! server-side tools and agents: `model: "agent:NAME"` runs the stored agent NAME, and tools
+//! `{"type": "mcp", "server_label": L}` (L a server of `--mcp-config`, or `kiln` for the
+//! builtins; `allowed_tools` and `require_approval` as on OpenAI) run a tool loop with those
+//! tools in a run of an agent the request defines. Either way the turn is a durable agent run
+//! (`run_id` in the stored record): its calls come back as `mcp_call` items (arguments, output or
+//! error), calls that need approval as `mcp_approval_request` items, answered by a next request
+//! with `previous_response_id` and `mcp_approval_response` items.
+//!
+//! Owns: mapping a request to a run and a run's steps to output items. Must not: run tools or
+//! the loop (kiln-agent does), or parse plain turns (`responses.rs`).
+
+use super::agents::wait;
+use super::error::{ApiError, ApiResult};
+use super::generation::unix_now;
+use super::responses::{load, shell};
+use super::responses_items::{self as items, new_id, ResponsesRequest};
+use super::responses_sse as sse;
+use super::Shared;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kiln_agent::history::{ModelStep, ResultStep};
+use kiln_agent::spec::{AgentSpec, ToolRules};
+use kiln_agent::store::{RunRecord, RunStatus, StepKind, StepRecord};
+use kiln_agent::{AgentRuntime, RunInput};
+use serde_json::{json, Map, Value};
+
+/// `model: "agent:NAME"` names a stored agent.
+pub const AGENT_MODEL_PREFIX: &str = "agent:";
+/// The `server_label` of kiln's own builtin tools.
+pub const KILN_LABEL: &str = "kiln";
+
+/// Whether the agent layer answers this request: an agent model, an `mcp` tool, or approval
+/// decisions for a paused run.
+pub fn wants_agent(req: &ResponsesRequest) -> bool {
+    let typed = |v: &Value, t: &str| v.get("type").and_then(Value::as_str) == Some(t);
+    req.model.starts_with(AGENT_MODEL_PREFIX)
+        || req.tools.iter().flatten().any(|t| typed(t, "mcp"))
+        || req
+            .input
+            .as_ref()
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|i| typed(i, "mcp_approval_response")))
+}
+
+pub async fn create(state: Shared, req: ResponsesRequest) -> ApiResult<Response> {
+    state.engine()?;
+    let rt = state.agents().ok_or_else(|| ApiError::unavailable("the agent runtime is not started"))?.clone();
+    if req.background.unwrap_or(false) {
+        return Err(ApiError::invalid("background", "background is not supported with agents or mcp tools yet"));
+    }
+    if req.stream.unwrap_or(false) {
+        return Err(ApiError::invalid("stream", "streaming is not supported with agents or mcp tools yet"));
+    }
+    let prev = match &req.previous_response_id {
+        Some(p) => Some(load(&state, p).await?.ok_or_else(|| {
+            let mut e = ApiError::not_found(format!("Previous response with id '{p}' not found."));
+            e.param = Some("previous_response_id".into());
+            e
+        })?),
+        None => None,
+    };
+    let input = items::input_items(req.input.as_ref())?;
+    let decisions: Vec<&Value> = input.iter().filter(|i| i["type"] == "mcp_approval_response").collect();
+    let (run, seen) = if decisions.is_empty() {
+        (start(&state, &rt, &req, prev.as_ref(), &input).await?, 0)
+    } else {
+        resume(&rt, prev.as_ref(), &decisions).await?
+    };
+    let steps = rt.steps(&run.id).await?;
+    let id = new_id("resp");
+    let response = response_object(&rt, &shell(&state, &id, &req), &run, &steps, seen);
+    if req.store.unwrap_or(true) {
+        let history = prev.as_ref().map(chain_items).unwrap_or_default();
+        let record = json!({"response": response, "input": input, "history": history, "run_id": run.id,
+            "steps_seen": steps.len()});
+        state.responses.store().put(&id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    }
+    Ok(Json(response).into_response())
+}
+
+/// The earlier conversation of a stored record: its history, input and output.
+fn chain_items(rec: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    for list in [&rec["history"], &rec["input"], &rec["response"]["output"]] {
+        out.extend(list.as_array().cloned().unwrap_or_default());
+    }
+    out
+}
+
+/// A new run: the request's conversation (the chain before it and its own items but the last)
+/// as history, its last item (a user message) as the run's input.
+async fn start(
+    state: &Shared,
+    rt: &AgentRuntime,
+    req: &ResponsesRequest,
+    prev: Option<&Value>,
+    input: &[Value],
+) -> ApiResult<RunRecord> {
+    let (agent, spec) = match req.model.strip_prefix(AGENT_MODEL_PREFIX) {
+        Some(name) => {
+            for (field, set) in [("tools", req.tools.is_some()), ("instructions", req.instructions.is_some())] {
+                if set {
+                    let m = format!("{field} cannot be given with an agent model: the agent brings its own");
+                    return Err(ApiError::invalid(field, m));
+                }
+            }
+            (rt.get_agent(name).await?.name, None)
+        }
+        None => {
+            state.check_model(&req.model)?;
+            let spec = inline_spec(state, rt, req)?;
+            (spec.name.clone(), Some(spec))
+        }
+    };
+    let Some((last, earlier)) = input.split_last().filter(|(l, _)| l["type"] == "message" && l["role"] == "user")
+    else {
+        return Err(ApiError::invalid("input", "the input must end with a user message"));
+    };
+    let mut all = prev.map(chain_items).unwrap_or_default();
+    let first_new = all.len();
+    all.extend(earlier.iter().cloned());
+    let history = match all.is_empty() {
+        true => Vec::new(),
+        false => items::to_messages(None, &all, first_new)?,
+    };
+    let text = items::to_messages(None, std::slice::from_ref(last), 0)?.remove(0).content;
+    let mut variables = Map::new();
+    if let Some(i) = &req.instructions {
+        variables.insert("instructions".into(), json!(i));
+    }
+    let (run, rx) = rt.start_run(&agent, RunInput { input: text, variables, history, spec }).await?;
+    wait(rt, &run.id, rx).await?;
+    Ok(rt.get_run(&run.id).await?)
+}
+
+/// Applies approval decisions to the run the previous response paused; returns the run once it
+/// ends or pauses again, and how many of its steps the previous response already showed.
+async fn resume(rt: &AgentRuntime, prev: Option<&Value>, decisions: &[&Value]) -> ApiResult<(RunRecord, usize)> {
+    let bad = |m: &str| ApiError::invalid("previous_response_id", m.to_string());
+    let prev = prev.ok_or_else(|| bad("mcp_approval_response items need the previous_response_id they answer"))?;
+    let run_id = prev["run_id"].as_str().ok_or_else(|| bad("the previous response did not run server-side tools"))?;
+    let seen = prev["steps_seen"].as_u64().unwrap_or(0) as usize;
+    let rx = rt.subscribe(run_id);
+    for d in decisions {
+        let request = d["approval_request_id"].as_str().unwrap_or_default();
+        let call = request.strip_prefix("mcpr_").unwrap_or(request);
+        let reason = d["reason"].as_str().map(str::to_string);
+        let approve = d["approve"].as_bool().unwrap_or(false);
+        rt.approve(run_id, Some(call), approve, reason).await.map_err(|e| match e {
+            kiln_agent::RunError::Invalid(_, m) => ApiError::invalid("input", m),
+            other => other.into(),
+        })?;
+    }
+    wait(rt, run_id, rx).await?;
+    Ok((rt.get_run(run_id).await?, seen))
+}
+
+/// The agent a request with `mcp` tools defines: its instructions (taken literally), the
+/// tools of the named servers, approval as asked (OpenAI's default: every call needs it).
+fn inline_spec(state: &Shared, rt: &AgentRuntime, req: &ResponsesRequest) -> ApiResult<AgentSpec> {
+    let mut tools = Vec::new();
+    let mut approval = Vec::new();
+    for (i, t) in req.tools.iter().flatten().enumerate() {
+        let (names, ask) = mcp_tool(rt, &format!("tools[{i}]"), t)?;
+        approval.extend(names.iter().filter(|n| ask(n)).cloned());
+        tools.extend(names);
+    }
+    if req.tool_choice.as_ref().is_some_and(|c| c != "auto") {
+        return Err(ApiError::invalid("tool_choice", "with mcp tools only tool_choice 'auto' is supported"));
+    }
+    let output_schema = items::answer_schema(req.text.as_ref())?;
+    let max_tokens = match req.max_output_tokens {
+        None => 512,
+        Some(n @ 1..=1_000_000) => n as u32,
+        Some(_) => return Err(ApiError::invalid("max_output_tokens", "max_output_tokens must be at least 1")),
+    };
+    let def = json!({
+        "name": "response", "model": state.served_model_name, "tools": tools,
+        "instructions": if req.instructions.is_some() { "{{ instructions }}" } else { "" },
+        "max_tokens_per_step": max_tokens, "output_schema": output_schema, "temperature": req.temperature,
+    });
+    let mut spec = AgentSpec::from_json(def).map_err(|e| ApiError::invalid(&e.field, e.message))?;
+    spec.tool_rules = ToolRules { requires_approval: approval, ..ToolRules::default() };
+    Ok(spec)
+}
+
+type AskFn = Box<dyn Fn(&String) -> bool>;
+
+/// One `mcp` tool entry: the tool names it brings and which of them need approval.
+fn mcp_tool(rt: &AgentRuntime, p: &str, t: &Value) -> ApiResult<(Vec<String>, AskFn)> {
+    if t.get("type").and_then(Value::as_str) != Some("mcp") {
+        let m = "function tools cannot be mixed with server-side mcp tools in one request (yet)";
+        return Err(ApiError::invalid(&format!("{p}.type"), m));
+    }
+    if t.get("server_url").is_some_and(|u| !u.is_null()) {
+        let m = "kiln calls only the MCP servers of its --mcp-config (and 'kiln' for its builtins): give server_label";
+        return Err(ApiError::invalid(&format!("{p}.server_url"), m));
+    }
+    let label = t.get("server_label").and_then(Value::as_str).unwrap_or_default();
+    let mut names = rt.tools_served_by((label != KILN_LABEL).then_some(label));
+    if names.is_empty() {
+        let m = format!("no MCP server '{label}' is configured (kiln's builtins are '{KILN_LABEL}')");
+        return Err(ApiError::invalid(&format!("{p}.server_label"), m));
+    }
+    if let Some(allowed) = t.get("allowed_tools").filter(|a| !a.is_null()) {
+        let list = allowed.get("tool_names").unwrap_or(allowed);
+        let wanted = name_list(&format!("{p}.allowed_tools"), list)?;
+        if let Some(bad) = wanted.iter().find(|w| !names.contains(w)) {
+            return Err(ApiError::invalid(&format!("{p}.allowed_tools"), format!("'{label}' has no tool '{bad}'")));
+        }
+        names.retain(|n| wanted.contains(n));
+    }
+    Ok((names, approval_rule(&format!("{p}.require_approval"), t.get("require_approval"))?))
+}
+
+/// `require_approval`: `always` (OpenAI's default), `never`, or `{"always"|"never": {"tool_names"}}`.
+fn approval_rule(p: &str, rule: Option<&Value>) -> ApiResult<AskFn> {
+    match rule {
+        None | Some(Value::Null) => Ok(Box::new(|_| true)),
+        Some(Value::String(s)) if s == "always" => Ok(Box::new(|_| true)),
+        Some(Value::String(s)) if s == "never" => Ok(Box::new(|_| false)),
+        Some(Value::Object(o)) => {
+            let listed = |k: &str| -> ApiResult<Vec<String>> {
+                match o.get(k).and_then(|v| v.get("tool_names")) {
+                    Some(l) => name_list(&format!("{p}.{k}.tool_names"), l),
+                    None => Ok(Vec::new()),
+                }
+            };
+            let (always, never) = (listed("always")?, listed("never")?);
+            Ok(Box::new(move |n| always.contains(n) || !never.contains(n)))
+        }
+        Some(_) => Err(ApiError::invalid(p, "require_approval must be 'always', 'never' or an object of tool_names")),
+    }
+}
+
+fn name_list(p: &str, v: &Value) -> ApiResult<Vec<String>> {
+    let list = v.as_array().ok_or_else(|| ApiError::invalid(p, "expected an array of tool names"))?;
+    list.iter()
+        .map(|n| n.as_str().map(str::to_string).ok_or_else(|| ApiError::invalid(p, "tool names are strings")))
+        .collect()
+}
+
+/// The finished response object for a run whose first `seen` steps an earlier response showed.
+fn response_object(rt: &AgentRuntime, shell: &Value, run: &RunRecord, steps: &[StepRecord], seen: usize) -> Value {
+    let mut output = output_items(rt, steps, seen);
+    let mut r = shell.clone();
+    if run.status == RunStatus::RequiresAction {
+        let waiting = run.output.as_ref().and_then(|o| o["required_action"].as_array().cloned()).unwrap_or_default();
+        for c in waiting {
+            let name = c["name"].as_str().unwrap_or_default();
+            output.push(
+                json!({"type": "mcp_approval_request", "id": format!("mcpr_{}", c["id"].as_str().unwrap_or_default()),
+                "server_label": label(rt, name), "name": name, "arguments": c["arguments"]}),
+            );
+        }
+    }
+    let (status, details, error) = match run.status {
+        RunStatus::Completed | RunStatus::RequiresAction => ("completed", Value::Null, Value::Null),
+        RunStatus::Incomplete => ("incomplete", json!({"reason": "max_output_tokens"}), Value::Null),
+        RunStatus::Cancelled => ("cancelled", Value::Null, Value::Null),
+        _ => ("failed", Value::Null, json!({"code": "server_error", "message": run.error})),
+    };
+    let u = &run.usage;
+    let n = |k: &str| u[k].as_u64().unwrap_or(0) as usize;
+    r["status"] = json!(status);
+    r["incomplete_details"] = details;
+    r["error"] = error;
+    r["output"] = Value::Array(output);
+    r["usage"] = sse::usage(n("prompt_tokens"), n("completion_tokens"), n("cached_tokens"));
+    r["completed_at"] = json!(unix_now());
+    r
+}
+
+fn label(rt: &AgentRuntime, tool: &str) -> String {
+    rt.tool_server(tool).unwrap_or_else(|| KILN_LABEL.to_string())
+}
+
+/// Output items: the text of each model turn as a `message`, each executed call as an
+/// `mcp_call` with its output (or error), in the order they were completed, leaving out what the
+/// first `seen` steps completed (an earlier response showed it; a call approved since then was
+/// made before but completes now). Turns the loop guard discarded are left out.
+fn output_items(rt: &AgentRuntime, steps: &[StepRecord], seen: usize) -> Vec<Value> {
+    // (index of the step that completed the item, item)
+    let mut out: Vec<(usize, Value)> = Vec::new();
+    for (at, s) in steps.iter().enumerate() {
+        match s.kind {
+            StepKind::ModelOutput => {
+                let Ok(m) = serde_json::from_value::<ModelStep>(s.data.clone()) else { continue };
+                if m.discarded {
+                    continue;
+                }
+                if !m.content.trim().is_empty() {
+                    out.push((at, items::message_item(&new_id("msg"), "assistant", &m.content, "output_text")));
+                }
+                for c in &m.calls {
+                    let call = json!({"type": "mcp_call", "id": c.id, "server_label": label(rt, &c.name),
+                        "name": c.name, "arguments": c.arguments, "output": null, "error": null});
+                    out.push((usize::MAX, call));
+                }
+            }
+            StepKind::ToolResult => {
+                let Ok(r) = serde_json::from_value::<ResultStep>(s.data.clone()) else { continue };
+                if let Some((done, item)) = out.iter_mut().find(|(_, it)| it["id"] == r.call_id.as_str()) {
+                    item[if r.is_error { "error" } else { "output" }] = json!(r.content);
+                    *done = at;
+                }
+            }
+            _ => {}
+        }
+    }
+    // Calls that never ran (the run ended or paused before them) stay at usize::MAX: not shown.
+    out.retain(|(done, _)| (seen..usize::MAX).contains(done));
+    out.sort_by_key(|(done, _)| *done);
+    out.into_iter().map(|(_, item)| item).collect()
+}

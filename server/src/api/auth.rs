@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use subtle::ConstantTimeEq;
 
 /// `kiln serve`'s credential flags.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Clone, Default)]
 pub struct AuthArgs {
     /// Accepted bearer keys with every scope (repeatable, or comma-separated in KILN_API_KEY).
     /// With no key, keys file, JWT secret or JWKS: no auth.
@@ -54,6 +54,22 @@ pub struct AuthArgs {
     /// such as Prometheus or the Kubernetes inference endpoint pickers.
     #[arg(long, env = "KILN_METRICS_PUBLIC")]
     pub metrics_public: bool,
+}
+
+// By hand, so a debug print of the flags never shows a key or the JWT secret.
+impl std::fmt::Debug for AuthArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthArgs")
+            .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
+            .field("api_keys_file", &self.api_keys_file)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
+            .field("jwt_jwks", &self.jwt_jwks)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_leeway", &self.jwt_leeway)
+            .field("metrics_public", &self.metrics_public)
+            .finish()
+    }
 }
 
 impl AuthArgs {

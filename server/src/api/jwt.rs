@@ -119,7 +119,7 @@ impl Jwk {
 }
 
 /// The verifier `kiln serve` builds from its JWT flags.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct JwtConfig {
     /// The HS256 shared secret (at least 32 bytes).
     pub secret: Option<Vec<u8>>,
@@ -129,6 +129,18 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     /// Seconds of clock skew allowed on `exp` and `nbf`.
     pub leeway: u64,
+}
+
+// By hand, so a debug print of the config (or of `Auth`) never shows the secret.
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway", &self.leeway)
+            .finish()
+    }
 }
 
 /// Checks tokens against the configured secret and keys.
@@ -402,6 +414,12 @@ mod tests {
         let mut wrong = base;
         wrong["iss"] = json!("https://evil");
         assert_eq!(v.verify(&t(wrong), NOW), Err(JwtError::Issuer));
+    }
+
+    #[test]
+    fn debug_output_hides_the_secret() {
+        let shown = format!("{:?}", verifier());
+        assert!(shown.contains("<redacted>") && !shown.contains("0123456789abcdef"), "{shown}");
     }
 
     #[test]

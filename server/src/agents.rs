@@ -59,6 +59,18 @@ pub struct AgentArgs {
     pub price_output: Option<f64>,
 }
 
+impl Default for AgentArgs {
+    /// What `kiln serve` gets with no agent flag (the `KILN_*` variables still apply).
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            agents: AgentArgs,
+        }
+        <Only as clap::Parser>::parse_from(["kiln"]).agents
+    }
+}
+
 impl AgentArgs {
     fn data_dir(&self) -> Result<PathBuf> {
         let dir = match &self.data_dir {

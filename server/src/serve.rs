@@ -6,6 +6,7 @@
 
 use crate::api::access::AccessPolicy;
 use crate::api::audit::AuditLog;
+use crate::api::auth::AuthArgs;
 use crate::api::ratelimit::RateLimitArgs;
 use crate::api::{router, AppState};
 use crate::engine_args::EngineArgs;
@@ -29,9 +30,8 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8080, env = "KILN_PORT")]
     pub port: u16,
-    /// Accepted bearer keys (repeatable, or comma-separated in KILN_API_KEY). None: no auth.
-    #[arg(long = "api-key", env = "KILN_API_KEY", value_delimiter = ',')]
-    pub api_keys: Vec<String>,
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30, env = "KILN_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: u64,
@@ -58,8 +58,8 @@ pub struct ServeArgs {
     pub rate_limits: RateLimitArgs,
     #[command(flatten)]
     pub agents: crate::agents::AgentArgs,
-    /// Write refused requests (401, 403, rate-limited 429) as JSON lines to this file (`-`:
-    /// stdout). Off by default.
+    /// Write refused requests (401, 403, rate-limited 429) and admin actions (agent, memory and
+    /// run changes) as JSON lines to this file (`-`: stdout). Off by default.
     #[arg(long, env = "KILN_AUDIT_LOG")]
     pub audit_log: Option<String>,
     /// A TOML file with any of these settings (see `config.rs`); read before parsing.
@@ -75,7 +75,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
 async fn serve(a: ServeArgs) -> Result<()> {
     let name = a.served_model_name.clone().unwrap_or_else(|| default_name(&a.engine.model));
     let access = AccessPolicy { allowed_hosts: a.allowed_hosts.clone(), allowed_origins: a.allowed_origins.clone() };
-    let mut state = AppState::new(name.clone(), a.api_keys.clone(), fingerprint(&a)?)
+    let auth = a.auth.build()?;
+    let auth_on = auth.enabled();
+    let mut state = AppState::new(name.clone(), Vec::new(), fingerprint(&a)?)
+        .with_auth(auth)
         .with_access(access)
         .with_body_timeout(Duration::from_secs(a.http.body_timeout.max(1)))
         .with_rate_limits(a.rate_limits.limits());
@@ -88,9 +91,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let local = listener.local_addr()?;
     let base = format!("http://{local}/v1");
     tracing::info!(%base, model = %name, "listening; loading the model");
-    if !local.ip().is_loopback() && a.api_keys.is_empty() && a.allowed_hosts.is_empty() {
+    if !local.ip().is_loopback() && !auth_on && a.allowed_hosts.is_empty() {
         tracing::warn!(
-            "no --api-key and no --allowed-hosts: only requests naming a loopback Host (localhost, 127.0.0.1) \
+            "no --api-key, keys file or JWT and no --allowed-hosts: only requests naming a loopback Host (localhost, 127.0.0.1) \
              are answered; add --allowed-hosts NAME (or '*') for clients that reach this address by name or IP"
         );
     }

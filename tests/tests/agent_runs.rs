@@ -56,16 +56,13 @@ async fn app() -> Option<App> {
     let engine = kiln_tests::start(&model, &kiln_tests::test_config()).expect("engine start").handle;
     let args = AgentArgs {
         data_dir: Some(dir.path().join("data")),
-        database_url: None,
         agents: Some(agents),
         mcp_config: Some(mcp),
-        http_tool_hosts: vec![],
         tool_timeout: 60,
-        run_lease_secs: 30,
-        responses_retention_days: 30,
         price_input: Some(1.0),
         price_cached_input: Some(0.5),
         price_output: Some(2.0),
+        ..Default::default()
     };
     let started = kiln_server::agents::start(&args, engine.clone(), MODEL.into(), Default::default()).await;
     let agents = started.expect("agent runtime");

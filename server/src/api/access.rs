@@ -1,23 +1,30 @@
-//! Who may talk to kiln, before any route runs: API keys (compared in constant time; two
-//! `Authorization` headers are refused, not "first wins"), the `Host` and `Origin` allowlists that
-//! stop DNS rebinding and cross-site requests from a browser, and CORS (off unless
-//! `--allowed-origins` lists the origin).
+//! Who may talk to kiln, before any route runs: the `Host` and `Origin` allowlists that stop DNS
+//! rebinding and cross-site requests from a browser, CORS (off unless `--allowed-origins` lists
+//! the origin), then the credential (`auth.rs`) and the route's scope (`scopes.rs`).
 //!
-//! The rule: with no API key set, a request is accepted only with a loopback `Host`
+//! The rule: with no credential configured, a request is accepted only with a loopback `Host`
 //! (`localhost`, `127.0.0.1`, `[::1]`, any port) and, when a browser sends `Origin`, a loopback
-//! origin, plus whatever `--allowed-hosts` / `--allowed-origins` add (`*` = any). With keys set,
-//! the key is the protection and only configured allowlists are enforced. A missing `Host` is
-//! accepted (browsers always send one). `/health` is exempt from all of this (probes).
+//! origin, plus whatever `--allowed-hosts` / `--allowed-origins` add (`*` = any). With keys or
+//! JWTs configured, the credential is the protection and only configured allowlists are
+//! enforced. A missing `Host` is accepted (browsers always send one). `/health` (and `/metrics`
+//! with `--metrics-public`) is exempt from all of this (probes and scrapers).
 //!
-//! Owns: those checks and CORS headers. Must not: read bodies or know routes beyond `/health`.
+//! No or a bad credential is 401; a valid one without the route's scope is 403
+//! `permission_error` naming the scope. The caller's [`Principal`] goes to the handler as a
+//! request extension, and to the audit log on the response.
+//!
+//! Owns: those checks, their order and CORS headers. Must not: read bodies, know which scope a
+//! route needs (the table in `scopes.rs` does) or how credentials are checked (`auth.rs`).
 
+use super::audit::Denial;
+use super::auth::Principal;
 use super::error::ApiError;
+use super::scopes::{self, Need};
 use super::Shared;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 
 /// The allowlists (`kiln serve --allowed-hosts / --allowed-origins`).
 #[derive(Debug, Clone, Default)]
@@ -28,12 +35,15 @@ pub struct AccessPolicy {
     pub allowed_origins: Vec<String>,
 }
 
-/// The middleware in front of every route: access checks, then the key, then CORS headers.
-pub async fn gate(State(state): State<Shared>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/health" {
+/// The middleware in front of every route: access checks, the credential, the route's scope,
+/// then CORS headers.
+pub async fn gate(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
+    let rule = scopes::rule_for(req.method(), req.uri().path());
+    let public_metrics = rule.template == "/metrics" && state.auth.metrics_public;
+    if rule.need == Need::Public || public_metrics {
         return next.run(req).await;
     }
-    let open = state.api_keys.is_empty();
+    let open = !state.auth.enabled();
     if let Err(e) =
         check_host(&state.access, req.headers(), open).and_then(|_| check_origin(&state.access, req.headers(), open))
     {
@@ -43,15 +53,47 @@ pub async fn gate(State(state): State<Shared>, req: Request, next: Next) -> Resp
     if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
         return preflight(cors_origin);
     }
-    if let Err(e) = check_key(&state.api_keys, req.headers()) {
-        return e.into_response();
+    let principal = match state.auth.authenticate(req.headers(), super::generation::unix_now()) {
+        Ok(p) => p,
+        Err(e) => {
+            let mut resp = e.to_api_error().into_response();
+            let challenge = match e {
+                super::auth::AuthError::Token(_) => "Bearer realm=\"kiln\", error=\"invalid_token\"",
+                _ => "Bearer realm=\"kiln\"",
+            };
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            resp.extensions_mut().insert(Denial { reason: e.reason(), missing_scope: None });
+            return resp;
+        }
+    };
+    if let Need::Scope(scope) = rule.need {
+        if !principal.scopes.contains(scope) {
+            return insufficient_scope(req.method(), rule.template, scope, principal);
+        }
     }
+    req.extensions_mut().insert(principal.clone());
     let mut resp = next.run(req).await;
+    resp.extensions_mut().insert(principal);
     if let Some(origin) = cors_origin {
         let h = resp.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         h.append(header::VARY, HeaderValue::from_static("origin"));
     }
+    resp
+}
+
+/// 403 naming the scope the credential lacks.
+fn insufficient_scope(method: &Method, route: &str, scope: scopes::Scope, principal: Principal) -> Response {
+    let name = scope.as_str();
+    let message = format!("This credential lacks the '{name}' scope, which {method} {route} requires");
+    let mut resp = forbidden("insufficient_scope", message).into_response();
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("Bearer realm=\"kiln\", error=\"insufficient_scope\", scope=\"{name}\""))
+    {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp.extensions_mut().insert(Denial { reason: "insufficient_scope", missing_scope: Some(name) });
+    resp.extensions_mut().insert(principal);
     resp
 }
 
@@ -146,37 +188,6 @@ fn preflight(origin: Option<HeaderValue>) -> Response {
     resp
 }
 
-/// Exactly one `Authorization: Bearer <key>` naming a configured key.
-fn check_key(keys: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return Err(match headers.contains_key(header::AUTHORIZATION) {
-            true => ApiError::unauthorized("Send exactly one Authorization header"),
-            false => ApiError::unauthorized("Missing API key: send 'Authorization: Bearer <key>'"),
-        });
-    };
-    let given = value
-        .to_str()
-        .ok()
-        // The auth scheme is case-insensitive (RFC 9110).
-        .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, k)| k))
-        .map(str::trim);
-    let Some(given) = given else {
-        return Err(ApiError::unauthorized("Missing API key: send 'Authorization: Bearer <key>'"));
-    };
-    // Every key is compared, each in constant time, so the time taken does not say which key or
-    // how much of one matched (only, as always, the length of the given key).
-    let matched = keys.iter().fold(0u8, |acc, k| acc | k.as_bytes().ct_eq(given.as_bytes()).unwrap_u8());
-    if matched == 1 {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized("Incorrect API key provided"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,23 +202,6 @@ mod tests {
         }
         for h in ["example.com", "localhost.example.com", "10.0.0.1", "0.0.0.0", "127.0.0.1.nip.io"] {
             assert!(!is_loopback_host(h), "{h}");
-        }
-    }
-
-    #[test]
-    fn one_bearer_key_exactly() {
-        let keys = vec!["k1".to_string(), "k22".to_string()];
-        let h = |vals: &[&str]| {
-            let mut m = HeaderMap::new();
-            for v in vals {
-                m.append(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
-            }
-            m
-        };
-        assert!(check_key(&keys, &h(&["Bearer k1"])).is_ok());
-        assert!(check_key(&keys, &h(&["bearer k22"])).is_ok());
-        for bad in [&[][..], &["Bearer k2"], &["Bearer k1", "Bearer k1"], &["Bearer k1", "Bearer x"], &["k1"]] {
-            assert_eq!(check_key(&keys, &h(bad)).unwrap_err().status, StatusCode::UNAUTHORIZED, "{bad:?}");
         }
     }
 }

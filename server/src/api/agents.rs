@@ -2,8 +2,10 @@
 //! (`POST /v1/agents/{name}/runs`: wait for the result, `background: true` to return at once,
 //! or `stream: true` for SSE), and `/v1/runs/{id}` (get, steps, cancel, approve, reject).
 //! Maps HTTP to [`kiln_agent::AgentRuntime`] and its errors to OpenAI-shaped bodies; the loop,
-//! the store and the tools live in `kiln-agent`.
+//! the store and the tools live in `kiln-agent`. State changes (agent create/patch/delete, run
+//! cancel/approve/reject) return an [`audit::AdminAction`] beside their body for the audit log.
 
+use super::audit::{self, AdminAction};
 use super::error::{ApiError, ApiResult};
 use super::request::{body_bytes, parse_body};
 use super::Shared;
@@ -13,7 +15,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures_util::stream::{self, StreamExt};
 use kiln_agent::store::{RunRecord, StepRecord};
 use kiln_agent::{AgentRuntime, RunError, RunEvent, RunInput};
@@ -55,10 +57,13 @@ fn step_json(s: &StepRecord) -> Value {
         "data": s.data, "created_at": s.created_at})
 }
 
-pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+/// A handler's body with the admin action it performed.
+type Audited = ApiResult<(Extension<AdminAction>, Json<Value>)>;
+
+pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> Audited {
     let def: Value = parse_body(&body_bytes(body)?)?;
     let spec = runtime(&state)?.create_agent(def).await?;
-    Ok(Json(spec.to_json()))
+    Ok((audit::action("agent.create", &spec.name), Json(spec.to_json())))
 }
 
 pub async fn list(State(state): State<Shared>) -> ApiResult<Json<Value>> {
@@ -74,14 +79,15 @@ pub async fn patch(
     State(state): State<Shared>,
     Path(name): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> Audited {
     let patch: Value = parse_body(&body_bytes(body)?)?;
-    Ok(Json(runtime(&state)?.patch_agent(&name, patch).await?.to_json()))
+    let spec = runtime(&state)?.patch_agent(&name, patch).await?;
+    Ok((audit::action("agent.update", &name), Json(spec.to_json())))
 }
 
-pub async fn delete(State(state): State<Shared>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn delete(State(state): State<Shared>, Path(name): Path<String>) -> Audited {
     runtime(&state)?.delete_agent(&name).await?;
-    Ok(Json(json!({"id": name, "object": "agent.deleted", "deleted": true})))
+    Ok((audit::action("agent.delete", &name), Json(json!({"id": name, "object": "agent.deleted", "deleted": true}))))
 }
 
 #[derive(Deserialize)]
@@ -174,9 +180,10 @@ pub async fn steps(State(state): State<Shared>, Path(id): Path<String>) -> ApiRe
     Ok(Json(json!({"object": "list", "data": steps.iter().map(step_json).collect::<Vec<_>>()})))
 }
 
-pub async fn cancel(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn cancel(State(state): State<Shared>, Path(id): Path<String>) -> Audited {
     let rt = runtime(&state)?;
-    Ok(Json(run_json(rt, &rt.cancel(&id).await?)))
+    let run = rt.cancel(&id).await?;
+    Ok((audit::action("run.cancel", id), Json(run_json(rt, &run))))
 }
 
 #[derive(Deserialize, Default)]
@@ -190,7 +197,7 @@ pub async fn approve(
     State(state): State<Shared>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> Audited {
     decide(state, id, body, true).await
 }
 
@@ -198,16 +205,16 @@ pub async fn reject(
     State(state): State<Shared>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+) -> Audited {
     decide(state, id, body, false).await
 }
 
-async fn decide(state: Shared, id: String, body: Result<Bytes, BytesRejection>, ok: bool) -> ApiResult<Json<Value>> {
+async fn decide(state: Shared, id: String, body: Result<Bytes, BytesRejection>, ok: bool) -> Audited {
     let bytes = body_bytes(body)?;
     let d: Decision = if bytes.is_empty() { Decision::default() } else { parse_body(&bytes)? };
     let rt = runtime(&state)?;
     let run = rt.approve(&id, d.call_id.as_deref(), ok, d.reason).await?;
-    Ok(Json(run_json(rt, &run)))
+    Ok((audit::action(if ok { "run.approve" } else { "run.reject" }, id), Json(run_json(rt, &run))))
 }
 
 /// `GET /v1/runs/{id}/events` as a WebSocket: the run as it is now (`run.snapshot`), then its

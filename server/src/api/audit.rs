@@ -1,15 +1,23 @@
 //! The audit log (`--audit-log PATH`, `-` for stdout): one JSON line per refused request, for
-//! auth failures (401), Host / Origin refusals (403) and rate-limit hits (429), with the time
-//! (RFC 3339, UTC), event, route, method, client (a short SHA-256 fingerprint of the bearer key,
-//! or `anonymous`), remote address when known, request id and status.
+//! auth failures (401, `event: auth_failure` with a `reason`), missing scopes (403,
+//! `permission_denied` with `missing_scope`), Host / Origin refusals (403, `access_refused`) and
+//! rate-limit hits (429, `rate_limited` with the `tier`), and one per successful admin action
+//! (`admin_action`: agent create/update/delete, memory delete/delete-all, run
+//! cancel/approve/reject, with the `action` and its `target` id, as the handler reports it in an
+//! [`AdminAction`] response extension). Every line has the time (RFC 3339, UTC), event, route
+//! (its template), method, client (a short SHA-256 fingerprint of the bearer credential, or
+//! `anonymous`), subject (the authenticated caller, when there is one), remote address when
+//! known, request id and status.
 //!
 //! Lines go through a bounded channel to one writer thread, so a slow disk never blocks the
 //! async workers; when the channel is full the line is dropped and counted
 //! (`kiln:audit_log_dropped_total`).
 //!
-//! Owns: the events, their JSON and the writer. Must not: record prompts, outputs, bodies or
-//! keys (only their fingerprints), or decide who is refused (`access.rs`, `ratelimit.rs` do).
+//! Owns: the events, their JSON and the writer. Must not: record prompts, outputs, bodies, keys
+//! or tokens (only their fingerprints), or decide who is refused (`access.rs`, `ratelimit.rs`
+//! do) or what counts as an admin action (the handlers do).
 
+use super::auth::{Principal, Via};
 use super::ratelimit::Tier;
 use super::Shared;
 use axum::extract::connect_info::ConnectInfo;
@@ -31,6 +39,30 @@ const QUEUE: usize = 4096;
 #[derive(Debug, Clone, Copy)]
 pub enum Denied {
     RateLimited(Tier),
+}
+
+/// Why the gate refused a request (401 / 403), for the log line.
+#[derive(Debug, Clone, Copy)]
+pub struct Denial {
+    /// A short reason: `missing_credential`, `invalid_api_key`, `token_expired`, ...
+    pub reason: &'static str,
+    /// For a 403: the scope the credential lacks.
+    pub missing_scope: Option<&'static str>,
+}
+
+/// A state-changing admin action a handler performed: logged when its response is a success.
+#[derive(Debug, Clone)]
+pub struct AdminAction {
+    /// `agent.create`, `agent.update`, `agent.delete`, `memory.delete`, `memory.delete_scope`,
+    /// `run.cancel`, `run.approve`, `run.reject`.
+    pub action: &'static str,
+    /// What it acted on: an agent name, a run id, a memory scope or `scope/id`.
+    pub target: String,
+}
+
+/// The response extension a handler returns beside its body to have the action logged.
+pub fn action(action: &'static str, target: impl Into<String>) -> axum::Extension<AdminAction> {
+    axum::Extension(AdminAction { action, target: target.into() })
 }
 
 /// The request id `request_id_and_count` chose, for the log line.
@@ -106,36 +138,62 @@ pub fn rfc3339(t: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{:03}Z", d.subsec_millis())
 }
 
-/// The middleware (inside the request-id layer, outside the gate): logs the refusals.
+/// The middleware (inside the request-id layer, outside the gate): logs refusals and admin
+/// actions.
 pub async fn record(State(state): State<Shared>, req: Request, next: Next) -> Response {
     let Some(log) = state.audit.clone() else { return next.run(req).await };
     let client = bearer(req.headers()).map_or_else(|| "anonymous".to_string(), fingerprint);
     let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string());
     let id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
-    let (method, route) = (req.method().to_string(), super::route_label(req.uri().path()));
+    let method = req.method().to_string();
+    let route = super::scopes::rule_for(req.method(), req.uri().path()).template;
     let resp = next.run(req).await;
-    let denied = resp.extensions().get::<Denied>().copied();
-    let (event, tier) = match (resp.status(), denied) {
-        (StatusCode::UNAUTHORIZED, _) => ("auth_failure", None),
-        (StatusCode::FORBIDDEN, _) => ("access_refused", None),
-        (StatusCode::TOO_MANY_REQUESTS, Some(Denied::RateLimited(t))) => ("rate_limited", Some(t.as_str())),
-        _ => return resp,
-    };
-    let line = serde_json::json!({
+    let x = resp.extensions();
+    let (denial, action) = (x.get::<Denial>().copied(), x.get::<AdminAction>());
+    let subject = x.get::<Principal>().filter(|p| p.via != Via::Open).map(|p| p.subject.clone());
+    let mut line = serde_json::json!({
         "timestamp": rfc3339(SystemTime::now()),
-        "event": event,
+        "event": "",
         "route": route,
         "method": method,
         "client": client,
+        "subject": subject,
         "remote_addr": remote,
         "request_id": id,
         "status": resp.status().as_u16(),
-        "tier": tier,
     });
+    let Some(extra) = event(resp.status(), x.get::<Denied>().copied(), denial, action) else { return resp };
+    if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
+        line.extend(extra);
+    }
     if !log.send(line.to_string()) {
         state.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
     }
     resp
+}
+
+/// The event of a response and its own fields, or None when it is not audited.
+fn event(
+    status: StatusCode,
+    denied: Option<Denied>,
+    denial: Option<Denial>,
+    action: Option<&AdminAction>,
+) -> Option<serde_json::Value> {
+    use serde_json::json;
+    Some(match (status, denied, action) {
+        (StatusCode::UNAUTHORIZED, _, _) => json!({"event": "auth_failure", "reason": denial.map(|d| d.reason)}),
+        (StatusCode::FORBIDDEN, _, _) => match denial.and_then(|d| d.missing_scope) {
+            Some(scope) => json!({"event": "permission_denied", "missing_scope": scope}),
+            None => json!({"event": "access_refused"}),
+        },
+        (StatusCode::TOO_MANY_REQUESTS, Some(Denied::RateLimited(t)), _) => {
+            json!({"event": "rate_limited", "tier": t.as_str()})
+        }
+        (s, _, Some(a)) if s.is_success() => {
+            json!({"event": "admin_action", "action": a.action, "target": a.target})
+        }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -1,16 +1,18 @@
 //! The memory API: `POST /v1/memory/{scope}` (add), `POST /v1/memory/{scope}/search`,
 //! `GET /v1/memory/{scope}` (list, `?limit=&after=`), `GET/PATCH/DELETE /v1/memory/{scope}/{id}`
 //! and `DELETE /v1/memory/{scope}`. Maps JSON to [`kiln_agent::memory`] and its errors to HTTP;
-//! scopes, embedding, storage and conflict resolution live in `kiln-agent`. Must not: embed or
-//! store anything itself.
+//! scopes, embedding, storage and conflict resolution live in `kiln-agent`. Deletes return an
+//! [`audit::AdminAction`] beside their body for the audit log. Must not: embed or store anything
+//! itself.
 
+use super::audit::{self, AdminAction};
 use super::error::{ApiError, ApiResult};
 use super::request::{body_bytes, parse_body};
 use super::Shared;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::Json;
+use axum::{Extension, Json};
 use kiln_agent::memory::{Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, Scope, SearchQuery};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -163,13 +165,22 @@ pub async fn patch(
     Ok(Json(memory_json(&m)))
 }
 
-pub async fn delete(State(state): State<Shared>, Path((s, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    store(&state)?.delete(&scope(&s)?, &id).await?;
-    Ok(Json(json!({"id": id, "object": "memory.deleted", "deleted": true})))
+pub async fn delete(
+    State(state): State<Shared>,
+    Path((s, id)): Path<(String, String)>,
+) -> ApiResult<(Extension<AdminAction>, Json<Value>)> {
+    let sc = scope(&s)?;
+    store(&state)?.delete(&sc, &id).await?;
+    let done = audit::action("memory.delete", format!("{sc}/{id}"));
+    Ok((done, Json(json!({"id": id, "object": "memory.deleted", "deleted": true}))))
 }
 
-pub async fn delete_scope(State(state): State<Shared>, Path(s): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn delete_scope(
+    State(state): State<Shared>,
+    Path(s): Path<String>,
+) -> ApiResult<(Extension<AdminAction>, Json<Value>)> {
     let sc = scope(&s)?;
     store(&state)?.delete_scope(&sc).await?;
-    Ok(Json(json!({"scope": sc.to_string(), "object": "memory.scope.deleted", "deleted": true})))
+    let done = audit::action("memory.delete_scope", sc.to_string());
+    Ok((done, Json(json!({"scope": sc.to_string(), "object": "memory.scope.deleted", "deleted": true}))))
 }

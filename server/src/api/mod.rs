@@ -1,11 +1,13 @@
 //! The HTTP API: OpenAI-compatible routes plus health, metrics and tokenization, on axum.
-//! Owns request ids, access control (`access.rs`), body admission (`guard.rs`), panic isolation
+//! Owns request ids, access control (`access.rs`: credentials in `auth.rs` and `jwt.rs`, the
+//! scope each route needs in `scopes.rs`), body admission (`guard.rs`), panic isolation
 //! and the OpenAI error shape for every failure (including unknown routes and malformed bodies).
 //! Talks to the engine only through its `EngineHandle`.
 
 pub mod access;
 mod agents;
 pub mod audit;
+pub mod auth;
 pub mod chat;
 mod chat_json;
 pub mod completions;
@@ -13,6 +15,7 @@ mod embeddings;
 pub mod error;
 mod generation;
 mod guard;
+pub mod jwt;
 mod logprobs;
 mod memory;
 mod misc;
@@ -24,11 +27,13 @@ mod responses_agent;
 mod responses_items;
 mod responses_sse;
 pub mod responses_store;
+pub mod scopes;
 mod sse;
 
 use crate::metrics::Metrics;
 use access::AccessPolicy;
 use audit::AuditLog;
+use auth::Auth;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -56,7 +61,8 @@ pub struct AppState {
     /// Agent memory (needs the embedding model; absent without it).
     memory: OnceLock<kiln_agent::memory::MemoryStore>,
     pub served_model_name: String,
-    pub api_keys: Vec<String>,
+    /// Configured credentials (see `auth.rs`; none: auth off).
+    pub auth: Auth,
     /// Stable per build + model + engine config.
     pub system_fingerprint: String,
     /// Unix seconds when the server started (the model's `created`).
@@ -82,6 +88,7 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A state whose `api_keys` (if any) hold every scope; see [`AppState::with_auth`].
     pub fn new(served_model_name: String, api_keys: Vec<String>, system_fingerprint: String) -> Self {
         let created = generation::unix_now();
         Self {
@@ -91,7 +98,7 @@ impl AppState {
             memory: OnceLock::new(),
             metrics: Metrics::new(&served_model_name),
             served_model_name,
-            api_keys,
+            auth: Auth::from_keys(api_keys),
             system_fingerprint,
             created,
             sampling_defaults: OnceLock::new(),
@@ -108,6 +115,12 @@ impl AppState {
 
     pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
         self.rate_limits = Arc::new(RateLimiter::new(limits));
+        self
+    }
+
+    /// With these credentials instead of the keys given to `new`.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
         self
     }
 

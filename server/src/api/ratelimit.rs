@@ -1,5 +1,6 @@
-//! Multi-tier rate limits: a global tier, a per-API-key tier and an anonymous tier (requests
-//! without a configured key share it), each with requests and tokens per period (60 s by
+//! Multi-tier rate limits: a global tier, a per-caller tier (one bucket pair per API key subject
+//! or JWT `sub`, the [`Principal`]'s subject) and an anonymous tier (with auth off, every
+//! request shares it), each with requests and tokens per period (60 s by
 //! default: requests/min and tokens/min). Every limit is a token bucket holding `limit` and
 //! refilled continuously at `limit / period`, so a burst gets exactly `limit` and then one more
 //! per `period / limit`. All off unless a limit is set.
@@ -13,8 +14,10 @@
 //! on admitted responses, describing the tightest bucket of each kind).
 //!
 //! Owns: the buckets, admission, the headers and the per-request token charge. Must not: check
-//! keys (`access.rs` runs first; an unknown key never gets a bucket) or read bodies.
+//! credentials (`access.rs` runs first; an unknown key or a bad token never gets a bucket) or
+//! read bodies.
 
+use super::auth::{Principal, Via};
 use super::error::ApiError;
 use super::Shared;
 use axum::extract::{Request, State};
@@ -35,16 +38,16 @@ pub struct RateLimitArgs {
     /// Tokens (prompt + generated) per period for the whole server.
     #[arg(long, default_value_t = 0, env = "KILN_RATE_LIMIT_GLOBAL_TPM")]
     pub rate_limit_global_tpm: u64,
-    /// Requests per period for each API key.
+    /// Requests per period for each caller (API key subject or JWT `sub`).
     #[arg(long, default_value_t = 0, env = "KILN_RATE_LIMIT_KEY_RPM")]
     pub rate_limit_key_rpm: u64,
-    /// Tokens per period for each API key.
+    /// Tokens per period for each caller (API key subject or JWT `sub`).
     #[arg(long, default_value_t = 0, env = "KILN_RATE_LIMIT_KEY_TPM")]
     pub rate_limit_key_tpm: u64,
-    /// Requests per period shared by all requests without an API key (when none is configured).
+    /// Requests per period shared by all requests when auth is off (no key or JWT configured).
     #[arg(long, default_value_t = 0, env = "KILN_RATE_LIMIT_ANONYMOUS_RPM")]
     pub rate_limit_anonymous_rpm: u64,
-    /// Tokens per period shared by all requests without an API key.
+    /// Tokens per period shared by all requests when auth is off.
     #[arg(long, default_value_t = 0, env = "KILN_RATE_LIMIT_ANONYMOUS_TPM")]
     pub rate_limit_anonymous_tpm: u64,
     /// Seconds the limits above are counted over (60: per minute).
@@ -183,7 +186,8 @@ impl Pair {
 /// Who a request counts against besides the global tier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Client {
-    /// A configured API key, by its fingerprint (the key itself is never kept here).
+    /// An authenticated caller, by subject (a key's `subject` or `key:<fingerprint>`, a JWT's
+    /// `sub`; the key itself is never kept here). Keys and tokens naming one subject share it.
     Key(String),
     Anonymous,
 }
@@ -191,7 +195,7 @@ pub enum Client {
 const SHARDS: usize = 16;
 
 /// The buckets of every tier. Per-key buckets sit in a few sharded maps (one short lock each);
-/// the map only grows with configured keys, since unknown keys are refused before this.
+/// the map only grows with authenticated subjects, since bad credentials are refused before this.
 pub struct RateLimiter {
     limits: RateLimits,
     global: Mutex<Pair>,
@@ -314,13 +318,13 @@ pub fn current_charge() -> Option<TokenCharge> {
     CHARGE.try_with(TokenCharge::clone).ok()
 }
 
-/// The client a request counts against: its bearer key when keys are configured (already
-/// checked by `access::gate`), else the anonymous tier.
-fn client_of(state: &Shared, headers: &HeaderMap) -> Client {
-    if state.api_keys.is_empty() {
-        return Client::Anonymous;
+/// The client a request counts against: the subject `access::gate` authenticated, else (auth
+/// off) the anonymous tier.
+fn client_of(req: &Request) -> Client {
+    match req.extensions().get::<Principal>() {
+        Some(p) if p.via != Via::Open => Client::Key(p.subject.clone()),
+        _ => Client::Anonymous,
     }
-    super::audit::bearer(headers).map_or(Client::Anonymous, |k| Client::Key(super::audit::fingerprint(k)))
 }
 
 /// The middleware: every route but `/health` and `/metrics` is admitted here or refused 429.
@@ -329,7 +333,7 @@ pub async fn limit(State(state): State<Shared>, req: Request, next: Next) -> Res
     if !limiter.enabled() || matches!(req.uri().path(), "/health" | "/metrics") {
         return next.run(req).await;
     }
-    let client = client_of(&state, req.headers());
+    let client = client_of(&req);
     let d = limiter.admit(&client);
     if let Some(tier) = d.refused_by {
         state.metrics.count_rate_limited(tier);

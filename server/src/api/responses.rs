@@ -56,10 +56,15 @@ impl Finisher {
     }
 }
 
-pub async fn create(State(state): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<Shared>,
+    principal: Option<axum::Extension<super::auth::Principal>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let req: ResponsesRequest = parse_body(&body_bytes(body)?)?;
     if super::responses_agent::wants_agent(&req) {
-        return super::responses_agent::create(state, req).await;
+        let principal = principal.map_or_else(super::auth::Principal::anonymous, |axum::Extension(p)| p);
+        return super::responses_agent::create(state, principal, req).await;
     }
     state.check_model(&req.model)?;
     let background = req.background.unwrap_or(false);

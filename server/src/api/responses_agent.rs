@@ -11,12 +11,16 @@
 //! the loop (kiln-agent does), or parse plain turns (`responses.rs`).
 
 use super::agents::wait;
+use super::audit::AdminAction;
+use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::generation::unix_now;
 use super::responses::{load, shell};
 use super::responses_items::{self as items, new_id, ResponsesRequest};
 use super::responses_sse as sse;
+use super::scopes::Scope;
 use super::Shared;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kiln_agent::history::{ModelStep, ResultStep};
@@ -43,7 +47,13 @@ pub fn wants_agent(req: &ResponsesRequest) -> bool {
             .is_some_and(|a| a.iter().any(|i| typed(i, "mcp_approval_response")))
 }
 
-pub async fn create(state: Shared, req: ResponsesRequest) -> ApiResult<Response> {
+/// Runs the turn. Server-side tools and agents act beyond inference: the caller needs the
+/// `agents` scope too (`/v1/responses` itself needs only `inference`).
+pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) -> ApiResult<Response> {
+    if !principal.scopes.contains(Scope::Agents) {
+        let m = "This credential lacks the 'agents' scope, which agents and mcp tools in /v1/responses require";
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", m).with_code("insufficient_scope"));
+    }
     state.engine()?;
     let rt = state.agents().ok_or_else(|| ApiError::unavailable("the agent runtime is not started"))?.clone();
     if req.background.unwrap_or(false) {
@@ -67,6 +77,8 @@ pub async fn create(state: Shared, req: ResponsesRequest) -> ApiResult<Response>
     } else {
         resume(&rt, prev.as_ref(), &decisions).await?
     };
+    // Approvals are admin actions, audited as on /v1/runs/{id}/approve.
+    let approved = decisions.first().map(|d| if d["approve"] == true { "run.approve" } else { "run.reject" });
     let steps = rt.steps(&run.id).await?;
     let id = new_id("resp");
     let response = response_object(&rt, &shell(&state, &id, &req), &run, &steps, seen);
@@ -76,7 +88,11 @@ pub async fn create(state: Shared, req: ResponsesRequest) -> ApiResult<Response>
             "steps_seen": steps.len()});
         state.responses.store().put(&id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
     }
-    Ok(Json(response).into_response())
+    let mut resp = Json(response).into_response();
+    if let Some(action) = approved {
+        resp.extensions_mut().insert(AdminAction { action, target: run.id });
+    }
+    Ok(resp)
 }
 
 /// The earlier conversation of a stored record: its history, input and output.

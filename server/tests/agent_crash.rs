@@ -4,7 +4,8 @@
 //! while the tool runs; a restarted process (or, on Postgres, a second process sharing the
 //! database) takes the run over once its lease expires and completes it: no call ran twice, no
 //! step was lost. Once with SQLite, once with Postgres (skipped without `KILN_TEST_DATABASE_URL`,
-//! which the test command sets), and with two processes on one Postgres.
+//! which the test command sets), and with two processes on one Postgres. It lives in the server's
+//! tests so that cargo builds the `kiln` binary it runs with the suite (no nested build).
 
 use anyhow::{bail, ensure, Context, Result};
 use axum::extract::State;
@@ -88,22 +89,18 @@ parameters = {{ type = "object", properties = {{ n = {{ type = "integer" }} }}, 
     Ok(agents)
 }
 
-/// The `kiln` binary beside this test's directory (built first, once).
-fn kiln_bin() -> Result<PathBuf> {
-    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let ok = Command::new(cargo).args(["build", "-q", "-p", "kiln-server", "--bin", "kiln"]).status();
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let bin = exe.parent().and_then(Path::parent).map(|d| d.join("kiln")).ok_or("no target dir")?;
-            match ok {
-                Ok(s) if s.success() && bin.is_file() => Ok(bin),
-                other => Err(format!("building kiln failed: {other:?}")),
-            }
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
+/// The optional-tier model (`scripts/fetch-models.sh qwen`), or `None` with SKIP printed.
+fn qwen25() -> Option<PathBuf> {
+    let dir = std::env::var_os("KILN_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/models"));
+    let p = dir.join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("SKIP: {} not fetched (scripts/fetch-models.sh qwen)", p.display());
+        None
+    }
 }
 
 fn free_port() -> u16 {
@@ -125,7 +122,7 @@ impl Drop for Kiln {
 /// Starts `kiln serve` and waits for /health.
 fn serve(model: &Path, agents: &Path, store: &[&str], tool_port: u16) -> Result<Kiln> {
     let port = free_port();
-    let mut cmd = Command::new(kiln_bin()?);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
     cmd.args(["serve", "--model", model.to_str().context("utf-8")?, "--served-model-name", "qwen"])
         .args(["--port", &port.to_string(), "--agents", agents.to_str().context("utf-8")?])
         .args(["--http-tool-hosts", &format!("127.0.0.1:{tool_port}"), "--run-lease-secs", "3"])
@@ -232,7 +229,7 @@ fn crash_and_resume(model: &Path, store: Vec<String>, two_processes: bool) -> Re
 
 #[test]
 fn kill_9_during_a_tool_call_then_restart_completes_without_rerunning_sqlite() -> Result<()> {
-    let Some(model) = kiln_tests::qwen25() else { return Ok(()) };
+    let Some(model) = qwen25() else { return Ok(()) };
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data").display().to_string();
     crash_and_resume(&model, vec!["--data-dir".into(), data], false)
@@ -258,14 +255,14 @@ fn fresh_postgres(tag: &str) -> Option<String> {
 
 #[test]
 fn kill_9_during_a_tool_call_then_restart_completes_without_rerunning_postgres() -> Result<()> {
-    let Some(model) = kiln_tests::qwen25() else { return Ok(()) };
+    let Some(model) = qwen25() else { return Ok(()) };
     let Some(url) = fresh_postgres("one") else { return Ok(()) };
     crash_and_resume(&model, vec!["--database-url".into(), url], false)
 }
 
 #[test]
 fn two_processes_on_one_postgres_the_survivor_takes_over() -> Result<()> {
-    let Some(model) = kiln_tests::qwen25() else { return Ok(()) };
+    let Some(model) = qwen25() else { return Ok(()) };
     let Some(url) = fresh_postgres("two") else { return Ok(()) };
     crash_and_resume(&model, vec!["--database-url".into(), url], true)
 }

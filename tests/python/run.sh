@@ -38,7 +38,7 @@ VPY="$VENV/bin/python"
 if [ -z "${KILN_BIN:-}" ]; then
   log "building kiln (release)"
   "${CARGO:-cargo}" build --release --quiet -p kiln-server >&2
-  KILN_BIN="$ROOT/target/release/kiln"
+  KILN_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln"
 fi
 MODELS=${KILN_MODELS_DIR:-$HOME/.cache/kiln/models}
 MODEL_FILE="$MODELS/smollm2-135m-instruct-q4_1.gguf"

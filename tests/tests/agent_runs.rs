@@ -222,11 +222,27 @@ async fn responses_run_kiln_tools_server_side_and_pause_for_approval() {
     let (status, r) = json_call(&app, Method::POST, "/v1/responses", Some(ask("never"))).await;
     assert_eq!((status, r["status"].as_str()), (StatusCode::OK, Some("completed")), "{r}");
     let output = r["output"].as_array().unwrap();
-    let call = output.iter().find(|i| i["type"] == "mcp_call").unwrap_or_else(|| panic!("no mcp_call: {r}"));
-    assert_eq!((call["name"].as_str(), call["server_label"].as_str()), (Some("calculator"), Some("kiln")), "{r}");
-    assert_eq!(call["output"], "7006652", "{r}");
+    let mcp = output.iter().find(|i| i["type"] == "mcp_call").unwrap_or_else(|| panic!("no mcp_call: {r}"));
+    assert_eq!((mcp["name"].as_str(), mcp["server_label"].as_str()), (Some("calculator"), Some("kiln")), "{r}");
+    assert_eq!(mcp["output"], "7006652", "{r}");
     assert_eq!(output.last().unwrap()["type"], "message", "{r}");
     assert!(r["usage"]["input_tokens"].as_u64().unwrap() > 0, "{r}");
+    // Streamed: items as the run completes them, the terminal response holding exactly those.
+    let mut streamed = ask("never");
+    streamed["stream"] = json!(true);
+    let (status, text) = call(&app, Method::POST, "/v1/responses", Some(streamed)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let events = sse_events(&text);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names[..2], ["response.created", "response.in_progress"], "{names:?}");
+    assert_eq!(names.last(), Some(&"response.completed"), "{names:?}");
+    let seqs: Vec<u64> = events.iter().map(|(_, d)| d["sequence_number"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+    let done: Vec<&Value> =
+        events.iter().filter(|(n, _)| n == "response.output_item.done").map(|(_, d)| &d["item"]).collect();
+    let last = &events.last().unwrap().1["response"];
+    assert_eq!(last["output"].as_array().unwrap().iter().collect::<Vec<_>>(), done, "{text}");
+    assert!(done.iter().any(|i| i["type"] == "mcp_call" && i["output"] == "7006652"), "{text}");
     // OpenAI's default: every call needs approval; the response ends with the request.
     let (status, r) = json_call(&app, Method::POST, "/v1/responses", Some(ask("always"))).await;
     assert_eq!(status, StatusCode::OK, "{r}");

@@ -24,6 +24,7 @@ pub mod request;
 mod response_format;
 mod responses;
 mod responses_agent;
+mod responses_agent_sse;
 mod responses_items;
 mod responses_sse;
 pub mod responses_store;

@@ -5,7 +5,8 @@
 //! tools in a run of an agent the request defines. Either way the turn is a durable agent run
 //! (`run_id` in the stored record): its calls come back as `mcp_call` items (arguments, output or
 //! error), calls that need approval as `mcp_approval_request` items, answered by a next request
-//! with `previous_response_id` and `mcp_approval_response` items.
+//! with `previous_response_id` and `mcp_approval_response` items. `stream: true` sends items as
+//! the run completes them (`responses_agent_sse.rs`).
 //!
 //! Owns: mapping a request to a run and a run's steps to output items. Must not: run tools or
 //! the loop (kiln-agent does), or parse plain turns (`responses.rs`).
@@ -26,8 +27,9 @@ use axum::Json;
 use kiln_agent::history::{ModelStep, ResultStep};
 use kiln_agent::spec::{AgentSpec, ToolRules};
 use kiln_agent::store::{RunRecord, RunStatus, StepKind, StepRecord};
-use kiln_agent::{AgentRuntime, RunInput};
+use kiln_agent::{AgentRuntime, RunEvent, RunInput};
 use serde_json::{json, Map, Value};
+use tokio::sync::broadcast;
 
 /// `model: "agent:NAME"` names a stored agent.
 pub const AGENT_MODEL_PREFIX: &str = "agent:";
@@ -59,9 +61,6 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
     if req.background.unwrap_or(false) {
         return Err(ApiError::invalid("background", "background is not supported with agents or mcp tools yet"));
     }
-    if req.stream.unwrap_or(false) {
-        return Err(ApiError::invalid("stream", "streaming is not supported with agents or mcp tools yet"));
-    }
     let prev = match &req.previous_response_id {
         Some(p) => Some(load(&state, p).await?.ok_or_else(|| {
             let mut e = ApiError::not_found(format!("Previous response with id '{p}' not found."));
@@ -72,29 +71,66 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
     };
     let input = items::input_items(req.input.as_ref())?;
     let decisions: Vec<&Value> = input.iter().filter(|i| i["type"] == "mcp_approval_response").collect();
-    let (run, seen) = if decisions.is_empty() {
-        (start(&state, &rt, &req, prev.as_ref(), &input).await?, 0)
+    let (run_id, rx, seen) = if decisions.is_empty() {
+        let (id, rx) = start(&state, &rt, &req, prev.as_ref(), &input).await?;
+        (id, rx, 0)
     } else {
         resume(&rt, prev.as_ref(), &decisions).await?
     };
     // Approvals are admin actions, audited as on /v1/runs/{id}/approve.
     let approved = decisions.first().map(|d| if d["approve"] == true { "run.approve" } else { "run.reject" });
-    let steps = rt.steps(&run.id).await?;
     let id = new_id("resp");
-    let response = response_object(&rt, &shell(&state, &id, &req), &run, &steps, seen);
-    if req.store.unwrap_or(true) {
-        let history = prev.as_ref().map(chain_items).unwrap_or_default();
-        let record = json!({"response": response, "input": input, "history": history, "run_id": run.id,
-            "steps_seen": steps.len()});
-        state.responses.store().put(&id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
-    }
-    let mut resp = Json(response).into_response();
+    let history = prev.as_ref().map(chain_items).unwrap_or_default();
+    let shell = shell(&state, &id, &req);
+    let store = req.store.unwrap_or(true);
+    let turn = Turn { state, rt, shell, id, store, input, history, run_id: run_id.clone(), seen };
+    let mut resp = if req.stream.unwrap_or(false) {
+        super::responses_agent_sse::stream(turn, rx)
+    } else {
+        wait(&turn.rt, &turn.run_id, rx).await?;
+        Json(turn.finish().await?).into_response()
+    };
     if let Some(action) = approved {
-        resp.extensions_mut().insert(AdminAction { action, target: run.id });
+        resp.extensions_mut().insert(AdminAction { action, target: run_id });
     }
     Ok(resp)
 }
 
+/// One response's turn of a run: what finishing it needs.
+pub struct Turn {
+    pub state: Shared,
+    pub rt: AgentRuntime,
+    /// The response object as created (echoed request fields, no output).
+    pub shell: Value,
+    pub id: String,
+    store: bool,
+    input: Vec<Value>,
+    history: Vec<Value>,
+    pub run_id: String,
+    /// Steps of the run an earlier response already showed.
+    pub seen: usize,
+}
+
+impl Turn {
+    /// The output items the run's steps have completed so far (what a stream may send now).
+    pub async fn items_so_far(&self) -> ApiResult<Vec<Value>> {
+        let steps = self.rt.steps(&self.run_id).await?;
+        Ok(output_items(&self.rt, &self.run_id, &steps, self.seen))
+    }
+
+    /// The finished response object, stored (when `store`) with the run id and the steps shown.
+    pub async fn finish(&self) -> ApiResult<Value> {
+        let run = self.rt.get_run(&self.run_id).await?;
+        let steps = self.rt.steps(&self.run_id).await?;
+        let response = response_object(&self.rt, &self.shell, &run, &steps, self.seen);
+        if self.store {
+            let record = json!({"response": response, "input": self.input, "history": self.history,
+                "run_id": run.id, "steps_seen": steps.len()});
+            self.state.responses.store().put(&self.id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+        Ok(response)
+    }
+}
 /// The earlier conversation of a stored record: its history, input and output.
 fn chain_items(rec: &Value) -> Vec<Value> {
     let mut out = Vec::new();
@@ -112,7 +148,7 @@ async fn start(
     req: &ResponsesRequest,
     prev: Option<&Value>,
     input: &[Value],
-) -> ApiResult<RunRecord> {
+) -> ApiResult<(String, broadcast::Receiver<RunEvent>)> {
     let (agent, spec) = match req.model.strip_prefix(AGENT_MODEL_PREFIX) {
         Some(name) => {
             for (field, set) in [("tools", req.tools.is_some()), ("instructions", req.instructions.is_some())] {
@@ -146,13 +182,16 @@ async fn start(
         variables.insert("instructions".into(), json!(i));
     }
     let (run, rx) = rt.start_run(&agent, RunInput { input: text, variables, history, spec }).await?;
-    wait(rt, &run.id, rx).await?;
-    Ok(rt.get_run(&run.id).await?)
+    Ok((run.id, rx))
 }
 
-/// Applies approval decisions to the run the previous response paused; returns the run once it
-/// ends or pauses again, and how many of its steps the previous response already showed.
-async fn resume(rt: &AgentRuntime, prev: Option<&Value>, decisions: &[&Value]) -> ApiResult<(RunRecord, usize)> {
+/// Applies approval decisions to the run the previous response paused (which resumes it);
+/// returns its id, its events, and how many of its steps the previous response already showed.
+async fn resume(
+    rt: &AgentRuntime,
+    prev: Option<&Value>,
+    decisions: &[&Value],
+) -> ApiResult<(String, broadcast::Receiver<RunEvent>, usize)> {
     let bad = |m: &str| ApiError::invalid("previous_response_id", m.to_string());
     let prev = prev.ok_or_else(|| bad("mcp_approval_response items need the previous_response_id they answer"))?;
     let run_id = prev["run_id"].as_str().ok_or_else(|| bad("the previous response did not run server-side tools"))?;
@@ -168,8 +207,7 @@ async fn resume(rt: &AgentRuntime, prev: Option<&Value>, decisions: &[&Value]) -
             other => other.into(),
         })?;
     }
-    wait(rt, run_id, rx).await?;
-    Ok((rt.get_run(run_id).await?, seen))
+    Ok((run_id.to_string(), rx, seen))
 }
 
 /// The agent a request with `mcp` tools defines: its instructions (taken literally), the
@@ -259,7 +297,7 @@ fn name_list(p: &str, v: &Value) -> ApiResult<Vec<String>> {
 
 /// The finished response object for a run whose first `seen` steps an earlier response showed.
 fn response_object(rt: &AgentRuntime, shell: &Value, run: &RunRecord, steps: &[StepRecord], seen: usize) -> Value {
-    let mut output = output_items(rt, steps, seen);
+    let mut output = output_items(rt, &run.id, steps, seen);
     let mut r = shell.clone();
     if run.status == RunStatus::RequiresAction {
         let waiting = run.output.as_ref().and_then(|o| o["required_action"].as_array().cloned()).unwrap_or_default();
@@ -296,7 +334,7 @@ fn label(rt: &AgentRuntime, tool: &str) -> String {
 /// `mcp_call` with its output (or error), in the order they were completed, leaving out what the
 /// first `seen` steps completed (an earlier response showed it; a call approved since then was
 /// made before but completes now). Turns the loop guard discarded are left out.
-fn output_items(rt: &AgentRuntime, steps: &[StepRecord], seen: usize) -> Vec<Value> {
+fn output_items(rt: &AgentRuntime, run_id: &str, steps: &[StepRecord], seen: usize) -> Vec<Value> {
     // (index of the step that completed the item, item)
     let mut out: Vec<(usize, Value)> = Vec::new();
     for (at, s) in steps.iter().enumerate() {
@@ -307,7 +345,9 @@ fn output_items(rt: &AgentRuntime, steps: &[StepRecord], seen: usize) -> Vec<Val
                     continue;
                 }
                 if !m.content.trim().is_empty() {
-                    out.push((at, items::message_item(&new_id("msg"), "assistant", &m.content, "output_text")));
+                    // The same id every time the steps are read (a stream sends it before the end).
+                    let id = format!("msg_{}_{}", run_id.trim_start_matches("run_"), s.seq);
+                    out.push((at, items::message_item(&id, "assistant", &m.content, "output_text")));
                 }
                 for c in &m.calls {
                     let call = json!({"type": "mcp_call", "id": c.id, "server_label": label(rt, &c.name),

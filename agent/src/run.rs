@@ -187,18 +187,27 @@ impl Driver {
         self.finish(RunStatus::Completed, Some(output)).await.map(Some)
     }
 
-    /// Executes the pending calls (concurrently), unless one needs approval first.
+    /// Executes the pending calls (concurrently), unless one needs approval first or is the
+    /// client's to run: then the run pauses, listing them (`type` `approval` | `function`).
     async fn run_pending(&mut self) -> Result<Option<DriveEnd>, RunError> {
-        let needs: Vec<&CallRecord> = self
+        let waiting: Vec<Value> = self
             .history
             .pending
             .iter()
-            .filter(|c| self.spec.tool_rules.requires_approval.contains(&c.name))
-            .filter(|c| !self.history.approvals.contains_key(&c.id))
+            .filter_map(|c| {
+                let kind = if self.tools.get(&c.name).is_some_and(|t| t.runs_in_client()) {
+                    "function"
+                } else if self.spec.tool_rules.requires_approval.contains(&c.name)
+                    && !self.history.approvals.contains_key(&c.id)
+                {
+                    "approval"
+                } else {
+                    return None;
+                };
+                Some(json!({"type": kind, "id": c.id, "name": c.name, "arguments": c.arguments}))
+            })
             .collect();
-        if !needs.is_empty() {
-            let waiting: Vec<Value> =
-                needs.iter().map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments})).collect();
+        if !waiting.is_empty() {
             let output = json!({"required_action": waiting});
             if let Some(end) = self.set_status(RunStatus::RequiresAction, Some(output), None).await? {
                 return Ok(Some(end));

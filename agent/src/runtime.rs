@@ -7,10 +7,11 @@
 
 use crate::cost::{Cost, Prices};
 use crate::events::{EventHub, RunEvent};
-use crate::history::{ApprovalStep, PriorMessage, Usage};
+use crate::history::{ApprovalStep, PriorMessage, ResultStep, Usage};
 use crate::run::{DriveEnd, Driver};
 use crate::spec::{AgentSpec, SpecContext, SpecError};
 use crate::store::{RunRecord, RunStatus, RunStore, StepKind, StepRecord, StoreError};
+use crate::tools::client::ClientTool;
 use crate::tools::http::{HostAllowlist, HttpTool};
 use crate::tools::{CallLimits, Tool, ToolError, ToolRegistry};
 use kiln_inference::chat::Message;
@@ -319,8 +320,9 @@ impl AgentRuntime {
         if run.status != RunStatus::RequiresAction {
             return Err(RunError::Conflict(format!("run '{id}' is {}, not requires_action", run.status.as_str())));
         }
-        let waiting = waiting_calls(&run);
-        let chosen: Vec<&String> = waiting.iter().filter(|c| call_id.is_none_or(|w| w == c.as_str())).collect();
+        let waiting = waiting_calls(&run, "approval");
+        let chosen: Vec<&String> =
+            waiting.iter().map(|(id, _)| id).filter(|c| call_id.is_none_or(|w| w == c.as_str())).collect();
         if chosen.is_empty() {
             let call = call_id.unwrap_or_default();
             return Err(RunError::Invalid("call_id".into(), format!("run '{id}' does not wait on call '{call}'")));
@@ -336,10 +338,47 @@ impl AgentRuntime {
     }
 }
 
-/// The call ids a paused run waits on (recorded in its output by the loop).
-fn waiting_calls(run: &RunRecord) -> Vec<String> {
+impl AgentRuntime {
+    /// Records the caller's results of client-tool calls the paused run waits on (`(call_id,
+    /// output)`), and resumes it. An unknown or already answered call is a 400 naming it.
+    pub async fn submit_tool_outputs(&self, id: &str, outputs: Vec<(String, String)>) -> Result<RunRecord, RunError> {
+        let run = self.get_run(id).await?;
+        if run.status != RunStatus::RequiresAction {
+            return Err(RunError::Conflict(format!("run '{id}' is {}, not requires_action", run.status.as_str())));
+        }
+        let waiting = waiting_calls(&run, "function");
+        for (i, (call, output)) in outputs.into_iter().enumerate() {
+            let Some((_, name)) = waiting.iter().find(|(w, _)| *w == call) else {
+                let m = format!("run '{id}' does not wait on a result for call '{call}'");
+                return Err(RunError::Invalid(format!("tool_outputs[{i}].call_id"), m));
+            };
+            let limits = &self.inner.config.call_limits;
+            let (content, truncated) = crate::tools::truncate_result(output, limits.max_result_bytes);
+            let step = ResultStep {
+                call_id: call.clone(),
+                name: name.clone(),
+                content,
+                is_error: false,
+                truncated,
+                repeated: false,
+                latency_ms: 0,
+            };
+            let key = format!("result:{call}");
+            self.inner.store.append_step(id, StepKind::ToolResult, &serde_json::to_value(&step)?, Some(&key)).await?;
+        }
+        self.inner.store.set_status(id, RunStatus::Queued, None, None, None).await?;
+        spawn_drive(self.inner.clone(), id.to_string());
+        self.get_run(id).await
+    }
+}
+
+/// The calls a paused run waits on for `kind` (`approval` | `function`), as the loop recorded
+/// them in its output: `(id, name)`. Entries without a type (older records) are approvals.
+fn waiting_calls(run: &RunRecord, kind: &str) -> Vec<(String, String)> {
     let list = run.output.as_ref().and_then(|o| o.get("required_action")).and_then(Value::as_array);
-    list.into_iter().flatten().filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_string)).collect()
+    let of_kind = |c: &&Value| c.get("type").and_then(Value::as_str).unwrap_or("approval") == kind;
+    let text = |c: &Value, k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
+    list.into_iter().flatten().filter(of_kind).filter_map(|c| Some((text(c, "id")?, text(c, "name")?))).collect()
 }
 
 impl Inner {
@@ -365,6 +404,9 @@ impl Inner {
             let tool = HttpTool::new(def.clone(), &self.allow, self.http.clone())
                 .map_err(|e| RunError::Invalid(format!("http_tools[{i}]"), e.to_string()))?;
             out.insert(def.name.clone(), Arc::new(tool.with_timeout(self.config.call_limits.timeout)));
+        }
+        for def in &spec.client_tools {
+            out.insert(def.name.clone(), Arc::new(ClientTool::new(def)));
         }
         for (i, name) in spec.tools.iter().enumerate() {
             if out.contains_key(name) {

@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::tools::client::ClientToolDef;
 use crate::tools::http::HttpToolDef;
 
 /// Bounds on `max_steps`: a run always gets at least one model turn, and a hundred turns is far
@@ -66,6 +67,9 @@ pub struct AgentSpec {
     /// HTTP tools declared by this agent; declaring one makes it callable (see `tool_names`).
     #[serde(default)]
     pub http_tools: Vec<HttpToolDef>,
+    /// Tools the caller runs (the run pauses for their results); declaring one makes it callable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_tools: Vec<ClientToolDef>,
     #[serde(default = "default_max_steps")]
     pub max_steps: u32,
     #[serde(default = "default_max_tokens_per_step")]
@@ -125,9 +129,10 @@ impl AgentSpec {
     /// Every tool the agent may call: `tools` in order, then HTTP tools not already listed.
     pub fn tool_names(&self) -> Vec<String> {
         let mut names = self.tools.clone();
-        for t in &self.http_tools {
-            if !names.contains(&t.name) {
-                names.push(t.name.clone());
+        let own = self.http_tools.iter().map(|t| &t.name).chain(self.client_tools.iter().map(|t| &t.name));
+        for name in own {
+            if !names.contains(name) {
+                names.push(name.clone());
             }
         }
         names
@@ -142,6 +147,7 @@ impl AgentSpec {
         }
         self.validate_limits()?;
         self.validate_http_tools(ctx)?;
+        self.validate_client_tools(ctx)?;
         self.validate_tools(ctx)?;
         self.validate_rules()?;
         if let Some(schema) = &self.output_schema {
@@ -193,6 +199,22 @@ impl AgentSpec {
         Ok(())
     }
 
+    fn validate_client_tools(&self, ctx: &SpecContext) -> Result<(), SpecError> {
+        let mut seen = HashSet::new();
+        for (i, t) in self.client_tools.iter().enumerate() {
+            let at = |f: &str| format!("client_tools[{i}].{f}");
+            check_name(&at("name"), &t.name)?;
+            let clash = ctx.tools.contains(&t.name) || self.http_tools.iter().any(|h| h.name == t.name);
+            if !seen.insert(t.name.as_str()) || clash {
+                return Err(SpecError::new(at("name"), format!("`{}` names another tool too", t.name)));
+            }
+            if let Some(p) = &t.parameters {
+                check_object_schema(&at("parameters"), p)?;
+            }
+        }
+        Ok(())
+    }
+
     fn validate_tools(&self, ctx: &SpecContext) -> Result<(), SpecError> {
         let mut seen = HashSet::new();
         for (i, name) in self.tools.iter().enumerate() {
@@ -200,7 +222,8 @@ impl AgentSpec {
             if !seen.insert(name.as_str()) {
                 return Err(SpecError::new(field, format!("duplicate tool `{name}`")));
             }
-            let own = self.http_tools.iter().any(|t| &t.name == name);
+            let own =
+                self.http_tools.iter().any(|t| &t.name == name) || self.client_tools.iter().any(|t| &t.name == name);
             if !own && !ctx.tools.contains(name) {
                 return Err(SpecError::new(field, format!("unknown tool `{name}`")));
             }

@@ -258,6 +258,22 @@ async fn responses_run_kiln_tools_server_side_and_pause_for_approval() {
     assert_eq!((status, r2["status"].as_str()), (StatusCode::OK, Some("completed")), "{r2}");
     let call = r2["output"].as_array().unwrap().iter().find(|i| i["type"] == "mcp_call").cloned();
     assert_eq!(call.map(|c| c["output"].clone()), Some(json!("7006652")), "{r2}");
+    // A client function tool beside kiln's: the run pauses at its call, returned as a
+    // function_call item; the client's function_call_output resumes the same run.
+    let weather = json!({"type": "function", "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}});
+    let body = json!({"model": MODEL, "input": "What is the weather in Paris? Call get_weather.", "temperature": 0,
+        "instructions": "Use the tools to answer.", "tools": [tool("never"), weather.clone()], "max_output_tokens": 120});
+    let (status, r3) = json_call(&app, Method::POST, "/v1/responses", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{r3}");
+    let fc = r3["output"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!((fc["type"].as_str(), fc["name"].as_str()), (Some("function_call"), Some("get_weather")), "{r3}");
+    let result = json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "{\"sky\": \"sunny\", \"celsius\": 21}"});
+    let body =
+        json!({"model": MODEL, "previous_response_id": r3["id"], "tools": [tool("never"), weather], "input": [result]});
+    let (status, r4) = json_call(&app, Method::POST, "/v1/responses", Some(body)).await;
+    assert_eq!((status, r4["status"].as_str()), (StatusCode::OK, Some("completed")), "{r4}");
+    assert_eq!(r4["output"].as_array().unwrap().last().unwrap()["type"], "message", "{r4}");
     // The stored response reads back; bad requests name their field.
     let (status, got) =
         json_call(&app, Method::GET, &format!("/v1/responses/{}", r2["id"].as_str().unwrap()), None).await;
@@ -268,7 +284,8 @@ async fn responses_run_kiln_tools_server_side_and_pause_for_approval() {
             json!({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://example.com/mcp"}]}),
             "tools[0].server_url",
         ),
-        (json!({"tools": [tool("never"), {"type": "function", "name": "f"}]}), "tools[1].type"),
+        (json!({"tools": [tool("never"), {"type": "web_search"}]}), "tools[1].type"),
+        (json!({"tools": [tool("never"), {"type": "function", "name": "bad name"}]}), "tools[1].name"),
         (
             json!({"tools": [{"type": "mcp", "server_label": "kiln", "allowed_tools": ["rm"]}]}),
             "tools[0].allowed_tools",

@@ -255,6 +255,7 @@ fn routes() -> Vec<(Method, &'static str, Need)> {
         ("POST", "/v1/runs/run_1/cancel", S(Agents)),
         ("POST", "/v1/runs/run_1/approve", S(Agents)),
         ("POST", "/v1/runs/run_1/reject", S(Agents)),
+        ("POST", "/v1/runs/run_1/tool_outputs", S(Agents)),
         ("GET", "/v1/runs/run_1/events", S(Agents)),
         ("POST", "/v1/memory/user:ada", S(Memory)),
         ("GET", "/v1/memory/user:ada", S(Memory)),

@@ -337,8 +337,19 @@ async fn open_sqlite(url: &str) -> Result<AnyPool> {
     };
     let pool = AnyPoolOptions::new().max_connections(8).connect(&url).await?;
     // WAL is a property of the database file: setting it once here holds for every connection.
-    sqlx::query("PRAGMA journal_mode = WAL").fetch_all(&pool).await?;
-    Ok(pool)
+    // Switching needs the file to itself, and SQLite answers "locked" at once (no busy wait)
+    // while another process opening the same fresh file holds it: retry for a while.
+    let mut tries = 0;
+    loop {
+        match sqlx::query("PRAGMA journal_mode = WAL").fetch_all(&pool).await {
+            Ok(_) => return Ok(pool),
+            Err(e) if tries < 50 && e.to_string().contains("locked") => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20 * tries)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn get_opt_json(row: &AnyRow, col: &str) -> Result<Option<Value>> {

@@ -7,6 +7,7 @@
 
 pub mod builtin;
 pub mod calc;
+pub mod client;
 pub mod http;
 pub mod mcp;
 
@@ -70,6 +71,11 @@ pub trait Tool: Send + Sync + 'static {
     /// tools (builtins, HTTP tools).
     fn server(&self) -> Option<&str> {
         None
+    }
+
+    /// Whether the caller runs this tool and submits its result (see `client.rs`).
+    fn runs_in_client(&self) -> bool {
+        false
     }
 }
 

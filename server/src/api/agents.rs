@@ -217,6 +217,32 @@ async fn decide(state: Shared, id: String, body: Result<Bytes, BytesRejection>, 
     Ok((audit::action(if ok { "run.approve" } else { "run.reject" }, id), Json(run_json(rt, &run))))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolOutputs {
+    tool_outputs: Vec<ToolOutput>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolOutput {
+    call_id: String,
+    output: String,
+}
+
+/// `POST /v1/runs/{id}/tool_outputs` with `{"tool_outputs": [{"call_id", "output"}]}`: the results
+/// of the agent's client tools (`client_tools`) the paused run waits on; the run resumes.
+pub async fn tool_outputs(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let req: ToolOutputs = parse_body(&body_bytes(body)?)?;
+    let rt = runtime(&state)?;
+    let outputs = req.tool_outputs.into_iter().map(|o| (o.call_id, o.output)).collect();
+    Ok(Json(run_json(rt, &rt.submit_tool_outputs(&id, outputs).await?)))
+}
+
 /// `GET /v1/runs/{id}/events` as a WebSocket: the run as it is now (`run.snapshot`), then its
 /// live events as JSON text messages (the same objects as the SSE `data`), closed after its last
 /// event. A run that already ended gets the snapshot and a close.

@@ -271,6 +271,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/runs/{id}/cancel", post(agents::cancel))
         .route("/v1/runs/{id}/approve", post(agents::approve))
         .route("/v1/runs/{id}/reject", post(agents::reject))
+        .route("/v1/runs/{id}/tool_outputs", post(agents::tool_outputs))
         .route("/v1/runs/{id}/events", get(agents::events_ws))
         // Memory (issue 12).
         .route("/v1/memory/{scope}", post(memory::add).get(memory::list).delete(memory::delete_scope))

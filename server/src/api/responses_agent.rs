@@ -70,7 +70,8 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
         None => None,
     };
     let input = items::input_items(req.input.as_ref())?;
-    let decisions: Vec<&Value> = input.iter().filter(|i| i["type"] == "mcp_approval_response").collect();
+    let decisions: Vec<&Value> =
+        input.iter().filter(|i| i["type"] == "mcp_approval_response" || i["type"] == "function_call_output").collect();
     let (run_id, rx, seen) = if decisions.is_empty() {
         let (id, rx) = start(&state, &rt, &req, prev.as_ref(), &input).await?;
         (id, rx, 0)
@@ -78,7 +79,13 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
         resume(&rt, prev.as_ref(), &decisions).await?
     };
     // Approvals are admin actions, audited as on /v1/runs/{id}/approve.
-    let approved = decisions.first().map(|d| if d["approve"] == true { "run.approve" } else { "run.reject" });
+    let approved = decisions.iter().find(|d| d["type"] == "mcp_approval_response").map(|d| {
+        if d["approve"] == true {
+            "run.approve"
+        } else {
+            "run.reject"
+        }
+    });
     let id = new_id("resp");
     let history = prev.as_ref().map(chain_items).unwrap_or_default();
     let shell = shell(&state, &id, &req);
@@ -197,6 +204,15 @@ async fn resume(
     let run_id = prev["run_id"].as_str().ok_or_else(|| bad("the previous response did not run server-side tools"))?;
     let seen = prev["steps_seen"].as_u64().unwrap_or(0) as usize;
     let rx = rt.subscribe(run_id);
+    let (outputs, decisions): (Vec<&Value>, Vec<&Value>) =
+        decisions.iter().partition(|d| d["type"] == "function_call_output");
+    if !outputs.is_empty() {
+        let results = outputs.iter().map(|o| (text(o, "call_id"), text(o, "output"))).collect();
+        rt.submit_tool_outputs(run_id, results).await.map_err(|e| match e {
+            kiln_agent::RunError::Invalid(_, m) => ApiError::invalid("input", m),
+            other => other.into(),
+        })?;
+    }
     for d in decisions {
         let request = d["approval_request_id"].as_str().unwrap_or_default();
         let call = request.strip_prefix("mcpr_").unwrap_or(request);
@@ -210,12 +226,21 @@ async fn resume(
     Ok((run_id.to_string(), rx, seen))
 }
 
+fn text(v: &Value, k: &str) -> String {
+    v[k].as_str().unwrap_or_default().to_string()
+}
+
 /// The agent a request with `mcp` tools defines: its instructions (taken literally), the
 /// tools of the named servers, approval as asked (OpenAI's default: every call needs it).
 fn inline_spec(state: &Shared, rt: &AgentRuntime, req: &ResponsesRequest) -> ApiResult<AgentSpec> {
     let mut tools = Vec::new();
     let mut approval = Vec::new();
+    let mut client = Vec::new();
     for (i, t) in req.tools.iter().flatten().enumerate() {
+        if t.get("type").and_then(Value::as_str) == Some("function") {
+            client.push(client_tool(&format!("tools[{i}]"), t)?);
+            continue;
+        }
         let (names, ask) = mcp_tool(rt, &format!("tools[{i}]"), t)?;
         approval.extend(names.iter().filter(|n| ask(n)).cloned());
         tools.extend(names);
@@ -230,7 +255,7 @@ fn inline_spec(state: &Shared, rt: &AgentRuntime, req: &ResponsesRequest) -> Api
         Some(_) => return Err(ApiError::invalid("max_output_tokens", "max_output_tokens must be at least 1")),
     };
     let def = json!({
-        "name": "response", "model": state.served_model_name, "tools": tools,
+        "name": "response", "model": state.served_model_name, "tools": tools, "client_tools": client,
         "instructions": if req.instructions.is_some() { "{{ instructions }}" } else { "" },
         "max_tokens_per_step": max_tokens, "output_schema": output_schema, "temperature": req.temperature,
     });
@@ -239,12 +264,24 @@ fn inline_spec(state: &Shared, rt: &AgentRuntime, req: &ResponsesRequest) -> Api
     Ok(spec)
 }
 
+/// A flat function tool, run by the client: the run pauses at its calls and the response
+/// returns them as `function_call` items.
+fn client_tool(p: &str, t: &Value) -> ApiResult<Value> {
+    let name = t.get("name").and_then(Value::as_str).unwrap_or_default();
+    if !kiln_inference::chat::valid_name(name) {
+        let m = "a function tool needs a 'name' of a-z, A-Z, 0-9, '_' and '-' (at most 64)";
+        return Err(ApiError::invalid(&format!("{p}.name"), m));
+    }
+    Ok(json!({"name": name, "description": t.get("description").and_then(Value::as_str).unwrap_or_default(),
+        "parameters": t.get("parameters").filter(|v| !v.is_null())}))
+}
+
 type AskFn = Box<dyn Fn(&String) -> bool>;
 
 /// One `mcp` tool entry: the tool names it brings and which of them need approval.
 fn mcp_tool(rt: &AgentRuntime, p: &str, t: &Value) -> ApiResult<(Vec<String>, AskFn)> {
     if t.get("type").and_then(Value::as_str) != Some("mcp") {
-        let m = "function tools cannot be mixed with server-side mcp tools in one request (yet)";
+        let m = "beside mcp tools, only function tools are supported";
         return Err(ApiError::invalid(&format!("{p}.type"), m));
     }
     if t.get("server_url").is_some_and(|u| !u.is_null()) {
@@ -303,6 +340,12 @@ fn response_object(rt: &AgentRuntime, shell: &Value, run: &RunRecord, steps: &[S
         let waiting = run.output.as_ref().and_then(|o| o["required_action"].as_array().cloned()).unwrap_or_default();
         for c in waiting {
             let name = c["name"].as_str().unwrap_or_default();
+            if c["type"] == "function" {
+                output
+                    .push(json!({"type": "function_call", "id": format!("fc_{}", text(&c, "id")), "call_id": c["id"],
+                    "name": name, "arguments": c["arguments"], "status": "completed"}));
+                continue;
+            }
             output.push(
                 json!({"type": "mcp_approval_request", "id": format!("mcpr_{}", c["id"].as_str().unwrap_or_default()),
                 "server_label": label(rt, name), "name": name, "arguments": c["arguments"]}),

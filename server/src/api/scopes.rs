@@ -142,6 +142,7 @@ pub const ROUTES: &[Rule] = &[
     rule("*", "/v1/runs/{id}/cancel", S(Agents)),
     rule("*", "/v1/runs/{id}/approve", S(Agents)),
     rule("*", "/v1/runs/{id}/reject", S(Agents)),
+    rule("*", "/v1/runs/{id}/tool_outputs", S(Agents)),
     rule("*", "/v1/runs/{id}/events", S(Agents)),
     rule("DELETE", "/v1/memory/{scope}", S(Admin)),
     rule("*", "/v1/memory/{scope}", S(Memory)),

@@ -243,6 +243,22 @@ async fn responses_run_kiln_tools_server_side_and_pause_for_approval() {
     let last = &events.last().unwrap().1["response"];
     assert_eq!(last["output"].as_array().unwrap().iter().collect::<Vec<_>>(), done, "{text}");
     assert!(done.iter().any(|i| i["type"] == "mcp_call" && i["output"] == "7006652"), "{text}");
+    // Background: queued at once, the stored record completed when the run ends.
+    let mut bg = ask("never");
+    bg["background"] = json!(true);
+    let (status, queued) = json_call(&app, Method::POST, "/v1/responses", Some(bg)).await;
+    assert_eq!((status, queued["status"].as_str()), (StatusCode::OK, Some("queued")), "{queued}");
+    let uri = format!("/v1/responses/{}", queued["id"].as_str().unwrap());
+    let mut polled = Value::Null;
+    for _ in 0..600 {
+        polled = json_call(&app, Method::GET, &uri, None).await.1;
+        if polled["status"] != "queued" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(polled["status"], "completed", "{polled}");
+    assert!(polled["output"].as_array().unwrap().iter().any(|i| i["output"] == "7006652"), "{polled}");
     // OpenAI's default: every call needs approval; the response ends with the request.
     let (status, r) = json_call(&app, Method::POST, "/v1/responses", Some(ask("always"))).await;
     assert_eq!(status, StatusCode::OK, "{r}");

@@ -321,6 +321,12 @@ pub async fn cancel(State(state): State<Shared>, id: Result<Path<String>, PathRe
         return Ok(Json(rec["response"].take()));
     };
     task.abort();
+    // A response of the agent layer also stops its run (the run's own record says cancelled).
+    if let (Some(run), Some(rt)) = (rec["run_id"].as_str(), state.agents()) {
+        if let Err(e) = rt.cancel(run).await {
+            tracing::warn!(run, error = %e, "cancelling the run of a background response");
+        }
+    }
     rec["response"]["status"] = json!("cancelled");
     state.responses.store().put(&id, rec.clone()).await.map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Json(rec["response"].take()))

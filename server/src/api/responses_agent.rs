@@ -58,8 +58,14 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
     }
     state.engine()?;
     let rt = state.agents().ok_or_else(|| ApiError::unavailable("the agent runtime is not started"))?.clone();
-    if req.background.unwrap_or(false) {
-        return Err(ApiError::invalid("background", "background is not supported with agents or mcp tools yet"));
+    let background = req.background.unwrap_or(false);
+    if background && (req.stream.unwrap_or(false) || req.store == Some(false)) {
+        let (p, m) = if req.stream.unwrap_or(false) {
+            ("stream", "streaming a background response is not supported yet")
+        } else {
+            ("store", "a background response must be stored (store: true)")
+        };
+        return Err(ApiError::invalid(p, m));
     }
     let prev = match &req.previous_response_id {
         Some(p) => Some(load(&state, p).await?.ok_or_else(|| {
@@ -91,7 +97,9 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
     let shell = shell(&state, &id, &req);
     let store = req.store.unwrap_or(true);
     let turn = Turn { state, rt, shell, id, store, input, history, run_id: run_id.clone(), seen };
-    let mut resp = if req.stream.unwrap_or(false) {
+    let mut resp = if background {
+        turn.background(rx).await?
+    } else if req.stream.unwrap_or(false) {
         super::responses_agent_sse::stream(turn, rx)
     } else {
         wait(&turn.rt, &turn.run_id, rx).await?;
@@ -123,6 +131,33 @@ impl Turn {
     pub async fn items_so_far(&self) -> ApiResult<Vec<Value>> {
         let steps = self.rt.steps(&self.run_id).await?;
         Ok(output_items(&self.rt, &self.run_id, &steps, self.seen))
+    }
+
+    /// `background: true`: the record is stored `queued` (with the run id, so `cancel` can cancel
+    /// the run) and returned at once; a task stores the finished response when the run ends or
+    /// pauses. A restart loses the task, not the run: the run resumes, the record stays `queued`.
+    async fn background(self, rx: broadcast::Receiver<RunEvent>) -> ApiResult<Response> {
+        let mut shell = self.shell.clone();
+        shell["status"] = json!("queued");
+        let record = json!({"response": shell, "input": self.input, "history": self.history, "run_id": self.run_id,
+            "steps_seen": self.seen});
+        let store = self.state.responses.store().clone();
+        store.put(&self.id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
+        let state = self.state.clone();
+        let mut running = state.responses.running.lock().await;
+        let id = self.id.clone();
+        let task = tokio::spawn(async move {
+            let ended = wait(&self.rt, &self.run_id, rx).await;
+            // Whoever removes the entry decides the final record (`cancel` may have done so).
+            if self.state.responses.running.lock().await.remove(&self.id).is_none() {
+                return;
+            }
+            if let Err(e) = ended.and(self.finish().await.map(|_| ())) {
+                tracing::error!(response = %self.id, error = %e.message, "cannot finish a background agent response");
+            }
+        });
+        running.insert(id, task.abort_handle());
+        Ok(Json(shell).into_response())
     }
 
     /// The finished response object, stored (when `store`) with the run id and the steps shown.

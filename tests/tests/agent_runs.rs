@@ -227,38 +227,8 @@ async fn responses_run_kiln_tools_server_side_and_pause_for_approval() {
     assert_eq!(mcp["output"], "7006652", "{r}");
     assert_eq!(output.last().unwrap()["type"], "message", "{r}");
     assert!(r["usage"]["input_tokens"].as_u64().unwrap() > 0, "{r}");
-    // Streamed: items as the run completes them, the terminal response holding exactly those.
-    let mut streamed = ask("never");
-    streamed["stream"] = json!(true);
-    let (status, text) = call(&app, Method::POST, "/v1/responses", Some(streamed)).await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    let events = sse_events(&text);
-    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names[..2], ["response.created", "response.in_progress"], "{names:?}");
-    assert_eq!(names.last(), Some(&"response.completed"), "{names:?}");
-    let seqs: Vec<u64> = events.iter().map(|(_, d)| d["sequence_number"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
-    let done: Vec<&Value> =
-        events.iter().filter(|(n, _)| n == "response.output_item.done").map(|(_, d)| &d["item"]).collect();
-    let last = &events.last().unwrap().1["response"];
-    assert_eq!(last["output"].as_array().unwrap().iter().collect::<Vec<_>>(), done, "{text}");
-    assert!(done.iter().any(|i| i["type"] == "mcp_call" && i["output"] == "7006652"), "{text}");
-    // Background: queued at once, the stored record completed when the run ends.
-    let mut bg = ask("never");
-    bg["background"] = json!(true);
-    let (status, queued) = json_call(&app, Method::POST, "/v1/responses", Some(bg)).await;
-    assert_eq!((status, queued["status"].as_str()), (StatusCode::OK, Some("queued")), "{queued}");
-    let uri = format!("/v1/responses/{}", queued["id"].as_str().unwrap());
-    let mut polled = Value::Null;
-    for _ in 0..600 {
-        polled = json_call(&app, Method::GET, &uri, None).await.1;
-        if polled["status"] != "queued" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(polled["status"], "completed", "{polled}");
-    assert!(polled["output"].as_array().unwrap().iter().any(|i| i["output"] == "7006652"), "{polled}");
+    streamed_items_match_the_terminal_response(&app, ask("never")).await;
+    background_completes_the_stored_record(&app, ask("never")).await;
     // OpenAI's default: every call needs approval; the response ends with the request.
     let (status, r) = json_call(&app, Method::POST, "/v1/responses", Some(ask("always"))).await;
     assert_eq!(status, StatusCode::OK, "{r}");
@@ -274,47 +244,91 @@ async fn responses_run_kiln_tools_server_side_and_pause_for_approval() {
     assert_eq!((status, r2["status"].as_str()), (StatusCode::OK, Some("completed")), "{r2}");
     let call = r2["output"].as_array().unwrap().iter().find(|i| i["type"] == "mcp_call").cloned();
     assert_eq!(call.map(|c| c["output"].clone()), Some(json!("7006652")), "{r2}");
-    // A client function tool beside kiln's: the run pauses at its call, returned as a
-    // function_call item; the client's function_call_output resumes the same run.
-    let weather = json!({"type": "function", "name": "get_weather", "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}});
-    let body = json!({"model": MODEL, "input": "What is the weather in Paris? Call get_weather.", "temperature": 0,
-        "instructions": "Use the tools to answer.", "tools": [tool("never"), weather.clone()], "max_output_tokens": 120});
-    let (status, r3) = json_call(&app, Method::POST, "/v1/responses", Some(body)).await;
-    assert_eq!(status, StatusCode::OK, "{r3}");
-    let fc = r3["output"].as_array().unwrap().last().unwrap().clone();
-    assert_eq!((fc["type"].as_str(), fc["name"].as_str()), (Some("function_call"), Some("get_weather")), "{r3}");
-    let result = json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "{\"sky\": \"sunny\", \"celsius\": 21}"});
-    let body =
-        json!({"model": MODEL, "previous_response_id": r3["id"], "tools": [tool("never"), weather], "input": [result]});
-    let (status, r4) = json_call(&app, Method::POST, "/v1/responses", Some(body)).await;
-    assert_eq!((status, r4["status"].as_str()), (StatusCode::OK, Some("completed")), "{r4}");
-    assert_eq!(r4["output"].as_array().unwrap().last().unwrap()["type"], "message", "{r4}");
+    client_function_tools_pause_and_resume(&app, tool("never")).await;
     // The stored response reads back; bad requests name their field.
     let (status, got) =
         json_call(&app, Method::GET, &format!("/v1/responses/{}", r2["id"].as_str().unwrap()), None).await;
     assert_eq!((status, &got["output"]), (StatusCode::OK, &r2["output"]));
+    bad_requests_name_their_field(&app, ask("never"), tool("never")).await;
+}
+
+/// Streamed: items as the run completes them, the terminal response holding exactly those.
+async fn streamed_items_match_the_terminal_response(app: &App, mut streamed: Value) {
+    streamed["stream"] = json!(true);
+    let (status, text) = call(app, Method::POST, "/v1/responses", Some(streamed)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let events = sse_events(&text);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names[..2], ["response.created", "response.in_progress"], "{names:?}");
+    assert_eq!(names.last(), Some(&"response.completed"), "{names:?}");
+    let seqs: Vec<u64> = events.iter().map(|(_, d)| d["sequence_number"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+    let done: Vec<&Value> =
+        events.iter().filter(|(n, _)| n == "response.output_item.done").map(|(_, d)| &d["item"]).collect();
+    let last = &events.last().unwrap().1["response"];
+    assert_eq!(last["output"].as_array().unwrap().iter().collect::<Vec<_>>(), done, "{text}");
+    assert!(done.iter().any(|i| i["type"] == "mcp_call" && i["output"] == "7006652"), "{text}");
+}
+
+/// Background: queued at once, the stored record completed when the run ends.
+async fn background_completes_the_stored_record(app: &App, mut bg: Value) {
+    bg["background"] = json!(true);
+    let (status, queued) = json_call(app, Method::POST, "/v1/responses", Some(bg)).await;
+    assert_eq!((status, queued["status"].as_str()), (StatusCode::OK, Some("queued")), "{queued}");
+    let uri = format!("/v1/responses/{}", queued["id"].as_str().unwrap());
+    let mut polled = Value::Null;
+    for _ in 0..600 {
+        polled = json_call(app, Method::GET, &uri, None).await.1;
+        if polled["status"] != "queued" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(polled["status"], "completed", "{polled}");
+    assert!(polled["output"].as_array().unwrap().iter().any(|i| i["output"] == "7006652"), "{polled}");
+}
+
+/// A client function tool beside kiln's: the run pauses at its call, returned as a
+/// function_call item; the client's function_call_output resumes the same run.
+async fn client_function_tools_pause_and_resume(app: &App, kiln_tool: Value) {
+    let weather = json!({"type": "function", "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}});
+    let body = json!({"model": MODEL, "input": "What is the weather in Paris? Call get_weather.", "temperature": 0,
+        "instructions": "Use the tools to answer.", "tools": [kiln_tool.clone(), weather.clone()], "max_output_tokens": 120});
+    let (status, r3) = json_call(app, Method::POST, "/v1/responses", Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{r3}");
+    let fc = r3["output"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!((fc["type"].as_str(), fc["name"].as_str()), (Some("function_call"), Some("get_weather")), "{r3}");
+    let result = json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "{\"sky\": \"sunny\", \"celsius\": 21}"});
+    let body = json!({"model": MODEL, "previous_response_id": r3["id"], "tools": [kiln_tool.clone(), weather], "input": [result]});
+    let (status, r4) = json_call(app, Method::POST, "/v1/responses", Some(body)).await;
+    assert_eq!((status, r4["status"].as_str()), (StatusCode::OK, Some("completed")), "{r4}");
+    assert_eq!(r4["output"].as_array().unwrap().last().unwrap()["type"], "message", "{r4}");
+}
+
+/// Bad requests are 400s naming their field; an unknown agent is a 404.
+async fn bad_requests_name_their_field(app: &App, ask: Value, tool: Value) {
     let bad = [
         (json!({"tools": [{"type": "mcp", "server_label": "nowhere"}]}), "tools[0].server_label"),
         (
             json!({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://example.com/mcp"}]}),
             "tools[0].server_url",
         ),
-        (json!({"tools": [tool("never"), {"type": "web_search"}]}), "tools[1].type"),
-        (json!({"tools": [tool("never"), {"type": "function", "name": "bad name"}]}), "tools[1].name"),
+        (json!({"tools": [tool.clone(), {"type": "web_search"}]}), "tools[1].type"),
+        (json!({"tools": [tool.clone(), {"type": "function", "name": "bad name"}]}), "tools[1].name"),
         (
             json!({"tools": [{"type": "mcp", "server_label": "kiln", "allowed_tools": ["rm"]}]}),
             "tools[0].allowed_tools",
         ),
     ];
     for (patch, param) in bad {
-        let mut body = ask("never");
+        let mut body = ask.clone();
         body.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
-        let (status, e) = json_call(&app, Method::POST, "/v1/responses", Some(body)).await;
+        let (status, e) = json_call(app, Method::POST, "/v1/responses", Some(body)).await;
         assert_eq!((status, e["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{e}");
     }
     let (status, e) =
-        json_call(&app, Method::POST, "/v1/responses", Some(json!({"model": "agent:nobody", "input": "hi"}))).await;
+        json_call(app, Method::POST, "/v1/responses", Some(json!({"model": "agent:nobody", "input": "hi"}))).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
 }
 

@@ -69,8 +69,11 @@ trap 'exit 130' INT TERM
 
 start_server() { # name port [args...]; SERVER_MODEL overrides the model file
   local name=$1 port=$2; shift 2
+  # Each server its own fresh data dir (run store, memory): nothing from an earlier run or the
+  # user's own ~/.local/share/kiln leaks into a test.
+  rm -rf "$LOGS/$name-data"
   env "${clean_env[@]}" "$KILN_BIN" serve --model "${SERVER_MODEL:-$MODEL_FILE}" --host 127.0.0.1 --port "$port" \
-    --kv-cache-memory "${SERVER_KV:-512M}" "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.log" &
+    --kv-cache-memory "${SERVER_KV:-512M}" --data-dir "$LOGS/$name-data" "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.log" &
   pids+=($!)
 }
 wait_healthy() { # name port pid

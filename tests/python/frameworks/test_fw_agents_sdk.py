@@ -108,3 +108,32 @@ def test_previous_response_id_chain(qwen):
     (r1, r2), second = run(qwen, chain)
     assert r2.previous_response_id == r1.id and "Ada" in second.final_output
     assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens + r1.usage.output_tokens - 2
+
+
+def test_hosted_mcp_tool_runs_in_kiln(qwen):
+    """The SDK's `HostedMCPTool` naming kiln's builtins (`server_label: "kiln"`): the tool runs in
+    kiln's own loop, its call comes back as an `mcp_call` item with the exact result; streamed
+    too. No `stop_on_first_tool` needed: kiln's loop guard ends the repeats."""
+    calc = agents.HostedMCPTool(
+        tool_config={"type": "mcp", "server_label": "kiln", "allowed_tools": ["calculator"], "require_approval": "never"}
+    )
+    agent = Agent(
+        name="calc",
+        instructions="Use the calculator tool for arithmetic, then answer in one short sentence.",
+        model=qwen[1],
+        tools=[calc],
+        model_settings=ModelSettings(temperature=0),
+    )
+    r = run(qwen, lambda: Runner.run(agent, "What is 1234 * 5678?"))
+    calls = [i.raw_item for i in r.new_items if getattr(i.raw_item, "type", None) == "mcp_call"]
+    assert calls and all(c.name == "calculator" and c.output == "7006652" for c in calls), r.new_items
+    assert r.final_output
+
+    async def streamed():
+        result = Runner.run_streamed(agent, "What is 1234 * 5678?")
+        items = [e.item.type async for e in result.stream_events() if e.type == "run_item_stream_event"]
+        return result, items
+
+    result, items = run(qwen, streamed)
+    assert "tool_call_item" in items and items[-1] == "message_output_item", items
+    assert result.final_output

@@ -20,7 +20,7 @@ if [ $# -eq 0 ]; then
 fi
 if [ -z "${KILN_BIN:-}" ]; then
   cargo build --release -q -p kiln-server
-  KILN_BIN=target/release/kiln
+  KILN_BIN=${CARGO_TARGET_DIR:-target}/release/kiln
 fi
 for model in "$@"; do
   RAYON_NUM_THREADS=$THREADS "$KILN_BIN" bench-agent --model "$model" --gen-tokens "$GEN" --kv-cache-memory 1G

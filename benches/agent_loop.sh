@@ -13,6 +13,6 @@ model=${1:-$MODELS_DIR/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}
 [ -f "$model" ] || scripts/fetch-models.sh qwen >&2
 if [ -z "${KILN_BIN:-}" ]; then
   cargo build --release -q -p kiln-server
-  KILN_BIN=target/release/kiln
+  KILN_BIN=${CARGO_TARGET_DIR:-target}/release/kiln
 fi
 RAYON_NUM_THREADS=${THREADS:-2} python3 benches/agent_loop.py "$KILN_BIN" "$model"

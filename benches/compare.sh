@@ -20,7 +20,7 @@ PORT=${PORT:-18089}
 scripts/fetch-models.sh default >&2
 MODEL=${1:-$HOME/.cache/kiln/models/smollm2-135m-instruct-q4_1.gguf}
 cargo build --release -q -p kiln-server
-KILN=target/release/kiln
+KILN=${CARGO_TARGET_DIR:-target}/release/kiln
 LLAMA_BIN=$(/work/shared/peers/build-llama-cpp.sh 2>/dev/null || ../shared/peers/build-llama-cpp.sh)
 export LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 VENV=${KILN_BENCH_VENV:-$HOME/.cache/kiln-peers/venv}

@@ -23,7 +23,7 @@ OUT=${OUT:-target/embed-compare.json}
 scripts/fetch-models.sh embed >&2
 MODEL=${1:-$HOME/.cache/kiln/models/all-minilm-l6-v2}
 cargo build --release -q -p kiln-server
-KILN=target/release/kiln
+KILN=${CARGO_TARGET_DIR:-target}/release/kiln
 VENV=${KILN_EMBED_VENV:-$HOME/.cache/kiln-peers/venv-embed}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -c "import sentence_transformers, onnxruntime, onnx, onnxscript" 2>/dev/null ||

@@ -18,7 +18,7 @@ scripts/fetch-models.sh default >&2
 MODEL=${1:-$HOME/.cache/kiln/models/smollm2-135m-instruct-q4_1.gguf}
 if [ -z "${KILN_BIN:-}" ]; then
   cargo build --release -q -p kiln-server
-  KILN_BIN=target/release/kiln
+  KILN_BIN=${CARGO_TARGET_DIR:-target}/release/kiln
 fi
 VENV=${KILN_BENCH_VENV:-$HOME/.cache/kiln-peers/venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

@@ -20,4 +20,4 @@ if [ -z "${KILN_MODEL:-}${KILN_CONFIG:-}${KILN_DEFAULT_SAMPLING:-}" ] && [[ " $*
   export KILN_DEFAULT_SAMPLING="repetition_penalty=1.1"
 fi
 export KILN_MODEL="$MODEL"
-exec target/release/kiln "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/kiln" "$@"

@@ -316,11 +316,7 @@ impl AgentRuntime {
         approved: bool,
         reason: Option<String>,
     ) -> Result<RunRecord, RunError> {
-        let run = self.get_run(id).await?;
-        if run.status != RunStatus::RequiresAction {
-            return Err(RunError::Conflict(format!("run '{id}' is {}, not requires_action", run.status.as_str())));
-        }
-        let waiting = waiting_calls(&run, "approval");
+        let waiting = self.waiting(id, "approval").await?;
         let chosen: Vec<&String> =
             waiting.iter().map(|(id, _)| id).filter(|c| call_id.is_none_or(|w| w == c.as_str())).collect();
         if chosen.is_empty() {
@@ -332,28 +328,20 @@ impl AgentRuntime {
             let key = format!("approval:{call}");
             self.inner.store.append_step(id, StepKind::Approval, &serde_json::to_value(&step)?, Some(&key)).await?;
         }
-        self.inner.store.set_status(id, RunStatus::Queued, None, None, None).await?;
-        spawn_drive(self.inner.clone(), id.to_string());
-        self.get_run(id).await
+        self.resume(id).await
     }
-}
 
-impl AgentRuntime {
     /// Records the caller's results of client-tool calls the paused run waits on (`(call_id,
     /// output)`), and resumes it. An unknown or already answered call is a 400 naming it.
     pub async fn submit_tool_outputs(&self, id: &str, outputs: Vec<(String, String)>) -> Result<RunRecord, RunError> {
-        let run = self.get_run(id).await?;
-        if run.status != RunStatus::RequiresAction {
-            return Err(RunError::Conflict(format!("run '{id}' is {}, not requires_action", run.status.as_str())));
-        }
-        let waiting = waiting_calls(&run, "function");
+        let waiting = self.waiting(id, "function").await?;
+        let max_bytes = self.inner.config.call_limits.max_result_bytes;
         for (i, (call, output)) in outputs.into_iter().enumerate() {
             let Some((_, name)) = waiting.iter().find(|(w, _)| *w == call) else {
                 let m = format!("run '{id}' does not wait on a result for call '{call}'");
                 return Err(RunError::Invalid(format!("tool_outputs[{i}].call_id"), m));
             };
-            let limits = &self.inner.config.call_limits;
-            let (content, truncated) = crate::tools::truncate_result(output, limits.max_result_bytes);
+            let (content, truncated) = crate::tools::truncate_result(output, max_bytes);
             let step = ResultStep {
                 call_id: call.clone(),
                 name: name.clone(),
@@ -366,6 +354,20 @@ impl AgentRuntime {
             let key = format!("result:{call}");
             self.inner.store.append_step(id, StepKind::ToolResult, &serde_json::to_value(&step)?, Some(&key)).await?;
         }
+        self.resume(id).await
+    }
+
+    /// The calls of `kind` a paused run waits on; a run that is not paused is a conflict.
+    async fn waiting(&self, id: &str, kind: &str) -> Result<Vec<(String, String)>, RunError> {
+        let run = self.get_run(id).await?;
+        if run.status != RunStatus::RequiresAction {
+            return Err(RunError::Conflict(format!("run '{id}' is {}, not requires_action", run.status.as_str())));
+        }
+        Ok(waiting_calls(&run, kind))
+    }
+
+    /// Queues a paused run again (its answers are recorded) and drives it.
+    async fn resume(&self, id: &str) -> Result<RunRecord, RunError> {
         self.inner.store.set_status(id, RunStatus::Queued, None, None, None).await?;
         spawn_drive(self.inner.clone(), id.to_string());
         self.get_run(id).await

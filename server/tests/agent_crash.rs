@@ -89,12 +89,12 @@ parameters = {{ type = "object", properties = {{ n = {{ type = "integer" }} }}, 
     Ok(agents)
 }
 
+#[path = "support/models.rs"]
+mod models;
+
 /// The optional-tier model (`scripts/fetch-models.sh qwen`), or `None` with SKIP printed.
 fn qwen25() -> Option<PathBuf> {
-    let dir = std::env::var_os("KILN_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/models"));
-    let p = dir.join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    let p = models::models_dir().join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
     if p.is_file() {
         Some(p)
     } else {

@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/models.rs"]
+mod models;
+
 fn model() -> PathBuf {
-    let dir = std::env::var_os("KILN_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/models"));
-    let p = dir.join("smollm2-135m-instruct-q4_1.gguf");
+    let p = models::models_dir().join("smollm2-135m-instruct-q4_1.gguf");
     assert!(p.is_file(), "{} missing: run scripts/fetch-models.sh", p.display());
     p
 }

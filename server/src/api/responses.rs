@@ -58,12 +58,12 @@ impl Finisher {
 
 pub async fn create(
     State(state): State<Shared>,
-    principal: Option<axum::Extension<super::auth::Principal>>,
+    // The gate puts it on every request of a route that needs a scope (this one does).
+    axum::Extension(principal): axum::Extension<super::auth::Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let req: ResponsesRequest = parse_body(&body_bytes(body)?)?;
     if super::responses_agent::wants_agent(&req) {
-        let principal = principal.map_or_else(super::auth::Principal::anonymous, |axum::Extension(p)| p);
         return super::responses_agent::create(state, principal, req).await;
     }
     state.check_model(&req.model)?;

@@ -243,22 +243,24 @@ async fn resume(
         decisions.iter().partition(|d| d["type"] == "function_call_output");
     if !outputs.is_empty() {
         let results = outputs.iter().map(|o| (text(o, "call_id"), text(o, "output"))).collect();
-        rt.submit_tool_outputs(run_id, results).await.map_err(|e| match e {
-            kiln_agent::RunError::Invalid(_, m) => ApiError::invalid("input", m),
-            other => other.into(),
-        })?;
+        rt.submit_tool_outputs(run_id, results).await.map_err(input_error)?;
     }
     for d in decisions {
         let request = d["approval_request_id"].as_str().unwrap_or_default();
         let call = request.strip_prefix("mcpr_").unwrap_or(request);
         let reason = d["reason"].as_str().map(str::to_string);
         let approve = d["approve"].as_bool().unwrap_or(false);
-        rt.approve(run_id, Some(call), approve, reason).await.map_err(|e| match e {
-            kiln_agent::RunError::Invalid(_, m) => ApiError::invalid("input", m),
-            other => other.into(),
-        })?;
+        rt.approve(run_id, Some(call), approve, reason).await.map_err(input_error)?;
     }
     Ok((run_id.to_string(), rx, seen))
+}
+
+/// A decision the run refuses names the request's `input` (the runtime names its own fields).
+fn input_error(e: kiln_agent::RunError) -> ApiError {
+    match e {
+        kiln_agent::RunError::Invalid(_, m) => ApiError::invalid("input", m),
+        other => other.into(),
+    }
 }
 
 fn text(v: &Value, k: &str) -> String {

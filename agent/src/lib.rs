@@ -16,3 +16,4 @@ pub mod turn;
 
 pub use events::RunEvent;
 pub use runtime::{AgentRuntime, RunError, RunInput, RuntimeConfig};
+pub use spec::AgentSpec;

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -35,7 +36,7 @@ impl SpecError {
 }
 
 /// Rules the tool loop enforces on an agent's calls.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolRules {
     /// A call to one of these tools ends the run; its arguments are the run's output.
@@ -50,7 +51,7 @@ pub struct ToolRules {
 }
 
 /// One agent: its instructions, model, tools and limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSpec {
     pub name: String,

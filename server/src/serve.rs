@@ -8,7 +8,7 @@ use crate::api::access::AccessPolicy;
 use crate::api::audit::AuditLog;
 use crate::api::auth::AuthArgs;
 use crate::api::ratelimit::RateLimitArgs;
-use crate::api::{router, AppState};
+use crate::api::{metrics_router, router, AppState};
 use crate::engine_args::EngineArgs;
 use crate::http::{self, HttpArgs};
 use anyhow::{Context, Result};
@@ -30,6 +30,10 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8080, env = "KILN_PORT")]
     pub port: u16,
+    /// Also serve `/metrics` and `/health`, with no credential, on this port of `--host` (for
+    /// Prometheus and Kubernetes endpoint pickers; keep it off the public network).
+    #[arg(long, env = "KILN_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
     #[command(flatten)]
     pub auth: AuthArgs,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
@@ -98,6 +102,16 @@ async fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let metrics_server = match a.metrics_port {
+        Some(port) => {
+            let addr = format!("{}:{port}", a.host);
+            let l = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+            tracing::info!(addr = %l.local_addr()?, "serving /metrics and /health without credentials");
+            let app = metrics_router(state.clone());
+            Some(tokio::spawn(http::serve(l, app, a.http.limits(), drain_rx.clone())))
+        }
+        None => None,
+    };
     let server = tokio::spawn(http::serve(listener, router(state.clone()), a.http.limits(), drain_rx));
     let engine_args = a.engine.clone();
     let (embed_model, embed_name) = (a.embedding_model.clone(), a.served_embedding_model_name.clone());
@@ -146,6 +160,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
     // The last response bodies are done; give their final bytes a moment to leave the socket.
     tokio::time::sleep(Duration::from_millis(250)).await;
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     if let Some(mcp) = &agents.mcp {
         mcp.shutdown().await;
     }

@@ -231,6 +231,7 @@ fn routes() -> Vec<(Method, &'static str, Need)> {
     let m = |s: &str| Method::from_bytes(s.as_bytes()).unwrap();
     [
         ("GET", "/health", P),
+        ("GET", "/openapi.json", C),
         ("GET", "/v1/models", C),
         ("GET", "/v1/models/m", C),
         ("POST", "/v1/chat/completions", S(Inference)),
@@ -562,19 +563,24 @@ async fn admin_actions_are_audited_with_subject_and_target() {
     ];
     if memory {
         let add = json!({"text": MEMORY_TEXT});
-        let (st, m) = call(Method::POST, "/v1/memory/user:ada".into(), APP_KEY, Some(add)).await;
+        // A user scope is its subject's own: `app` writes `user:app`, not `user:ada`.
+        let (st, e) = call(Method::POST, "/v1/memory/user:ada".into(), APP_KEY, Some(add.clone())).await;
+        assert_eq!((st, e["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("wrong_subject")), "{e}");
+        let (st, m) = call(Method::POST, "/v1/memory/user:app".into(), APP_KEY, Some(add)).await;
         assert_eq!(st, StatusCode::OK, "{m}");
         let mid = m["id"].as_str().unwrap().to_string();
-        let (st, _) = call(Method::DELETE, format!("/v1/memory/user:ada/{mid}"), APP_KEY, None).await;
+        let (st, _) = call(Method::DELETE, format!("/v1/memory/user:app/{mid}"), APP_KEY, None).await;
         assert_eq!(st, StatusCode::OK);
-        let (st, _) = call(Method::DELETE, "/v1/memory/user:ada".into(), APP_KEY, None).await;
+        let (st, _) = call(Method::DELETE, "/v1/memory/user:app".into(), APP_KEY, None).await;
         assert_eq!(st, StatusCode::FORBIDDEN, "wiping a scope needs admin");
-        let (st, _) = call(Method::DELETE, "/v1/memory/user:ada".into(), OPS_KEY, None).await;
+        // `admin` reaches every user's scope.
+        let (st, _) = call(Method::DELETE, "/v1/memory/user:app".into(), OPS_KEY, None).await;
         assert_eq!(st, StatusCode::OK);
         want.extend([
-            row("admin_action", "memory.delete", &format!("user:ada/{mid}"), "app", 200),
+            row("access_refused", "", "", "app", 403),
+            row("admin_action", "memory.delete", &format!("user:app/{mid}"), "app", 200),
             row("permission_denied", "admin", "", "app", 403),
-            row("admin_action", "memory.delete_scope", "user:ada", "ops", 200),
+            row("admin_action", "memory.delete_scope", "user:app", "ops", 200),
         ]);
     }
     let path = dir.path().join("audit.jsonl");

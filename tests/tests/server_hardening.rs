@@ -290,3 +290,20 @@ async fn health_answers_while_huge_prompts_tokenize() {
     assert!(!starved, "/health was starved: {probes} probes in {tokenize_time:?}");
     assert!(worst < Duration::from_millis(500), "/health took {worst:?} while tokenizing");
 }
+
+/// `--metrics-port`'s router: `/metrics` and `/health` with no credential even when the main
+/// port needs a key; nothing else (an inference route is an OpenAI-shaped 404 there).
+#[tokio::test]
+async fn metrics_port_serves_only_metrics_and_health_without_credentials() {
+    let state = state_with(&["sk-secret"], AccessPolicy::default());
+    let main = router(state.clone());
+    assert_eq!(send(&main, get_with("/metrics", &[])).await.status, StatusCode::UNAUTHORIZED);
+    let metrics = kiln_server::api::metrics_router(state);
+    let m = send(&metrics, get_with("/metrics", &[])).await;
+    assert_eq!(m.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&m.body).contains("vllm:num_requests_waiting"));
+    assert_eq!(send(&metrics, get_with("/health", &[])).await.status, StatusCode::OK);
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let r = send(&metrics, post_with("/v1/chat/completions", &[], chat.to_string())).await;
+    r.error(StatusCode::NOT_FOUND);
+}

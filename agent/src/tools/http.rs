@@ -10,13 +10,14 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, FutureExt};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::{Method, Url};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::{check_tool_name, human_duration, Tool, ToolDef, ToolError};
 
 /// One `[[http_tools]]` entry of an agent definition (TOML and JSON use the same names).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpToolDef {
     pub name: String,

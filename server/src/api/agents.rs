@@ -19,6 +19,7 @@ use axum::{Extension, Json};
 use futures_util::stream::{self, StreamExt};
 use kiln_agent::store::{RunRecord, StepRecord};
 use kiln_agent::{AgentRuntime, RunError, RunEvent, RunInput};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -90,9 +91,9 @@ pub async fn delete(State(state): State<Shared>, Path(name): Path<String>) -> Au
     Ok((audit::action("agent.delete", &name), Json(json!({"id": name, "object": "agent.deleted", "deleted": true}))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RunRequest {
+pub(super) struct RunRequest {
     input: String,
     #[serde(default)]
     variables: serde_json::Map<String, Value>,
@@ -186,9 +187,9 @@ pub async fn cancel(State(state): State<Shared>, Path(id): Path<String>) -> Audi
     Ok((audit::action("run.cancel", id), Json(run_json(rt, &run))))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct Decision {
+pub(super) struct Decision {
     call_id: Option<String>,
     reason: Option<String>,
 }
@@ -217,13 +218,13 @@ async fn decide(state: Shared, id: String, body: Result<Bytes, BytesRejection>, 
     Ok((audit::action(if ok { "run.approve" } else { "run.reject" }, id), Json(run_json(rt, &run))))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ToolOutputs {
+pub(super) struct ToolOutputs {
     tool_outputs: Vec<ToolOutput>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ToolOutput {
     call_id: String,

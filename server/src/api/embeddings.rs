@@ -13,11 +13,12 @@ use axum::extract::State;
 use axum::Json;
 use base64::Engine as _;
 use kiln_inference::embed::{EmbedInput, EmbedOptions};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::time::Instant;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(untagged)]
 enum Input {
     Text(String),
@@ -26,8 +27,8 @@ enum Input {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Deserialize)]
-struct EmbeddingRequest {
+#[derive(Deserialize, JsonSchema)]
+pub(super) struct EmbeddingRequest {
     model: String,
     input: Input,
     encoding_format: Option<String>,

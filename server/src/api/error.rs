@@ -2,6 +2,7 @@
 //! `{"error": {"message", "type", "param", "code"}}` with the status a client can act on.
 //! Client mistakes are 4xx, never 5xx; 5xx means a bug or a dead engine.
 
+use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kiln_inference::EngineError;
@@ -56,6 +57,20 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_server_error", message)
     }
 
+    /// An error with only a status (and a message) to go on: OpenAI's type for that status.
+    pub fn from_status(status: StatusCode, message: impl Into<String>) -> Self {
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            503 => "service_unavailable_error",
+            500..=599 => "internal_server_error",
+            _ => "invalid_request_error",
+        };
+        Self::new(status, kind, message)
+    }
+
     /// The JSON body, also sent as an SSE event when a stream fails after it started.
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
@@ -105,3 +120,31 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The most of a non-JSON error body kept as the message.
+const MAX_PLAIN_ERROR: usize = 4096;
+
+/// Gives every error response OpenAI's body: an error some layer or extractor answered in plain
+/// text (axum's rejections of a path segment that is not UTF-8, a WebSocket route asked without
+/// an upgrade, ...) is rewritten with its text as the message. Headers (`Allow`,
+/// `Retry-After`, `WWW-Authenticate`) are kept; JSON bodies pass untouched.
+pub async fn openai_error_bodies(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, MAX_PLAIN_ERROR).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).trim().to_string(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let body = ApiError::from_status(status, text).body().to_string();
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
+}

@@ -6,14 +6,19 @@
 //! itself.
 
 use super::audit::{self, AdminAction};
+use super::auth::{Principal, Via};
 use super::error::{ApiError, ApiResult};
-use super::request::{body_bytes, parse_body};
+use super::request::{body_bytes, parse_body, query_error};
+use super::scopes::Scope as ScopeName;
 use super::Shared;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::{Extension, Json};
 use kiln_agent::memory::{Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, Scope, SearchQuery};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -38,8 +43,18 @@ fn store(state: &Shared) -> ApiResult<&MemoryStore> {
     })
 }
 
-fn scope(s: &str) -> ApiResult<Scope> {
-    Ok(s.parse::<Scope>()?)
+/// The scope a path names, if the caller may use it: with auth on, `user:{id}` memories belong to
+/// the caller whose subject is `id` (an API key's `subject`, a token's `sub`), and to `admin`
+/// callers; agent, run and global scopes are shared by every caller holding the `memory` scope.
+fn scope(s: &str, who: &Principal) -> ApiResult<Scope> {
+    let sc = s.parse::<Scope>()?;
+    if let Scope::User(user) = &sc {
+        if who.via != Via::Open && *user != who.subject && !who.scopes.contains(ScopeName::Admin) {
+            let message = format!("memory scope '{sc}' belongs to another subject (you are '{}')", who.subject);
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", message).with_code("wrong_subject"));
+        }
+    }
+    Ok(sc)
 }
 
 /// A memory as clients see it (`created_at`/`updated_at`/`expires_at` in Unix seconds).
@@ -56,9 +71,9 @@ pub fn memory_json(m: &Memory) -> Value {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct AddBody {
+pub(super) struct AddBody {
     text: String,
     #[serde(default)]
     metadata: Option<Map<String, Value>>,
@@ -72,6 +87,7 @@ struct AddBody {
 
 pub async fn add(
     State(state): State<Shared>,
+    Extension(who): Extension<Principal>,
     Path(s): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
@@ -83,14 +99,14 @@ pub async fn add(
         ttl_seconds: b.ttl_seconds,
         priority: b.priority.unwrap_or(0),
     };
-    let stored = store(&state)?.add(&scope(&s)?, vec![item]).await?;
+    let stored = store(&state)?.add(&scope(&s, &who)?, vec![item]).await?;
     let m = stored.first().ok_or_else(|| ApiError::internal("the store acknowledged no memory"))?;
     Ok(Json(memory_json(m)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SearchBody {
+pub(super) struct SearchBody {
     query: String,
     #[serde(default)]
     top_k: Option<usize>,
@@ -102,6 +118,7 @@ struct SearchBody {
 
 pub async fn search(
     State(state): State<Shared>,
+    Extension(who): Extension<Principal>,
     Path(s): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
@@ -112,7 +129,7 @@ pub async fn search(
         score_threshold: b.score_threshold,
         filter: b.filter.unwrap_or_default(),
     };
-    let hits = store(&state)?.search(&scope(&s)?, q).await?;
+    let hits = store(&state)?.search(&scope(&s, &who)?, q).await?;
     let data: Vec<Value> = hits
         .iter()
         .map(|h| {
@@ -124,7 +141,7 @@ pub async fn search(
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 pub struct ListQuery {
     limit: Option<usize>,
     after: Option<String>,
@@ -132,23 +149,29 @@ pub struct ListQuery {
 
 pub async fn list(
     State(state): State<Shared>,
+    Extension(who): Extension<Principal>,
     Path(s): Path<String>,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
-    let page = store(&state)?.list(&scope(&s)?, q.after.as_deref(), q.limit.unwrap_or(20)).await?;
+    let Query(q) = q.map_err(query_error)?;
+    let page = store(&state)?.list(&scope(&s, &who)?, q.after.as_deref(), q.limit.unwrap_or(20)).await?;
     let data: Vec<Value> = page.data.iter().map(memory_json).collect();
     let first = page.data.first().map(|m| m.id.clone());
     Ok(Json(json!({"object": "list", "data": data, "first_id": first, "last_id": page.last_id,
         "has_more": page.has_more})))
 }
 
-pub async fn get(State(state): State<Shared>, Path((s, id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
-    Ok(Json(memory_json(&store(&state)?.get(&scope(&s)?, &id).await?)))
+pub async fn get(
+    State(state): State<Shared>,
+    Extension(who): Extension<Principal>,
+    Path((s, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(memory_json(&store(&state)?.get(&scope(&s, &who)?, &id).await?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct PatchBody {
+pub(super) struct PatchBody {
     #[serde(default)]
     text: Option<String>,
     #[serde(default)]
@@ -157,19 +180,21 @@ struct PatchBody {
 
 pub async fn patch(
     State(state): State<Shared>,
+    Extension(who): Extension<Principal>,
     Path((s, id)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     let b: PatchBody = parse_body(&body_bytes(body)?)?;
-    let m = store(&state)?.update(&scope(&s)?, &id, MemoryPatch { text: b.text, metadata: b.metadata }).await?;
+    let m = store(&state)?.update(&scope(&s, &who)?, &id, MemoryPatch { text: b.text, metadata: b.metadata }).await?;
     Ok(Json(memory_json(&m)))
 }
 
 pub async fn delete(
     State(state): State<Shared>,
+    Extension(who): Extension<Principal>,
     Path((s, id)): Path<(String, String)>,
 ) -> ApiResult<(Extension<AdminAction>, Json<Value>)> {
-    let sc = scope(&s)?;
+    let sc = scope(&s, &who)?;
     store(&state)?.delete(&sc, &id).await?;
     let done = audit::action("memory.delete", format!("{sc}/{id}"));
     Ok((done, Json(json!({"id": id, "object": "memory.deleted", "deleted": true}))))
@@ -177,9 +202,10 @@ pub async fn delete(
 
 pub async fn delete_scope(
     State(state): State<Shared>,
+    Extension(who): Extension<Principal>,
     Path(s): Path<String>,
 ) -> ApiResult<(Extension<AdminAction>, Json<Value>)> {
-    let sc = scope(&s)?;
+    let sc = scope(&s, &who)?;
     store(&state)?.delete_scope(&sc).await?;
     let done = audit::action("memory.delete_scope", sc.to_string());
     Ok((done, Json(json!({"scope": sc.to_string(), "object": "memory.scope.deleted", "deleted": true}))))

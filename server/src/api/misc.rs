@@ -11,6 +11,7 @@
 use super::chat::render_prompt;
 use super::chat_json;
 use super::error::{ApiError, ApiResult};
+use super::openapi_shapes as shapes;
 use super::request::{body_bytes, parse_body};
 use super::Shared;
 use axum::body::Bytes;
@@ -19,6 +20,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -28,6 +30,11 @@ pub async fn health(State(state): State<Shared>) -> Response {
         Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// `GET /openapi.json`: the API's OpenAPI document (see `openapi.rs`).
+pub async fn openapi() -> Json<&'static Value> {
+    Json(super::openapi::document())
 }
 
 pub async fn metrics(State(state): State<Shared>) -> Response {
@@ -83,13 +90,19 @@ pub async fn get_model(State(state): State<Shared>, Path(id): Path<String>) -> A
     }
 }
 
-#[derive(Deserialize)]
-struct TokenizeRequest {
+#[derive(Deserialize, JsonSchema)]
+pub(super) struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::optional_chat_messages")]
     messages: Option<Vec<Value>>,
     /// With `messages`: rendered into the prompt exactly as a chat request renders them.
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::chat_tools")]
     tools: Option<Vec<Value>>,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::tool_choice")]
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
@@ -126,8 +139,8 @@ pub async fn tokenize(State(state): State<Shared>, body: Result<Bytes, BytesReje
     Ok(Json(json!({"count": ids.len(), "max_model_len": engine.info().max_model_len, "tokens": ids})))
 }
 
-#[derive(Deserialize)]
-struct DetokenizeRequest {
+#[derive(Deserialize, JsonSchema)]
+pub(super) struct DetokenizeRequest {
     model: Option<String>,
     tokens: Vec<u32>,
 }

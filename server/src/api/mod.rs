@@ -19,6 +19,8 @@ pub mod jwt;
 mod logprobs;
 mod memory;
 mod misc;
+mod openapi;
+mod openapi_shapes;
 pub mod ratelimit;
 pub mod request;
 mod response_format;
@@ -251,6 +253,7 @@ pub const MAX_BODY_BYTES: usize = 8 << 20;
 
 pub fn router(state: Shared) -> Router {
     let api = Router::new()
+        .route("/openapi.json", get(misc::openapi))
         .route("/v1/models", get(misc::list_models))
         .route("/v1/models/{id}", get(misc::get_model))
         .route("/v1/chat/completions", post(chat::handle))
@@ -292,7 +295,22 @@ pub fn router(state: Shared) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), access::gate))
         .layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(middleware::map_response(error::openai_error_bodies))
         .layer(middleware::from_fn_with_state(state.clone(), request_id_and_count))
+        .with_state(state)
+}
+
+/// The router of `--metrics-port`: `/metrics` and `/health` only, with no credential (the port is
+/// the boundary: Kubernetes endpoint pickers and Prometheus scrape it from inside the cluster),
+/// errors in OpenAI's shape like the main port's.
+pub fn metrics_router(state: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(misc::metrics))
+        .route("/health", get(misc::health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(middleware::map_response(error::openai_error_bodies))
         .with_state(state)
 }
 

@@ -4,8 +4,10 @@
 //! ignored, as OpenAI-compatible clients send vendor extras. Nothing here talks to the engine.
 
 use super::error::{ApiError, ApiResult};
+use super::openapi_shapes as shapes;
 use axum::body::Bytes;
 use kiln_inference::{SamplingDefaults, SamplingParams};
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
@@ -69,7 +71,7 @@ pub fn parse_with_sampling<T: WithSampling>(body: &Bytes) -> ApiResult<T> {
 }
 
 /// `stop`: a string or an array of up to 4 (we allow more) strings.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Clone, JsonSchema)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
@@ -77,14 +79,21 @@ pub enum Stop {
 }
 
 /// Sampling fields shared by chat and completions.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 pub struct Sampling {
+    // The ranges are the engine's (`SamplingParams::validate`), stated for `/openapi.json`.
+    #[schemars(range(min = 1, max = 128))]
     pub n: Option<i64>,
+    #[schemars(range(min = 0, max = 2))]
     pub temperature: Option<f32>,
+    #[schemars(range(min = 0, max = 1))]
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
+    #[schemars(range(min = 0, max = 1))]
     pub min_p: Option<f32>,
+    #[schemars(range(min = -2, max = 2))]
     pub presence_penalty: Option<f32>,
+    #[schemars(range(min = -2, max = 2))]
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub logit_bias: Option<HashMap<String, f32>>,
@@ -96,15 +105,16 @@ pub struct Sampling {
     pub stream_options: Option<StreamOptions>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[derive(Debug, Deserialize, Default, Clone, Copy, JsonSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct ChatRequest {
     pub model: String,
+    #[schemars(schema_with = "shapes::chat_messages")]
     pub messages: Vec<Value>,
     /// Parsed from the same body by [`parse_with_sampling`] (not `flatten`: that would hide
     /// which field a type error is in).
@@ -114,9 +124,15 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    #[schemars(schema_with = "shapes::chat_tools")]
+    #[serde(default)]
     pub tools: Option<Vec<Value>>,
+    #[schemars(schema_with = "shapes::tool_choice")]
+    #[serde(default)]
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
+    #[schemars(schema_with = "shapes::response_format")]
+    #[serde(default)]
     pub response_format: Option<Value>,
     /// Extra template variables (vLLM extension).
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
@@ -124,7 +140,7 @@ pub struct ChatRequest {
 }
 
 /// `prompt`: a string, strings, token ids, or arrays of token ids.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Clone, JsonSchema)]
 #[serde(untagged)]
 pub enum PromptInput {
     Text(String),
@@ -133,7 +149,7 @@ pub enum PromptInput {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptInput,
@@ -145,6 +161,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<i64>,
+    #[schemars(schema_with = "shapes::response_format")]
+    #[serde(default)]
     pub response_format: Option<Value>,
     pub user: Option<String>,
 }
@@ -274,4 +292,13 @@ pub fn body_bytes(r: Result<Bytes, axum::extract::rejection::BytesRejection>) ->
             ApiError::new(status, "invalid_request_error", format!("cannot read the request body: {e}"))
         }
     })
+}
+
+/// A bad query parameter names itself: serde's message starts with the field
+/// ("Failed to deserialize query string: limit: invalid digit ...").
+pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    let text = e.body_text();
+    let detail = text.split_once("query string: ").map_or(text.as_str(), |(_, d)| d);
+    let param = detail.split_once(": ").map_or("query", |(p, _)| p);
+    ApiError::invalid(param, format!("invalid query parameter: {detail}"))
 }

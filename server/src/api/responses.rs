@@ -10,7 +10,7 @@
 use super::chat::{render_messages, RenderOpts};
 use super::error::{ApiError, ApiResult};
 use super::generation::{collect, submit, track, unix_now, Tracked};
-use super::request::{body_bytes, parse_body, Sampling};
+use super::request::{body_bytes, parse_body, query_error, Sampling};
 use super::response_format::grammar_error;
 use super::responses_items::{self as items, new_id, ResponsesRequest};
 use super::responses_sse::{self as sse, Mode, OutputBuilder};
@@ -25,6 +25,7 @@ use kiln_inference::chat::{self, Conversation, Message, ToolPlan};
 use kiln_inference::engine::{EngineHandle, Prompt};
 use kiln_inference::tokenizer::Tokenizer;
 use kiln_inference::{Constraint, EngineError, SamplingParams, Session, SessionInput};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -338,16 +339,7 @@ fn response_id(p: Result<Path<String>, PathRejection>) -> ApiResult<String> {
         .map_err(|e| ApiError::invalid("response_id", format!("invalid response id: {}", e.body_text())))
 }
 
-/// A bad query parameter names itself: serde's message starts with the field
-/// ("Failed to deserialize query string: limit: invalid digit ...").
-fn query_error(e: QueryRejection) -> ApiError {
-    let text = e.body_text();
-    let detail = text.split_once("query string: ").map_or(text.as_str(), |(_, d)| d);
-    let param = detail.split_once(": ").map_or("query", |(p, _)| p);
-    ApiError::invalid(param, format!("invalid query parameter: {detail}"))
-}
-
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct ListQuery {
     limit: Option<i64>,
     order: Option<String>,

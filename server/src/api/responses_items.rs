@@ -7,23 +7,33 @@
 
 use super::chat_json;
 use super::error::{ApiError, ApiResult};
+use super::openapi_shapes as shapes;
 use super::response_format;
 use kiln_inference::chat::{Message, Role, ToolCall, ToolPlan};
 use kiln_inference::Grammar;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
 
 /// `POST /v1/responses`. Unknown fields are ignored (clients send `service_tier`,
 /// `prompt_cache_key`, `safety_identifier`, ... that change nothing here).
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, JsonSchema)]
 pub struct ResponsesRequest {
     pub model: String,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::responses_input")]
     pub input: Option<Value>,
     pub instructions: Option<String>,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::responses_tools")]
     pub tools: Option<Vec<Value>>,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::responses_tool_choice")]
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::responses_text")]
     pub text: Option<Value>,
     pub max_output_tokens: Option<i64>,
     pub temperature: Option<f32>,
@@ -35,6 +45,8 @@ pub struct ResponsesRequest {
     pub user: Option<String>,
     pub background: Option<bool>,
     /// Echoed, otherwise ignored: the served models do not reason.
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::any_object")]
     pub reasoning: Option<Value>,
     pub truncation: Option<String>,
     // `include` asks for extras (logprobs, encrypted reasoning) none of which exist here; like any

@@ -119,6 +119,7 @@ use Scope::{Admin, Agents, Embeddings, Inference, Memory, Metrics};
 /// row before its path's `*` row).
 pub const ROUTES: &[Rule] = &[
     rule("*", "/health", Public),
+    rule("*", "/openapi.json", Credential),
     rule("*", "/v1/models", Credential),
     rule("*", "/v1/models/{id}", Credential),
     rule("*", "/v1/chat/completions", S(Inference)),

@@ -6,7 +6,7 @@
 //! not block on anything but the command channel, and never runs caller code (tools, I/O).
 
 use crate::block_hash::{block_hashes, BlockHash};
-use crate::engine::{AddRequest, Command, EngineStats};
+use crate::engine::{cache_misfit, AddRequest, Command, EngineStats};
 use crate::error::EngineError;
 use crate::grammar::SeqGrammar;
 use crate::runner::Runner;
@@ -15,7 +15,7 @@ use crate::sequence::{Group, Seq};
 use crate::stream::{Event, FinishReason};
 use llguidance::toktrie::SimpleVob;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,8 +46,6 @@ pub(crate) struct CoreParts {
     pub stats: Arc<EngineStats>,
     /// Shared with the handles: the id of the next sequence or session.
     pub ids: Arc<AtomicU64>,
-    /// Shared with the handles: requests accepted and not yet running (admission control).
-    pub queued: Arc<AtomicUsize>,
     pub caching: bool,
     pub session_ttl: Duration,
 }
@@ -141,11 +139,11 @@ impl Core {
     }
 
     /// Admits a request (or a session's turn) as a waiting sequence, or answers it at once with
-    /// an error or with an output the grammar forced entirely.
+    /// an error or with an output the grammar forced entirely. Its admission ticket goes with
+    /// it: into the sequence, or dropped with the request.
     fn add(&mut self, req: AddRequest) {
         let events = req.events.clone();
         if let Err(e) = self.try_add(req) {
-            self.p.queued.fetch_sub(1, Ordering::Relaxed);
             let _ = events.send(Event::Error(e));
         }
     }
@@ -178,7 +176,7 @@ impl Core {
             span: req.span,
         };
         let mut seq = Seq::new(prompt, Arc::new(group), 0, req.grammar.map(SeqGrammar::new));
-        seq.counted_waiting = true;
+        seq.ticket = Some(req.ticket);
         let (forced, finish) = seq.start();
         self.p.stats.forced_tokens.fetch_add(forced as u64, Ordering::Relaxed);
         if let Some(reason) = finish.filter(|_| !req.prefill_only) {
@@ -196,7 +194,7 @@ impl Core {
         if !(session && self.p.sched.resume(id, len, keep, hashes.clone())) {
             // Whatever stayed parked could not be resumed: it must not shadow the new sequence.
             self.p.sched.release_parked(id);
-            self.p.sched.add(id, len, seq.choices(), hashes);
+            self.p.sched.add(id, len, hashes);
         }
         self.seqs.insert(id, seq);
         Ok(())
@@ -213,11 +211,11 @@ impl Core {
             return Err(EngineError::ContextLengthExceeded { max, prompt: prompt.len(), requested });
         }
         let total = prompt.len().saturating_add(max_tokens.unwrap_or(usize::MAX)).min(max);
-        if !self.p.sched.fits(total) {
-            let max = self.p.sched.num_total_blocks() * self.p.sched.block_size();
-            return Err(EngineError::ContextLengthExceeded { max, prompt: prompt.len(), requested: total });
+        let capacity = self.p.sched.num_total_blocks() * self.p.sched.block_size();
+        match cache_misfit(prompt.len(), total, capacity) {
+            Some(e) => Err(e),
+            None => Ok(total),
         }
-        Ok(total)
     }
 
     /// Chained hashes of `tokens`' full blocks, or none when prefix caching is off.
@@ -272,8 +270,7 @@ impl Core {
     fn on_admitted(&mut self, admitted: &[(SeqId, usize)]) {
         for &(id, cached) in admitted {
             let Some(seq) = self.seqs.get_mut(&id) else { continue };
-            if std::mem::take(&mut seq.counted_waiting) {
-                self.p.queued.fetch_sub(1, Ordering::Relaxed);
+            if seq.ticket.take().is_some() {
                 seq.report_cached(cached);
                 tracing::debug!(parent: seq.span(), seq = id, prompt = seq.tokens().len(), cached, "admitted");
             }
@@ -356,10 +353,7 @@ impl Core {
     /// Takes `id` out of the engine: finished (`reason`) or cancelled (`None`). A session's
     /// turn parks the sequence with its KV; anything else frees its blocks.
     pub(crate) fn retire(&mut self, id: SeqId, reason: Option<FinishReason>) {
-        let Some(mut seq) = self.seqs.remove(&id) else { return };
-        if std::mem::take(&mut seq.counted_waiting) {
-            self.p.queued.fetch_sub(1, Ordering::Relaxed);
-        }
+        let Some(seq) = self.seqs.remove(&id) else { return };
         if let Some(reason) = reason {
             seq.finish(reason);
         }
@@ -376,10 +370,7 @@ impl Core {
     /// keeps its previous history; its KV is released (it may be what failed).
     fn fail(&mut self, id: SeqId, e: EngineError) {
         tracing::warn!(seq = id, error = %e, "sequence failed");
-        if let Some(mut seq) = self.seqs.remove(&id) {
-            if std::mem::take(&mut seq.counted_waiting) {
-                self.p.queued.fetch_sub(1, Ordering::Relaxed);
-            }
+        if let Some(seq) = self.seqs.remove(&id) {
             seq.fail(e);
         }
         self.p.sched.finish(id);

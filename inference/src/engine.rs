@@ -6,6 +6,7 @@
 //! Must not: compute on the engine's state from the caller's thread (it only validates,
 //! tokenizes, compiles grammars and sends commands).
 
+use crate::admission::{Admission, Ticket};
 use crate::core::{Core, CoreParts};
 use crate::error::EngineError;
 use crate::grammar::{CacheUsage, Compiled, GrammarCompiler, GrammarLimits};
@@ -14,11 +15,13 @@ use crate::runner::Runner;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::stream::{Event, StreamSetup, TokenStream};
 use crate::tokenizer::Tokenizer;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+pub use crate::admission::Waiting;
 
 /// Engine limits; `server` builds it from flags / env / TOML and passes it down.
 #[derive(Debug, Clone)]
@@ -37,6 +40,10 @@ pub struct EngineConfig {
     /// Requests accepted but not yet running; one more fails at once with `Overloaded` (HTTP
     /// 429), so queueing delay stays bounded instead of growing with the backlog.
     pub max_waiting_seqs: usize,
+    /// Prompt tokens of requests accepted but not yet running: a request that would push them
+    /// past this while others wait fails at once with `Overloaded`; one whose prompts alone
+    /// exceed it, with `NeverFits`. `None`: [`default_max_waiting_tokens`].
+    pub max_waiting_tokens: Option<usize>,
     /// Reuse the K/V of full blocks whose token prefix was computed before (on by default).
     pub enable_prefix_caching: bool,
     /// Most prompt tokens one sequence computes per step while others wait or prefill (so a
@@ -66,6 +73,7 @@ impl Default for EngineConfig {
             kv_dtype: kiln_models::KvDType::F16,
             queue_capacity: 1024,
             max_waiting_seqs: 256,
+            max_waiting_tokens: None,
             enable_prefix_caching: true,
             long_prefill_token_threshold: 128,
             session_ttl: Duration::from_secs(600),
@@ -103,8 +111,11 @@ pub struct EngineStats {
     pub prefix_cache_evictions: AtomicU64,
     /// Tokens computed by the model (prefill chunks and decodes), cumulative.
     pub computed_tokens: AtomicU64,
-    /// Requests refused at once because `max_waiting_seqs` were already waiting.
+    /// Requests refused at once (`Overloaded`) because too many requests or prompt tokens were
+    /// already waiting.
     pub rejected_requests: AtomicU64,
+    /// Prompt tokens of requests accepted and not yet running (what admission control bounds).
+    pub waiting_tokens: AtomicU64,
     /// Parked sessions (holding KV between turns) and those evicted for room, cumulative.
     pub parked_sessions: AtomicU64,
     pub evicted_sessions: AtomicU64,
@@ -124,6 +135,8 @@ pub(crate) struct SessionTurn {
 }
 
 pub(crate) struct AddRequest {
+    /// Keeps the request counted as waiting until it first runs (or is dropped, wherever).
+    pub ticket: Ticket,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub grammar: Option<Compiled>,
@@ -155,9 +168,8 @@ pub struct EngineHandle {
     grammars: Arc<GrammarCompiler>,
     /// Ids of sequences and sessions, shared with the engine thread.
     pub(crate) ids: Arc<AtomicU64>,
-    /// Requests accepted and not yet running (the engine thread counts them down).
-    queued: Arc<AtomicUsize>,
-    max_waiting: usize,
+    /// What waits, and its bounds (tickets travel with the requests to the engine thread).
+    admission: Arc<Admission>,
 }
 
 /// Which text a prompt is.
@@ -184,7 +196,17 @@ impl EngineHandle {
 
     /// Requests that may wait for a running slot at once (`--max-waiting-seqs`).
     pub fn max_waiting_seqs(&self) -> usize {
-        self.max_waiting
+        self.admission.max_requests()
+    }
+
+    /// Prompt tokens that may wait at once (`--max-waiting-tokens`).
+    pub fn max_waiting_tokens(&self) -> usize {
+        self.admission.max_tokens()
+    }
+
+    /// Requests accepted and not yet running, and their prompt tokens.
+    pub fn waiting(&self) -> Waiting {
+        self.admission.waiting()
     }
 
     /// What the cache of compiled grammars holds (entries, estimated bytes, bound).
@@ -193,15 +215,26 @@ impl EngineHandle {
     }
 
     /// Tokenizes and compiles its grammar (on a compile thread; the caller waits), validates and
-    /// submits a request. Fails fast with `Overloaded` when `max_waiting_seqs` requests are already
-    /// waiting (or the command queue is full).
+    /// submits a request. Fails fast with `Overloaded` when too many requests or prompt tokens
+    /// are already waiting (or the command queue is full), and with `NeverFits` when the request
+    /// could never be served, however long it waited.
     pub fn generate(&self, prompt: Prompt, params: SamplingParams) -> Result<TokenStream, EngineError> {
-        let ids = match prompt {
-            Prompt::Text(t) => self.tokenizer.encode_prompt(&t, true)?,
-            Prompt::Tokens(ids) => ids,
-        };
-        self.check_context(&ids, &params)?;
-        self.submit(ids, params, None, false)
+        Ok(self.generate_many(vec![prompt], params)?.remove(0))
+    }
+
+    /// [`generate`](Self::generate) for several prompts with the same parameters (one
+    /// `/v1/completions` request): admitted all together or not at all, each its own request.
+    pub fn generate_many(&self, prompts: Vec<Prompt>, params: SamplingParams) -> Result<Vec<TokenStream>, EngineError> {
+        let mut all = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let ids = match prompt {
+                Prompt::Text(t) => self.tokenizer.encode_prompt(&t, true)?,
+                Prompt::Tokens(ids) => ids,
+            };
+            self.check_context(&ids, &params)?;
+            all.push(ids);
+        }
+        self.submit_many(all, params, None, false)
     }
 
     /// [`generate`](Self::generate) for async callers: tokenization and grammar compilation run
@@ -209,6 +242,18 @@ impl EngineHandle {
     pub async fn generate_async(&self, prompt: Prompt, params: SamplingParams) -> Result<TokenStream, EngineError> {
         let (h, span) = (self.clone(), tracing::Span::current());
         tokio::task::spawn_blocking(move || span.in_scope(|| h.generate(prompt, params)))
+            .await
+            .map_err(|e| EngineError::Internal(format!("request preparation failed: {e}")))?
+    }
+
+    /// [`generate_many`](Self::generate_many) off the async workers.
+    pub async fn generate_many_async(
+        &self,
+        prompts: Vec<Prompt>,
+        params: SamplingParams,
+    ) -> Result<Vec<TokenStream>, EngineError> {
+        let (h, span) = (self.clone(), tracing::Span::current());
+        tokio::task::spawn_blocking(move || span.in_scope(|| h.generate_many(prompts, params)))
             .await
             .map_err(|e| EngineError::Internal(format!("request preparation failed: {e}")))?
     }
@@ -226,34 +271,44 @@ impl EngineHandle {
         session: Option<SessionTurn>,
         prefill_only: bool,
     ) -> Result<TokenStream, EngineError> {
-        self.check(&prompt, &params)?;
-        let grammar = params.constraint.as_ref().map(|c| self.grammars.compile(c)).transpose()?;
-        let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
-        let cancel: Arc<[AtomicBool]> = (0..params.n).map(|_| AtomicBool::new(false)).collect();
-        let tail_start = prompt.len().saturating_sub(4);
-        let setup = StreamSetup {
-            n: params.n,
-            stop: params.stop.clone(),
-            prompt_tail: prompt[tail_start..].to_vec(),
-            prompt_tokens: prompt.len(),
-            cancel: cancel.clone(),
-        };
-        let span = tracing::Span::current();
-        let add = AddRequest { prompt, params, grammar, events: etx, cancel, session, prefill_only, span };
-        self.admit(Command::Add(Box::new(add)))?;
-        Ok(TokenStream::new(erx, self.tokenizer.clone(), setup))
+        Ok(self.submit_many(vec![prompt], params, session, prefill_only)?.remove(0))
     }
 
-    /// Admission control: counts the request as waiting unless `max_waiting_seqs` already are.
-    fn admit(&self, cmd: Command) -> Result<(), EngineError> {
-        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            self.stats.rejected_requests.fetch_add(1, Ordering::Relaxed);
-            return Err(EngineError::Overloaded);
+    /// Validates and admits all `prompts` together (see [`Admission`]), then sends each as its
+    /// own request. A failure part way drops the streams already made, which cancels them.
+    fn submit_many(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        params: SamplingParams,
+        session: Option<SessionTurn>,
+        prefill_only: bool,
+    ) -> Result<Vec<TokenStream>, EngineError> {
+        for p in &prompts {
+            self.check(p, &params)?;
         }
-        self.send(cmd).inspect_err(|_| {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-        })
+        // One parser per request (a cached grammar is cloned, not recompiled).
+        let grammars = (0..prompts.len())
+            .map(|_| params.constraint.as_ref().map(|c| self.grammars.compile(c)).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        let tickets = self.admission.admit(&prompts.iter().map(Vec::len).collect::<Vec<_>>())?;
+        let mut streams = Vec::with_capacity(prompts.len());
+        for ((prompt, ticket), grammar) in prompts.into_iter().zip(tickets).zip(grammars) {
+            let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
+            let cancel: Arc<[AtomicBool]> = (0..params.n).map(|_| AtomicBool::new(false)).collect();
+            let setup = StreamSetup {
+                n: params.n,
+                stop: params.stop.clone(),
+                prompt_tail: prompt[prompt.len().saturating_sub(4)..].to_vec(),
+                prompt_tokens: prompt.len(),
+                cancel: cancel.clone(),
+            };
+            let (params, span) = (params.clone(), tracing::Span::current());
+            let add = AddRequest { ticket, prompt, params, grammar, events: etx, cancel, session, prefill_only, span };
+            // A refused send hands the command back and drops it: its ticket goes with it.
+            self.send(Command::Add(Box::new(add)))?;
+            streams.push(TokenStream::new(erx, self.tokenizer.clone(), setup));
+        }
+        Ok(streams)
     }
 
     pub(crate) fn send(&self, cmd: Command) -> Result<(), EngineError> {
@@ -277,7 +332,8 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// A whole prompt must leave room in the context for what it asks to generate.
+    /// A whole prompt must leave room in the context for what it asks to generate, and one
+    /// choice of it must fit the KV cache (the choices of `n` need not run at once).
     fn check_context(&self, ids: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
         if ids.is_empty() {
             return Err(EngineError::InvalidParam { param: "prompt", message: "the prompt is empty".into() });
@@ -287,13 +343,48 @@ impl EngineHandle {
         if ids.len() >= max || requested > max {
             return Err(EngineError::ContextLengthExceeded { max, prompt: ids.len(), requested });
         }
-        Ok(())
+        let total = ids.len().saturating_add(params.max_tokens.unwrap_or(usize::MAX)).min(max);
+        let capacity = self.info.num_blocks * self.info.block_size;
+        match cache_misfit(ids.len(), total, capacity) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Asks the engine thread to stop; in-flight streams end with `Shutdown`.
     pub fn shutdown(&self) {
         let _ = self.tx.try_send(Command::Shutdown);
     }
+}
+
+/// `NeverFits` when a sequence of `prompt` tokens that may grow to `total` cannot fit a cache
+/// of `capacity` token slots even alone (it would preempt itself forever): naming `prompt` when
+/// the prompt alone is too long, else `max_tokens`.
+pub(crate) fn cache_misfit(prompt: usize, total: usize, capacity: usize) -> Option<EngineError> {
+    if total <= capacity {
+        return None;
+    }
+    let (param, message) = if prompt >= capacity {
+        ("prompt", format!("the prompt has {prompt} tokens; the KV cache holds {capacity} in all"))
+    } else {
+        (
+            "max_tokens",
+            format!(
+                "prompt plus max_tokens may reach {total} tokens, more than the {capacity} the KV cache holds; \
+                 set max_tokens to at most {}",
+                capacity - prompt
+            ),
+        )
+    };
+    Some(EngineError::NeverFits { param, message })
+}
+
+/// The default bound on waiting prompt tokens: 8 full steps of prefill, so a request that gets
+/// in waits for at most about that much of other requests' prompts before its own starts (its
+/// share of the running batch aside); and never below the context length, or a legal prompt
+/// could never be admitted at all.
+pub fn default_max_waiting_tokens(max_num_batched_tokens: usize, max_model_len: usize) -> usize {
+    max_num_batched_tokens.saturating_mul(8).max(max_model_len)
 }
 
 /// Starts the engine thread. The model and cache move into it and never come back out.
@@ -322,7 +413,7 @@ pub fn spawn(
     let grammars = Arc::new(GrammarCompiler::new(tokenizer.clone(), info.vocab_size, cfg.grammar.clone()));
     let tokenizer = Arc::new(tokenizer);
     let stats = Arc::new(EngineStats::default());
-    let (ids, queued) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicUsize::new(0)));
+    let ids = Arc::new(AtomicU64::new(0));
     let mut core = Core::new(CoreParts {
         runner,
         sched: Scheduler::new(sched_cfg),
@@ -330,7 +421,6 @@ pub fn spawn(
         max_model_len,
         stats: stats.clone(),
         ids: ids.clone(),
-        queued: queued.clone(),
         caching: cfg.enable_prefix_caching,
         session_ttl: cfg.session_ttl,
     });
@@ -338,7 +428,9 @@ pub fn spawn(
         .name("kiln-engine".into())
         .spawn(move || core.run(rx))
         .map_err(|e| EngineError::Internal(format!("cannot start engine thread: {e}")))?;
-    let max_waiting = cfg.max_waiting_seqs.max(1);
-    let handle = EngineHandle { tx, tokenizer, info: Arc::new(info), stats, grammars, ids, queued, max_waiting };
+    let max_tokens =
+        cfg.max_waiting_tokens.unwrap_or_else(|| default_max_waiting_tokens(cfg.max_num_batched_tokens, max_model_len));
+    let admission = Admission::new(cfg.max_waiting_seqs, max_tokens, stats.clone());
+    let handle = EngineHandle { tx, tokenizer, info: Arc::new(info), stats, grammars, ids, admission };
     Ok((handle, thread))
 }

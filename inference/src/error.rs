@@ -14,9 +14,15 @@ pub enum EngineError {
     /// Prompt plus requested tokens do not fit the model's context.
     #[error("this model's maximum context length is {max} tokens, but the request needs {requested} ({prompt} in the prompt)")]
     ContextLengthExceeded { max: usize, prompt: usize, requested: usize },
-    /// Too many requests are already waiting: the caller should retry later (HTTP 429).
-    #[error("the engine is overloaded (too many requests waiting); retry later")]
+    /// Too many requests, or too many prompt tokens, are already waiting: the caller should
+    /// retry later (HTTP 429).
+    #[error("the engine is overloaded (too much work waiting); retry later")]
     Overloaded,
+    /// The request can never be served by this server, however long it waits: its prompts
+    /// alone exceed what may wait at once, or one choice needs more KV blocks than the whole
+    /// cache holds. HTTP 400 naming `param`, never 429 (retrying cannot help).
+    #[error("{message}")]
+    NeverFits { param: &'static str, message: String },
     /// No open session has this id (closed, or never opened).
     #[error("session {0} does not exist (closed or never opened)")]
     UnknownSession(u64),

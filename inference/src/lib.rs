@@ -1,6 +1,7 @@
 //! kiln-inference: the engine. One owner thread runs scheduler -> runner -> sampler each step;
 //! callers talk to it only through [`EngineHandle`] and the [`TokenStream`]s it returns.
 
+mod admission;
 pub mod block_hash;
 pub mod block_manager;
 pub mod chat;

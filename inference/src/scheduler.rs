@@ -13,6 +13,12 @@
 //! computed them ([`Scheduler::step_done`]). Sessions: a sequence can be parked between turns
 //! ([`Scheduler::park`]) keeping its blocks, resumed with more tokens, or forked.
 //!
+//! Choices of one request (OpenAI `n`): the request runs on one slot until its prompt is done;
+//! then the engine forks its children. Those that find no free slot wait, sharing the prompt's
+//! blocks copy-on-write, ahead of requests that never ran; but while another request waits, a
+//! request whose choices already hold half the slots lets it go first, so `n = 64` cannot keep
+//! everyone else out until it ends.
+//!
 //! It knows ids, counts and hashes only: it must not touch a tensor, a token id, a model or a
 //! request's sampling state. Engine misuse (unknown ids, duplicate ids) is a logged no-op, never a
 //! panic; internal invariants are `debug_assert`s.
@@ -25,7 +31,7 @@ pub type SeqId = u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
-    /// Cap on running sequences, counting slots reserved for not-yet-forked children.
+    /// Cap on running sequences.
     pub max_num_seqs: usize,
     /// Token budget of one step, summed over all scheduled sequences.
     pub max_num_batched_tokens: usize,
@@ -74,9 +80,10 @@ pub struct SchedulerOutput {
 struct SeqState {
     num_computed: usize,
     len: usize,
-    /// Running slots still reserved for children this sequence will fork (OpenAI `n - 1` at
-    /// first). Counted at admission so forking later can never push past `max_num_seqs`.
-    pending_forks: usize,
+    /// The request this sequence is a choice of: its own id, or its fork parent's family.
+    family: SeqId,
+    /// It has run (or is a fork of one that did): it waits ahead of requests that never ran.
+    started: bool,
     table: BlockTable,
     /// Chained hashes of the full blocks of the known tokens (the engine supplies them).
     hashes: Vec<BlockHash>,
@@ -85,8 +92,8 @@ struct SeqState {
 }
 
 impl SeqState {
-    fn new(len: usize, pending_forks: usize, hashes: Vec<BlockHash>) -> Self {
-        Self { num_computed: 0, len, pending_forks, table: BlockTable::new(), hashes, registered: 0 }
+    fn new(id: SeqId, len: usize, hashes: Vec<BlockHash>) -> Self {
+        Self { num_computed: 0, len, family: id, started: false, table: BlockTable::new(), hashes, registered: 0 }
     }
 }
 
@@ -99,8 +106,9 @@ pub struct Scheduler {
     /// Scheduling priority, oldest first; a fork sits right after its parent. The back is the
     /// "newest" sequence, the first to be preempted.
     running: Vec<SeqId>,
-    /// FCFS; preempted sequences re-enter at the front. A waiting sequence holds blocks only
-    /// when it is a resumed session.
+    /// FCFS; preempted sequences re-enter at the front, forks without a slot right behind the
+    /// sequences that already ran. A waiting sequence holds blocks only when it is a resumed
+    /// session or such a fork.
     waiting: VecDeque<SeqId>,
     /// Sessions between turns: they keep their blocks until resumed, released or evicted.
     parked: HashMap<SeqId, SeqState>,
@@ -131,14 +139,13 @@ impl Scheduler {
         }
     }
 
-    /// Enqueues a new sequence at the back of the waiting queue. `reserve_seqs` is how many running
-    /// slots the request needs once its children are forked (OpenAI `n`); `hashes` are the chained
-    /// hashes of its full prompt blocks (empty: no prefix caching for it).
+    /// Enqueues a new sequence at the back of the waiting queue; `hashes` are the chained hashes
+    /// of its full prompt blocks (empty: no prefix caching for it). It needs one running slot,
+    /// whatever its `n`: its children are forked later and take slots as they free up.
     ///
     /// Requests that could block the queue forever are refused with a warning instead: an empty
-    /// prompt (nothing to compute) or one that can never fit the cache. `reserve_seqs` is clamped
-    /// to `1..=max_num_seqs` so an oversized `n` cannot stall admission either.
-    pub fn add(&mut self, id: SeqId, prompt_len: usize, reserve_seqs: usize, hashes: Vec<BlockHash>) {
+    /// prompt (nothing to compute) or one that can never fit the cache.
+    pub fn add(&mut self, id: SeqId, prompt_len: usize, hashes: Vec<BlockHash>) {
         if self.knows(id) {
             tracing::warn!(seq = id, "scheduler: duplicate sequence id ignored");
             return;
@@ -147,40 +154,49 @@ impl Scheduler {
             tracing::warn!(seq = id, prompt_len, "scheduler: prompt is empty or exceeds the KV cache; ignored");
             return;
         }
-        let reserve = reserve_seqs.clamp(1, self.cfg.max_num_seqs);
-        self.seqs.insert(id, SeqState::new(prompt_len, reserve - 1, hashes));
+        self.seqs.insert(id, SeqState::new(id, prompt_len, hashes));
         self.waiting.push_back(id);
     }
 
     /// Forks `child` from `parent`: it shares the parent's blocks (copy-on-write), `num_computed`
-    /// and `len`, and is queued right after the parent (in running, or in waiting if the parent
-    /// was preempted). Uses one of the parent's reserved slots when it has any.
+    /// and `len`. It runs right after the parent when a running slot is free; otherwise it waits,
+    /// keeping the shared blocks, behind the sequences that already ran and ahead of the rest
+    /// (right after the parent if the parent itself was preempted).
     pub fn fork(&mut self, parent: SeqId, child: SeqId) {
         if self.knows(child) {
             tracing::warn!(seq = child, "scheduler: fork into an existing id ignored");
             return;
         }
-        let Some(p) = self.seqs.get_mut(&parent) else {
+        let Some(p) = self.seqs.get(&parent) else {
             tracing::warn!(seq = parent, "scheduler: fork of an unknown sequence ignored");
             return;
         };
-        p.pending_forks = p.pending_forks.saturating_sub(1);
-        let state = Self::fork_state(&mut self.blocks, p);
+        let state = SeqState { started: true, ..Self::fork_state(&mut self.blocks, p) };
         self.seqs.insert(child, state);
-        if let Some(i) = self.running.iter().position(|&s| s == parent) {
-            self.running.insert(i + 1, child);
-        } else if let Some(i) = self.waiting.iter().position(|&s| s == parent) {
-            self.waiting.insert(i + 1, child);
-        } else {
-            debug_assert!(false, "sequence {parent} is neither running nor waiting");
+        let per_family = self.running_per_family();
+        let yields =
+            self.over_share(&per_family, child) && self.waiting.iter().any(|w| !self.over_share(&per_family, *w));
+        let full = self.running.len() >= self.cfg.max_num_seqs;
+        match self.running.iter().position(|&s| s == parent) {
+            Some(i) if !full && !yields => self.running.insert(i + 1, child),
+            Some(_) => {
+                let started = self.waiting.iter().take_while(|w| self.seqs.get(w).is_some_and(|s| s.started)).count();
+                self.waiting.insert(started, child);
+            }
+            None => match self.waiting.iter().position(|&s| s == parent) {
+                Some(i) => self.waiting.insert(i + 1, child),
+                None => debug_assert!(false, "sequence {parent} is neither running nor waiting"),
+            },
         }
     }
 
+    /// A new sequence sharing `p`'s blocks and tokens, in `p`'s family.
     fn fork_state(blocks: &mut BlockManager, p: &SeqState) -> SeqState {
         SeqState {
             num_computed: p.num_computed,
             len: p.len,
-            pending_forks: 0,
+            family: p.family,
+            started: p.started,
             table: blocks.fork(&p.table),
             hashes: p.hashes.clone(),
             registered: p.registered,
@@ -312,30 +328,50 @@ impl Scheduler {
     }
 
     fn admit_waiting(&mut self, out: &mut SchedulerOutput, budget: &mut usize, cap: usize) {
-        let mut used = self.used_slots();
-        while *budget > 0 {
-            let Some(&id) = self.waiting.front() else { break };
-            let Some(s) = self.seqs.get(&id) else {
-                debug_assert!(false, "waiting sequence {id} has no state");
-                self.waiting.pop_front();
-                continue;
-            };
-            let slots = 1 + s.pending_forks;
-            if used + slots > self.cfg.max_num_seqs {
-                break;
-            }
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(i) = self.next_waiting() else { break };
+            let id = self.waiting[i];
             // Stop at the first one that does not fit, so later (smaller) requests cannot
             // overtake it forever. Never preempt a running sequence to admit a waiting one.
             let Some((cached, copies)) = self.admit_one(id, (*budget).min(cap)) else { break };
-            self.waiting.pop_front();
+            self.waiting.remove(i);
             self.running.push(id);
-            used += slots;
-            let grant = self.seqs.get(&id).map_or(0, |s| s.len - s.num_computed).min(*budget).min(cap);
+            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            s.started = true;
+            let grant = (s.len - s.num_computed).min(*budget).min(cap);
             *budget -= grant;
             out.copies.extend(copies);
             out.admitted.push((id, cached));
             out.seqs.extend(self.commit(id, grant));
         }
+    }
+
+    /// Index in `waiting` of the next sequence to admit: the front, unless it must let another
+    /// waiting sequence go first (see [`over_share`](Self::over_share)).
+    fn next_waiting(&self) -> Option<usize> {
+        if self.waiting.is_empty() {
+            return None;
+        }
+        let per_family = self.running_per_family();
+        Some(self.waiting.iter().position(|w| !self.over_share(&per_family, *w)).unwrap_or(0))
+    }
+
+    /// Whether `id` is a forked choice of a request whose choices already run on half the slots
+    /// (rounded up): it then lets waiting sequences that are not such forks take a slot first.
+    /// A request's choices so take free slots as they come, but cannot starve the requests that
+    /// arrive behind them.
+    fn over_share(&self, per_family: &HashMap<SeqId, usize>, id: SeqId) -> bool {
+        let share = self.cfg.max_num_seqs.div_ceil(2);
+        self.seqs.get(&id).is_some_and(|s| s.family != id && per_family.get(&s.family).is_some_and(|&n| n >= share))
+    }
+
+    /// Running sequences per request (family).
+    fn running_per_family(&self) -> HashMap<SeqId, usize> {
+        let mut per_family = HashMap::new();
+        for s in self.running.iter().filter_map(|id| self.seqs.get(id)) {
+            *per_family.entry(s.family).or_default() += 1;
+        }
+        per_family
     }
 
     /// Gives the waiting sequence `id` the blocks for its first chunk under `budget`: a fresh
@@ -434,12 +470,6 @@ impl Scheduler {
         for id in pinned {
             self.drop_kv(id);
         }
-    }
-
-    /// Running slots in use: running sequences plus the children they will still fork.
-    fn used_slots(&self) -> usize {
-        let pending: usize = self.running.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.pending_forks).sum();
-        self.running.len() + pending
     }
 
     fn knows(&self, id: SeqId) -> bool {

@@ -14,13 +14,12 @@ impl Scheduler {
     /// Parks the running or waiting `id`: it leaves the queues but keeps its blocks and KV.
     /// Returns false (and changes nothing) for an unknown id.
     pub fn park(&mut self, id: SeqId) -> bool {
-        let Some(mut s) = self.seqs.remove(&id) else { return false };
+        let Some(s) = self.seqs.remove(&id) else { return false };
         if let Some(i) = self.running.iter().position(|&r| r == id) {
             self.running.remove(i);
         } else if let Some(i) = self.waiting.iter().position(|&w| w == id) {
             self.waiting.remove(i);
         }
-        s.pending_forks = 0;
         self.parked.insert(id, s);
         self.parked_order.push_back(id);
         true
@@ -45,6 +44,8 @@ impl Scheduler {
         s.registered = s.registered.min(computed / bs);
         s.len = len;
         s.hashes = hashes;
+        // A new turn is a new request: it waits behind the sequences that already ran.
+        s.started = false;
         if s.table.is_empty() {
             s.num_computed = 0;
         }
@@ -60,7 +61,8 @@ impl Scheduler {
             return false;
         }
         let Some(p) = self.parked.get(&parent) else { return false };
-        let state: SeqState = Self::fork_state(&mut self.blocks, p);
+        // A forked session is a conversation of its own, not a choice of its parent's request.
+        let state = SeqState { family: child, ..Self::fork_state(&mut self.blocks, p) };
         self.parked.insert(child, state);
         self.parked_order.push_back(child);
         true

@@ -75,7 +75,8 @@ fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
     assert_eq!(s.running.len() + s.waiting.len(), s.seqs.len());
     let all: HashSet<SeqId> = s.running.iter().chain(s.waiting.iter()).copied().collect();
     assert_eq!(all.len(), s.seqs.len());
-    // Waiting sequences hold KV only as resumed sessions (covered like running ones).
+    // Waiting sequences hold KV only as resumed sessions or forks without a slot (covered like
+    // running ones).
     for id in &s.waiting {
         let st = &s.seqs[id];
         assert!(st.table.len() * bs >= st.num_computed);
@@ -86,7 +87,7 @@ fn check_invariants(s: &Scheduler, out: &SchedulerOutput) {
         assert!(st.table.len() * bs >= st.num_computed);
         assert!(st.num_computed <= st.len);
     }
-    assert!(s.used_slots() <= s.cfg.max_num_seqs, "max_num_seqs exceeded");
+    assert!(s.running.len() <= s.cfg.max_num_seqs, "max_num_seqs exceeded");
     check_blocks(s);
 }
 
@@ -114,7 +115,7 @@ fn assert_all_free(s: &Scheduler) {
 #[test]
 fn prefill_then_decode_is_one_code_path() {
     let mut s = Scheduler::new(cfg(4, 64, 8, 4));
-    s.add(1, 10, 1, Vec::new());
+    s.add(1, 10, Vec::new());
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 0, 10, true)]);
     assert_eq!(out.seqs[0].block_table, vec![0, 1, 2]);
@@ -129,8 +130,8 @@ fn prefill_then_decode_is_one_code_path() {
 #[test]
 fn chunked_prefill_respects_token_budget_exactly() {
     let mut s = Scheduler::new(cfg(4, 8, 16, 4));
-    s.add(1, 20, 1, Vec::new());
-    s.add(2, 5, 1, Vec::new());
+    s.add(1, 20, Vec::new());
+    s.add(2, 5, Vec::new());
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 0, 8, false)]);
     assert_eq!(out.num_batched_tokens, 8);
@@ -152,10 +153,10 @@ fn chunked_prefill_respects_token_budget_exactly() {
 #[test]
 fn decode_is_scheduled_before_new_prefills() {
     let mut s = Scheduler::new(cfg(4, 4, 16, 4));
-    s.add(1, 3, 1, Vec::new());
-    s.add(2, 1, 1, Vec::new());
+    s.add(1, 3, Vec::new());
+    s.add(2, 1, Vec::new());
     assert_eq!(plan(&step(&mut s)), vec![(1, 0, 3, true), (2, 0, 1, true)]);
-    s.add(3, 10, 1, Vec::new());
+    s.add(3, 10, Vec::new());
     // Both decoders first, then the new prompt gets only what is left of the budget.
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 3, 1, true), (2, 1, 1, true), (3, 0, 2, false)]);
@@ -168,29 +169,12 @@ fn decode_is_scheduled_before_new_prefills() {
 }
 
 #[test]
-fn admission_is_fcfs_and_stops_at_first_misfit() {
-    let mut s = Scheduler::new(cfg(3, 64, 16, 4));
-    s.add(1, 4, 2, Vec::new());
-    s.add(2, 4, 2, Vec::new());
-    s.add(3, 4, 1, Vec::new());
-    // 1 takes 2 slots; 2 needs 2 more (4 > 3) and stops the queue, so 3 cannot overtake it.
-    assert_eq!(ids(&step(&mut s)), vec![1]);
-    assert_eq!(s.num_waiting(), 2);
-    assert_eq!(ids(&step(&mut s)), vec![1]);
-    s.finish(1);
-    assert_eq!(ids(&step(&mut s)), vec![2, 3]);
-    s.finish(2);
-    s.finish(3);
-    assert_all_free(&s);
-}
-
-#[test]
 fn admission_waits_for_blocks_without_preempting() {
     let mut s = Scheduler::new(cfg(8, 64, 4, 4));
-    s.add(1, 12, 1, Vec::new()); // 3 of 4 blocks
+    s.add(1, 12, Vec::new()); // 3 of 4 blocks
     assert_eq!(ids(&step(&mut s)), vec![1]);
-    s.add(2, 8, 1, Vec::new()); // needs 2 blocks, 1 free
-    s.add(3, 2, 1, Vec::new()); // would fit, but must not overtake 2
+    s.add(2, 8, Vec::new()); // needs 2 blocks, 1 free
+    s.add(3, 2, Vec::new()); // would fit, but must not overtake 2
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 12, 1, true)]);
     assert!(out.preempted.is_empty());
@@ -206,7 +190,7 @@ fn admission_waits_for_blocks_without_preempting() {
 fn max_num_seqs_caps_running() {
     let mut s = Scheduler::new(cfg(4, 64, 32, 4));
     for id in 0..6 {
-        s.add(id, 3, 1, Vec::new());
+        s.add(id, 3, Vec::new());
     }
     assert_eq!(ids(&step(&mut s)), vec![0, 1, 2, 3]);
     assert_eq!((s.num_running(), s.num_waiting()), (4, 2));
@@ -221,27 +205,61 @@ fn max_num_seqs_caps_running() {
 }
 
 #[test]
-fn reservation_holds_slots_until_children_fork() {
-    let mut s = Scheduler::new(cfg(4, 64, 32, 4));
-    s.add(1, 5, 3, Vec::new()); // 3 slots
-    s.add(2, 5, 1, Vec::new()); // 1 slot: 4 in use
-    s.add(3, 5, 1, Vec::new()); // no room
+fn a_request_with_n_starts_on_one_slot_and_its_forks_take_free_slots() {
+    let mut s = Scheduler::new(cfg(3, 64, 32, 4));
+    s.add(1, 5, Vec::new()); // n = 4
+    s.add(2, 5, Vec::new());
+    // One slot each: nothing is reserved for 1's children.
     assert_eq!(ids(&step(&mut s)), vec![1, 2]);
-    s.fork(1, 10);
-    s.fork(1, 11);
-    assert_eq!(s.num_running(), 4);
-    assert_eq!(s.used_slots(), 4);
-    // Fork inserts right after the parent.
-    assert_eq!(s.running, vec![1, 11, 10, 2]);
-    assert_eq!(s.num_computed(10), Some(5));
-    s.append_token(10);
-    s.append_token(11);
-    // The children want 2 tokens (the parent's last one and their own): after the decodes.
-    assert_eq!(ids(&step(&mut s)), vec![1, 2, 11, 10]);
-    assert!(!s.is_running(3));
-    s.finish(11);
-    assert_eq!(ids(&step(&mut s)), vec![1, 10, 2, 3]);
-    for id in [1, 2, 3, 10] {
+    // The prompt is done: the engine forks before sampling. One slot is free: 10 runs right
+    // after its parent; 11 and 12 wait in choice order, holding the shared prompt blocks.
+    for child in [10, 11, 12] {
+        s.fork(1, child);
+    }
+    assert_eq!(s.running, vec![1, 10, 2]);
+    assert_eq!(s.waiting, vec![11, 12]);
+    // (The fake model sampled the parent's token first; the children copied it.)
+    assert_eq!((s.num_computed(12), s.seq_len(12)), (Some(5), Some(6)));
+    assert_eq!(s.blocks.ref_count(0), 4);
+    s.add(3, 5, Vec::new()); // a later request
+    assert_eq!(s.waiting, vec![11, 12, 3]);
+    assert_eq!(ids(&step(&mut s)), vec![1, 10, 2]);
+    s.finish(2);
+    // Family 1 holds 2 of 3 slots (its share, rounded up) while 3 waits: 3 goes first.
+    let out = step(&mut s);
+    assert_eq!(plan(&out), vec![(1, 6, 1, true), (10, 6, 1, true), (3, 0, 5, true)]);
+    assert_eq!(s.waiting, vec![11, 12]);
+    s.add(4, 5, Vec::new());
+    s.finish(1);
+    // Below its share again, 11 takes the free slot ahead of the later request 4, computing
+    // only its sampled token (its prompt's K/V is shared): 10's shared partial block is copied.
+    let out = step(&mut s);
+    assert_eq!(plan(&out), vec![(10, 7, 1, true), (3, 5, 1, true), (11, 5, 1, true)]);
+    assert_eq!(out.admitted, vec![(11, 5)]);
+    assert_eq!(out.copies.len(), 1);
+    assert_eq!(s.waiting, vec![12, 4]);
+    for id in [3, 4, 10, 11, 12] {
+        s.finish(id);
+    }
+    assert_all_free(&s);
+}
+
+#[test]
+fn an_n_request_alone_runs_its_choices_in_waves_on_few_slots() {
+    let mut s = Scheduler::new(cfg(2, 64, 32, 4));
+    s.add(1, 6, Vec::new()); // n = 5 on 2 slots
+    step(&mut s);
+    for child in 2..=5 {
+        s.fork(1, child);
+    }
+    assert_eq!((s.running.clone(), s.waiting.clone()), (vec![1, 2], vec![3, 4, 5].into()));
+    // Only its own forks wait: they are not held back by the share rule.
+    for (done, next) in [(1, 3), (2, 4), (3, 5)] {
+        step(&mut s);
+        s.finish(done);
+        assert_eq!(ids(&step(&mut s)).last(), Some(&next));
+    }
+    for id in 4..=5 {
         s.finish(id);
     }
     assert_all_free(&s);
@@ -251,11 +269,11 @@ fn reservation_holds_slots_until_children_fork() {
 fn preemption_picks_newest_requeues_it_at_front_and_it_resumes() {
     let mut s = Scheduler::new(cfg(8, 64, 4, 4));
     for id in 1..=4 {
-        s.add(id, 4, 1, Vec::new());
+        s.add(id, 4, Vec::new());
     }
     assert_eq!(ids(&step(&mut s)), vec![1, 2, 3, 4]);
     assert_eq!(s.num_free_blocks(), 0);
-    s.add(5, 2, 1, Vec::new());
+    s.add(5, 2, Vec::new());
     // Every decoder now needs a fifth slot, i.e. a new block: 1 takes 4's, 2 takes 3's.
     let out = step(&mut s);
     assert_eq!(plan(&out), vec![(1, 4, 1, true), (2, 4, 1, true)]);
@@ -278,8 +296,8 @@ fn preemption_picks_newest_requeues_it_at_front_and_it_resumes() {
 #[test]
 fn sequence_preempts_itself_when_it_is_the_newest() {
     let mut s = Scheduler::new(cfg(8, 64, 3, 2));
-    s.add(1, 3, 1, Vec::new()); // 2 blocks
-    s.add(2, 2, 1, Vec::new()); // 1 block
+    s.add(1, 3, Vec::new()); // 2 blocks
+    s.add(2, 2, Vec::new()); // 1 block
     assert_eq!(ids(&step(&mut s)), vec![1, 2]);
     // 1 writes position 3 inside its block; 2 needs a new block and is the newest.
     let out = step(&mut s);
@@ -297,7 +315,7 @@ fn sequence_preempts_itself_when_it_is_the_newest() {
 #[test]
 fn fork_copies_the_shared_partial_block_once_per_extra_writer() {
     let mut s = Scheduler::new(cfg(3, 64, 8, 4));
-    s.add(1, 6, 3, Vec::new());
+    s.add(1, 6, Vec::new());
     let out = step(&mut s);
     assert_eq!(out.seqs[0].block_table, vec![0, 1]);
     // n = 3: the engine forks after the prompt's logits, then samples one token for each.
@@ -328,7 +346,7 @@ fn fork_copies_the_shared_partial_block_once_per_extra_writer() {
 #[test]
 fn fork_on_a_block_boundary_needs_no_copy() {
     let mut s = Scheduler::new(cfg(2, 64, 8, 4));
-    s.add(1, 8, 2, Vec::new());
+    s.add(1, 8, Vec::new());
     step(&mut s);
     s.fork(1, 2);
     s.append_token(1);
@@ -346,8 +364,8 @@ fn fork_on_a_block_boundary_needs_no_copy() {
 #[test]
 fn fork_of_a_preempted_parent_waits_right_behind_it() {
     let mut s = Scheduler::new(cfg(4, 64, 2, 2));
-    s.add(1, 2, 1, Vec::new());
-    s.add(2, 2, 2, Vec::new());
+    s.add(1, 2, Vec::new());
+    s.add(2, 2, Vec::new());
     step(&mut s);
     let out = step(&mut s); // both need a 3rd slot: 2 is preempted for 1
     assert_eq!(out.preempted, vec![2]);
@@ -367,7 +385,7 @@ fn all_blocks_free_after_a_fake_model_loop_finishes_everything() {
     let mut s = Scheduler::new(cfg(3, 10, 12, 4));
     let targets: BTreeMap<SeqId, usize> = (0..8).map(|id| (id, 3 + 5 * id as usize)).collect();
     for (&id, &t) in &targets {
-        s.add(id, 1 + (t / 2), 1, Vec::new());
+        s.add(id, 1 + (t / 2), Vec::new());
     }
     let mut steps = 0;
     while s.num_running() + s.num_waiting() > 0 {
@@ -386,9 +404,9 @@ fn all_blocks_free_after_a_fake_model_loop_finishes_everything() {
 #[test]
 fn abort_while_waiting_leaves_the_queue_and_blocks_untouched() {
     let mut s = Scheduler::new(cfg(1, 64, 8, 4));
-    s.add(1, 4, 1, Vec::new());
-    s.add(2, 4, 1, Vec::new());
-    s.add(3, 4, 1, Vec::new());
+    s.add(1, 4, Vec::new());
+    s.add(2, 4, Vec::new());
+    s.add(3, 4, Vec::new());
     step(&mut s);
     let free = s.num_free_blocks();
     s.finish(2);
@@ -403,7 +421,7 @@ fn abort_while_waiting_leaves_the_queue_and_blocks_untouched() {
 #[test]
 fn abort_mid_prefill_frees_its_blocks() {
     let mut s = Scheduler::new(cfg(4, 8, 8, 4));
-    s.add(1, 20, 1, Vec::new());
+    s.add(1, 20, Vec::new());
     assert_eq!(plan(&step(&mut s)), vec![(1, 0, 8, false)]);
     assert_eq!(s.num_free_blocks(), 6);
     s.finish(1);
@@ -414,8 +432,8 @@ fn abort_mid_prefill_frees_its_blocks() {
 #[test]
 fn preempted_then_finished_frees_everything() {
     let mut s = Scheduler::new(cfg(4, 64, 2, 2));
-    s.add(1, 2, 1, Vec::new());
-    s.add(2, 2, 1, Vec::new());
+    s.add(1, 2, Vec::new());
+    s.add(2, 2, Vec::new());
     step(&mut s);
     assert_eq!(step(&mut s).preempted, vec![2]);
     s.finish(2); // aborted while preempted
@@ -429,16 +447,16 @@ fn engine_misuse_is_a_noop() {
     s.finish(42);
     s.append_token(42);
     s.fork(42, 43);
-    s.add(1, 0, 1, Vec::new()); // empty prompt: nothing to compute, would block the queue
-    s.add(2, 17, 1, Vec::new()); // never fits 16 slots
+    s.add(1, 0, Vec::new()); // empty prompt: nothing to compute, would block the queue
+    s.add(2, 17, Vec::new()); // never fits 16 slots
     assert_eq!(s.num_waiting(), 0);
-    s.add(3, 4, 1, Vec::new());
-    s.add(3, 8, 1, Vec::new()); // duplicate id
+    s.add(3, 4, Vec::new());
+    s.add(3, 8, Vec::new()); // duplicate id
     s.fork(3, 3); // into an existing id
     assert_eq!((s.num_waiting(), s.seq_len(3)), (1, Some(4)));
-    s.add(4, 4, 100, Vec::new()); // n larger than the cap is clamped, not stuck forever
     assert_eq!(ids(&step(&mut s)), vec![3]);
     s.finish(3);
+    s.add(4, 4, Vec::new());
     assert_eq!(ids(&step(&mut s)), vec![4]);
     s.finish(4);
     s.finish(4);
@@ -489,7 +507,7 @@ impl World {
     fn add_random(&mut self) {
         let prompt = 1 + self.rng.below(24);
         let total = prompt + 1 + self.rng.below(16);
-        let n = 1 + self.rng.below(3);
+        let n = 1 + self.rng.below(5);
         if !self.s.fits(total) {
             return; // the engine rejects these up front
         }
@@ -501,7 +519,7 @@ impl World {
             .map(|i| if i < 14 { 5000 + stem * 100 + i } else { self.rng.below(1000) as u32 })
             .collect();
         let hashes = block_hashes(&toks, self.s.block_size());
-        self.s.add(id, prompt, n, hashes.clone());
+        self.s.add(id, prompt, hashes.clone());
         self.hashes.insert(id, hashes);
         self.tokens.insert(id, toks);
         self.target.insert(id, total);
@@ -572,7 +590,7 @@ impl World {
         if self.s.resume(id, toks.len(), keep, hashes.clone()) {
             self.resumed += 1;
         } else {
-            self.s.add(id, toks.len(), 1, hashes.clone());
+            self.s.add(id, toks.len(), hashes.clone());
         }
         self.hashes.insert(id, hashes);
         self.tokens.insert(id, toks);
@@ -690,11 +708,11 @@ fn random_steps_keep_invariants() {
 fn decodes_go_first_and_a_long_prefill_is_capped_only_while_others_wait() {
     let c = SchedulerConfig { long_prefill_token_threshold: 8, ..cfg(8, 32, 64, 4) };
     let mut s = Scheduler::new(c);
-    s.add(1, 100, 1, Vec::new());
+    s.add(1, 100, Vec::new());
     // Alone, the long prompt takes the whole budget.
     assert_eq!(plan(&step(&mut s)), vec![(1, 0, 32, false)]);
     // A short request arrives: the long one is capped, the short one is admitted at once.
-    s.add(2, 3, 1, Vec::new());
+    s.add(2, 3, Vec::new());
     assert_eq!(plan(&step(&mut s)), vec![(1, 32, 8, false), (2, 0, 3, true)]);
     // 2 now decodes, and goes first; 1 is alone in prefill again and takes the rest.
     assert_eq!(plan(&step(&mut s)), vec![(2, 3, 1, true), (1, 40, 31, false)]);

@@ -2,6 +2,7 @@
 //! sampler state, and the channel back to the caller. Scheduling state (computed tokens, blocks)
 //! lives in the scheduler, not here.
 
+use crate::admission::Ticket;
 use crate::block_hash::{extend_hashes, BlockHash};
 use crate::error::EngineError;
 use crate::grammar::{Accepted, SeqGrammar};
@@ -41,8 +42,9 @@ pub(crate) struct Seq {
     grammar: Option<Box<SeqGrammar>>,
     /// Chained hashes of the full blocks of `tokens` (empty when prefix caching is off).
     pub block_hashes: Vec<BlockHash>,
-    /// Still counted by admission control as waiting (until first scheduled or gone).
-    pub counted_waiting: bool,
+    /// Counts the request as waiting for admission control until it is first scheduled (taken
+    /// then) or the sequence is dropped, however it ends. Forked choices have none.
+    pub ticket: Option<Ticket>,
 }
 
 /// What one sample did to a sequence.
@@ -61,7 +63,7 @@ impl Seq {
         let grammar = grammar.map(Box::new);
         Self {
             block_hashes: Vec::new(),
-            counted_waiting: false,
+            ticket: None,
             prompt_len: prompt.len(),
             tokens: prompt,
             group,
@@ -83,11 +85,6 @@ impl Seq {
     /// The caller dropped its stream, or a stop string ended this choice.
     pub fn is_cancelled(&self) -> bool {
         self.group.events.is_closed() || self.group.cancel[self.index].load(Ordering::Relaxed)
-    }
-
-    /// Choices of the request (`n`).
-    pub fn choices(&self) -> usize {
-        self.group.params.n
     }
 
     pub fn take_pending_forks(&mut self) -> usize {

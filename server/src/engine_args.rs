@@ -44,6 +44,11 @@ pub struct EngineArgs {
     /// Retry-After, so queueing delay stays bounded (default: 4 x --max-num-seqs).
     #[arg(long, env = "KILN_MAX_WAITING_SEQS")]
     pub max_waiting_seqs: Option<usize>,
+    /// Prompt tokens of requests accepted but not yet running; a request that would go past it
+    /// while others wait is refused with 429 and Retry-After, and one whose prompts alone exceed
+    /// it with 400 (default: 8 x --max-num-batched-tokens, at least the context length).
+    #[arg(long, env = "KILN_MAX_WAITING_TOKENS")]
+    pub max_waiting_tokens: Option<usize>,
     /// Most prompt tokens one request computes per step while others wait or prefill, so a
     /// short request never waits for a long prompt's whole prefill (default: a quarter of
     /// --max-num-batched-tokens; 0: no cap).
@@ -90,7 +95,10 @@ fn parse_default_sampling(s: &str) -> Result<DefaultSampling, String> {
 impl EngineArgs {
     pub fn config(&self) -> Result<EngineConfig> {
         anyhow::ensure!(
-            self.block_size > 0 && self.max_num_seqs > 0 && self.max_num_batched_tokens > 0,
+            self.block_size > 0
+                && self.max_num_seqs > 0
+                && self.max_num_batched_tokens > 0
+                && self.max_waiting_tokens != Some(0),
             "engine limits must be positive"
         );
         Ok(EngineConfig {
@@ -106,6 +114,8 @@ impl EngineArgs {
             llama_cpp_batch_arithmetic: self.llama_cpp_batch_arithmetic,
             enable_prefix_caching: !self.no_prefix_caching,
             max_waiting_seqs: self.max_waiting_seqs.unwrap_or(4 * self.max_num_seqs).max(1),
+            // The default needs the model's context length: the engine fills it in.
+            max_waiting_tokens: self.max_waiting_tokens,
             long_prefill_token_threshold: self
                 .long_prefill_token_threshold
                 .unwrap_or((self.max_num_batched_tokens / 4).max(16)),

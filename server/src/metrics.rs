@@ -285,10 +285,11 @@ fn engine_gauges(out: &mut String, h: &EngineHandle, labels: &str) {
         ),
         (
             "kiln:num_requests_rejected_total",
-            "Requests refused with 429 because too many were waiting.",
+            "Requests refused with 429 because too many requests or prompt tokens were waiting.",
             "counter",
             load(&s.rejected_requests),
         ),
+        ("kiln:num_waiting_tokens", "Prompt tokens of requests not yet running.", "gauge", load(&s.waiting_tokens)),
         ("kiln:computed_tokens_total", "Tokens run through the model.", "counter", load(&s.computed_tokens)),
         ("kiln:num_preemptions_total", "Sequences preempted by recompute.", "counter", load(&s.preemptions)),
         (

@@ -3,7 +3,9 @@
 //! `usage.prompt_tokens_details.cached_tokens` (plain and streamed) that each turn reused at
 //! least 95% of the previous turn's prompt, with the same answers as with caching off; a burst
 //! over `max_waiting_seqs` gets 429 + `Retry-After` in OpenAI's error shape while the rest
-//! complete; `/metrics` exposes the prefix-cache counters and the `vllm:` gauges.
+//! complete; `/metrics` exposes the prefix-cache counters and the `vllm:` gauges. Requests that
+//! could never be admitted (too many prompts or prompt tokens for what may wait, more than the
+//! KV cache holds) are 400s naming the field, never 429s.
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
@@ -198,4 +200,35 @@ async fn more_prompts_than_can_ever_wait_is_a_400() {
     let body = json!({"model": MODEL, "prompt": vec!["Hi"; 4], "max_tokens": 1});
     let (status, _, text) = post(&app, "/v1/completions", &body).await;
     assert_eq!(status, StatusCode::OK, "{text}");
+}
+
+/// What no wait can cure is a 400 naming the field, whatever else runs: prompts whose tokens
+/// together exceed `max_waiting_tokens`, and `max_tokens` past what the KV cache holds. The
+/// same prompts one at a time are served, and the waiting-tokens gauge is back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_can_never_be_admitted_is_a_400_not_a_429() {
+    let cfg =
+        EngineConfig { max_waiting_tokens: Some(256), num_blocks_override: Some(32), ..kiln_tests::test_config() };
+    let (app, _) = app(cfg);
+    let prompt: Vec<u32> = (0..100).map(|i| 1000 + i).collect();
+    let three = json!({"model": MODEL, "prompt": vec![prompt.clone(); 3], "max_tokens": 1});
+    let (status, retry, text) = post(&app, "/v1/completions", &three).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(retry.is_none());
+    let e: Value = serde_json::from_str(&text).expect("JSON error");
+    assert_eq!(
+        (e["error"]["param"].as_str(), e["error"]["code"].as_str()),
+        (Some("prompt"), Some("request_too_large"))
+    );
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 600});
+    let (status, _, text) = post(&app, "/v1/chat/completions", &long).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let e: Value = serde_json::from_str(&text).expect("JSON error");
+    assert_eq!(e["error"]["param"], "max_tokens", "{e}");
+    let two = json!({"model": MODEL, "prompt": vec![prompt; 2], "max_tokens": 1});
+    let (status, _, text) = post(&app, "/v1/completions", &two).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (_, metrics) = get_metrics(&app).await;
+    assert_eq!(metric(&metrics, "kiln:num_waiting_tokens"), 0.0, "{metrics}");
+    assert_eq!(metric(&metrics, "kiln:num_requests_rejected_total"), 0.0, "a 400 was counted as a 429");
 }

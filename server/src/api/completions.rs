@@ -4,7 +4,7 @@
 //! (insertion) is refused: no model we serve was trained for it.
 
 use super::error::{ApiError, ApiResult};
-use super::generation::{collect, submit, unix_now, usage, Tracked};
+use super::generation::{collect, track, unix_now, usage, Tracked};
 use super::request::{body_bytes, parse_with_sampling, CompletionRequest, PromptInput};
 use super::response_format::{self, grammar_error};
 use super::sse::{self, Kind, Part, StreamCtx};
@@ -41,24 +41,17 @@ pub async fn handle(State(state): State<Shared>, body: Result<Bytes, BytesReject
     let include_usage = req.sampling.include_usage()?;
     let engine = state.engine()?.clone();
     let prompts = prompts(&req.prompt)?;
-    // Each prompt waits as its own engine request: more than may ever wait at once can never be
-    // admitted together, so retrying (429) would not help.
-    let max_waiting = engine.max_waiting_seqs();
-    if prompts.len() > max_waiting {
-        return Err(ApiError::invalid(
-            "prompt",
-            format!(
-                "{} prompts exceed the {max_waiting} requests this server queues at once; split them",
-                prompts.len()
-            ),
-        ));
-    }
-    let mut parts = Vec::with_capacity(prompts.len());
-    for (i, p) in prompts.into_iter().enumerate() {
-        let echo_text = if echo { Some(prompt_text(&engine, &p)?) } else { None };
-        let tracked = submit(&state, &engine, p, params.clone()).await.map_err(engine_error)?;
-        parts.push(Part { tracked, offset: i * params.n, echo: echo_text });
-    }
+    let echoes =
+        prompts.iter().map(|p| echo.then(|| prompt_text(&engine, p)).transpose()).collect::<ApiResult<Vec<_>>>()?;
+    // All prompts are admitted together or not at all (each runs as its own engine request):
+    // one that could never be admitted is a 400, not a 429 that retrying cannot cure.
+    let streams = engine.generate_many_async(prompts, params.clone()).await.map_err(engine_error)?;
+    let parts: Vec<Part> = streams
+        .into_iter()
+        .zip(echoes)
+        .enumerate()
+        .map(|(i, (s, echo))| Part { tracked: track(&state, s), offset: i * params.n, echo })
+        .collect();
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     if req.sampling.stream() {
         let ctx = StreamCtx::new(&state, Kind::Completion, id, include_usage, engine.tokenizer().clone());

@@ -88,6 +88,11 @@ impl ApiError {
             EngineError::ContextLengthExceeded { .. } => {
                 Self::invalid(prompt_param, e.to_string()).with_code("context_length_exceeded")
             }
+            // Retrying cannot help: a 400 naming what to change, never a 429.
+            EngineError::NeverFits { param, message } => {
+                let param = if param == "prompt" { prompt_param } else { param };
+                Self::invalid(param, message).with_code("request_too_large")
+            }
             EngineError::Overloaded => Self {
                 code: Some("rate_limit_exceeded"),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", e.to_string())

@@ -54,6 +54,8 @@ pub struct ToolRules {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSpec {
+    // The bounds `validate` enforces, stated for the OpenAPI document.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))]
     pub name: String,
     #[serde(default)]
     pub description: String,
@@ -72,8 +74,10 @@ pub struct AgentSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_tools: Vec<ClientToolDef>,
     #[serde(default = "default_max_steps")]
+    #[schemars(range(min = 1, max = 100))]
     pub max_steps: u32,
     #[serde(default = "default_max_tokens_per_step")]
+    #[schemars(range(min = 1))]
     pub max_tokens_per_step: u32,
     /// JSON schema (of an object) the final output must satisfy.
     #[serde(default, skip_serializing_if = "Option::is_none")]

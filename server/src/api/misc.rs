@@ -33,8 +33,9 @@ pub async fn health(State(state): State<Shared>) -> Response {
 }
 
 /// `GET /openapi.json`: the API's OpenAPI document (see `openapi.rs`).
-pub async fn openapi() -> Json<&'static Value> {
-    Json(super::openapi::document())
+pub async fn openapi(State(state): State<Shared>) -> Json<Value> {
+    let embed = state.embedder_if_loaded().map(|(name, _)| name.as_str());
+    Json(super::openapi::document(&state.served_model_name, embed))
 }
 
 pub async fn metrics(State(state): State<Shared>) -> Response {

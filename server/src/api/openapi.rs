@@ -152,8 +152,23 @@ const OPS: &[Op] = &[
     op("delete", "/v1/memory/{scope}/{id}", "deleteMemory", "memory", "Deletes a memory."),
 ];
 
-/// The document (built once).
-pub fn document() -> &'static Value {
+/// The document for a server serving the chat model `chat` (and the embedding model `embed`):
+/// the `model` fields list exactly the names this server accepts, so a client (or the fuzz
+/// suite) reading it knows what a valid request is.
+pub fn document(chat: &str, embed: Option<&str>) -> Value {
+    let mut doc = base().clone();
+    let schemas = &mut doc["components"]["schemas"];
+    for name in ["ChatRequest", "CompletionRequest", "TokenizeRequest", "DetokenizeRequest", "AgentSpec"] {
+        schemas[name]["properties"]["model"] = json!({"enum": [chat]});
+    }
+    schemas["EmbeddingRequest"]["properties"]["model"] = json!({"enum": embed.into_iter().collect::<Vec<_>>()});
+    schemas["ResponsesRequest"]["properties"]["model"] = json!({"anyOf": [{"enum": [chat]}, {"type": "string", "pattern": "^agent:[A-Za-z0-9_-]{1,64}$",
+            "description": "`agent:NAME` runs the stored agent NAME."}]});
+    doc
+}
+
+/// What does not depend on the served models (built once).
+fn base() -> &'static Value {
     static DOC: OnceLock<Value> = OnceLock::new();
     DOC.get_or_init(build)
 }
@@ -228,7 +243,14 @@ fn path_params(template: &str) -> Vec<Value> {
     template
         .split('/')
         .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+        .map(|name| {
+            let schema = match name {
+                "scope" => json!({"type": "string", "pattern": "^((agent|user|run):[A-Za-z0-9._@-]{1,128}|global)$",
+                    "description": "agent:{name}, user:{id}, run:{id} or global"}),
+                _ => json!({"type": "string"}),
+            };
+            json!({"name": name, "in": "path", "required": true, "schema": schema})
+        })
         .collect()
 }
 
@@ -285,7 +307,7 @@ mod tests {
     /// the fuzz suite checks the router answers each one.
     #[test]
     fn documents_every_route_of_the_scope_table() {
-        let doc = document();
+        let doc = document("m", None);
         let paths = doc["paths"].as_object().unwrap();
         let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
         let mut table: Vec<&str> = ROUTES.iter().map(|r| r.template).collect();
@@ -300,12 +322,14 @@ mod tests {
 
     #[test]
     fn bodies_come_from_the_request_types() {
-        let doc = document();
+        let doc = document("m", Some("e"));
         let schemas = &doc["components"]["schemas"];
         for name in ["ChatRequest", "Sampling", "CompletionRequest", "EmbeddingRequest", "AgentSpec", "Error"] {
             assert!(schemas[name].is_object(), "{name} missing");
         }
         assert_eq!(schemas["AgentSpec"]["additionalProperties"], json!(false));
+        assert_eq!(schemas["ChatRequest"]["properties"]["model"], json!({"enum": ["m"]}));
+        assert_eq!(schemas["EmbeddingRequest"]["properties"]["model"], json!({"enum": ["e"]}));
         assert!(schemas["ChatRequest"]["required"].as_array().unwrap().contains(&json!("messages")));
         let chat = &doc["paths"]["/v1/chat/completions"]["post"];
         assert_eq!(chat["security"], json!([{"bearer": ["inference"]}]));

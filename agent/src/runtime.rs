@@ -8,16 +8,18 @@
 use crate::cost::{Cost, Prices};
 use crate::events::{EventHub, RunEvent};
 use crate::history::{ApprovalStep, PriorMessage, ResultStep, Usage};
+use crate::memory::{MemoryStore, Scope as MemoryScope};
 use crate::run::{DriveEnd, Driver};
 use crate::spec::{AgentSpec, SpecContext, SpecError};
 use crate::store::{RunRecord, RunStatus, RunStore, StepKind, StepRecord, StoreError};
 use crate::tools::client::ClientTool;
 use crate::tools::http::{HostAllowlist, HttpTool};
+use crate::tools::memory as memory_tools;
 use crate::tools::{CallLimits, Tool, ToolError, ToolRegistry};
 use kiln_inference::chat::Message;
 use kiln_inference::{EngineError, EngineHandle, SamplingParams};
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -75,6 +77,9 @@ pub struct RuntimeConfig {
     pub http_hosts: Vec<String>,
     /// What tokens cost; `None`: costs are unknown.
     pub prices: Option<Prices>,
+    /// The memory store behind the `memory_store` / `memory_search` tools; `None`: agents that
+    /// list them are refused (they need the embedding model).
+    pub memory: Option<MemoryStore>,
 }
 
 impl RuntimeConfig {
@@ -88,6 +93,7 @@ impl RuntimeConfig {
             models,
             http_hosts: Vec::new(),
             prices: None,
+            memory: None,
         }
     }
 }
@@ -203,7 +209,9 @@ impl AgentRuntime {
     }
 
     fn context(&self) -> SpecContext {
-        let tools = self.inner.registry.names().into_iter().map(str::to_string).collect();
+        let mut tools: HashSet<String> = self.inner.registry.names().into_iter().map(str::to_string).collect();
+        // Known names whether or not memory is configured: `tools_for` says what is missing.
+        tools.extend(memory_tools::NAMES.map(str::to_string));
         SpecContext { models: self.inner.config.models.clone(), tools }
     }
 
@@ -399,7 +407,8 @@ impl Inner {
         Ok(AgentSpec::from_json(def)?)
     }
 
-    /// The agent's callable tools by name: registry tools and its own HTTP tools.
+    /// The agent's callable tools by name: registry tools, its own HTTP and client tools, and the
+    /// memory tools bound to its scope.
     pub(crate) fn tools_for(&self, spec: &AgentSpec) -> Result<HashMap<String, Arc<dyn Tool>>, RunError> {
         let mut out: HashMap<String, Arc<dyn Tool>> = HashMap::new();
         for (i, def) in spec.http_tools.iter().enumerate() {
@@ -412,6 +421,15 @@ impl Inner {
         }
         for (i, name) in spec.tools.iter().enumerate() {
             if out.contains_key(name) {
+                continue;
+            }
+            if memory_tools::NAMES.contains(&name.as_str()) {
+                let store = self.config.memory.clone().ok_or_else(|| {
+                    let why = format!("'{name}' needs the memory store: start kiln with --embedding-model PATH");
+                    RunError::Invalid(format!("tools[{i}]"), why)
+                })?;
+                let scope = MemoryScope::Agent(spec.name.clone());
+                out.extend(memory_tools::bound(name, store, scope).map(|t| (name.clone(), t)));
                 continue;
             }
             let tool = self.registry.get(name).ok_or_else(|| {

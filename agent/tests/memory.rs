@@ -443,3 +443,39 @@ fn kill_9_loses_no_acknowledged_memory() -> Result<()> {
     ensure!(missing == 0, "{missing} acknowledged memories lost");
     Ok(())
 }
+
+/// The agent tools `memory_store` / `memory_search`: bound to one agent's scope, a fact stored by
+/// agent `a` is found by `a` (keyed facts resolve as the store does) and never by agent `b`; an
+/// agent with nothing stored gets an empty list, not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_tools_are_bound_to_their_agents_scope() -> Result<()> {
+    use kiln_agent::tools::memory::{bound, SEARCH, STORE};
+    use kiln_agent::tools::{invoke, CallLimits};
+    let e = embedder_or_skip!();
+    let dir = tempfile::tempdir()?;
+    let store = MemoryStore::open_embedded(dir.path(), e).await?;
+    let tool = |name: &str, agent: &str| bound(name, store.clone(), scope(&format!("agent:{agent}"))).unwrap();
+    let limits = CallLimits::default();
+    let call = |t, args: Value| {
+        let limits = limits;
+        async move {
+            let out = invoke(&t, args, &limits).await;
+            ensure!(!out.is_error, "tool error: {}", out.content);
+            Ok::<Value, anyhow::Error>(serde_json::from_str(&out.content)?)
+        }
+    };
+    let stored = call(tool(STORE, "a"), json!({"text": "Ada prefers window seats", "key": "ada.seat"})).await?;
+    ensure!(stored["stored"] == true && stored["key"] == "ada.seat", "{stored}");
+    call(tool(STORE, "a"), json!({"text": "Ada now prefers aisle seats", "key": "ada.seat"})).await?;
+    call(tool(STORE, "a"), json!({"text": "The build server is in Frankfurt"})).await?;
+    let found = call(tool(SEARCH, "a"), json!({"query": "where does Ada like to sit", "top_k": 1})).await?;
+    let top = &found["memories"][0];
+    ensure!(top["text"] == "Ada now prefers aisle seats" && top["key"] == "ada.seat", "{found}");
+    let other = call(tool(SEARCH, "b"), json!({"query": "where does Ada like to sit"})).await?;
+    ensure!(other == json!({"memories": []}), "agent b sees agent a's memory: {other}");
+    let listed = store.list(&scope("agent:a"), None, 10).await?;
+    ensure!(listed.data.len() == 2, "one live fact per key plus the unkeyed one: {:?}", listed.data);
+    let bad = invoke(&tool(STORE, "a"), json!({"text": "  "}), &limits).await;
+    ensure!(bad.is_error && bad.content.contains("non-empty"), "{}", bad.content);
+    Ok(())
+}

@@ -160,7 +160,14 @@ pub struct Agents {
 }
 
 /// Opens the store, starts MCP servers, loads agents and starts the runtime.
-pub async fn start(a: &AgentArgs, engine: EngineHandle, model: String, defaults: SamplingDefaults) -> Result<Agents> {
+/// `memory` backs the agents' memory tools (none: agents listing them are refused).
+pub async fn start(
+    a: &AgentArgs,
+    engine: EngineHandle,
+    model: String,
+    defaults: SamplingDefaults,
+    memory: Option<MemoryStore>,
+) -> Result<Agents> {
     let url = a.store_url()?;
     let store = RunStore::open(&url).await.with_context(|| format!("opening the run store {}", redact(&url)))?;
     let mut registry = ToolRegistry::with_builtins();
@@ -181,6 +188,7 @@ pub async fn start(a: &AgentArgs, engine: EngineHandle, model: String, defaults:
     config.sampling = sampling(defaults);
     config.http_hosts = a.http_tool_hosts.clone();
     config.prices = a.prices()?;
+    config.memory = memory;
     prune_responses(store.clone(), a.responses_retention_days);
     let runtime = AgentRuntime::start(engine, store, registry, config)?;
     if let Some(dir) = &a.agents {

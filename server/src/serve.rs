@@ -138,10 +138,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
         _ = shutdown_signal() => { server.abort(); return Ok(()); }
     };
     let defaults = defaults_out.get().copied().unwrap_or_default();
-    let agents = crate::agents::start(&a.agents, handle.clone(), name.clone(), defaults).await?;
+    let memory = match state.embedder_if_loaded() {
+        Some((_, embedder)) => Some(crate::agents::start_memory(&a.agents, embedder.clone()).await?),
+        None => None,
+    };
+    let agents = crate::agents::start(&a.agents, handle.clone(), name.clone(), defaults, memory.clone()).await?;
     state.set_agents(agents.runtime.clone());
-    if let Some((_, embedder)) = state.embedder_if_loaded() {
-        state.set_memory(crate::agents::start_memory(&a.agents, embedder.clone()).await?);
+    if let Some(m) = memory {
+        state.set_memory(m);
     }
     state.set_engine(handle.clone());
     println!("kiln: serving {base} (model \"{name}\"); OpenAI SDK: base_url=\"{base}\"");

@@ -64,7 +64,7 @@ async fn app() -> Option<App> {
         price_output: Some(2.0),
         ..Default::default()
     };
-    let started = kiln_server::agents::start(&args, engine.clone(), MODEL.into(), Default::default()).await;
+    let started = kiln_server::agents::start(&args, engine.clone(), MODEL.into(), Default::default(), None).await;
     let agents = started.expect("agent runtime");
     let state = Arc::new(AppState::new(MODEL.into(), Vec::new(), "fp_test".into()));
     state.set_agents(agents.runtime.clone());

@@ -481,7 +481,8 @@ const MEMORY_TEXT: &str = "Ada prefers window seats";
 async fn admin_app(dir: &Path, engine: kiln_inference::engine::EngineHandle, model: &str) -> (Router, bool) {
     let args =
         kiln_server::agents::AgentArgs { data_dir: Some(dir.join("data")), database_url: None, ..Default::default() };
-    let agents = kiln_server::agents::start(&args, engine.clone(), model.into(), Default::default()).await.unwrap();
+    let agents =
+        kiln_server::agents::start(&args, engine.clone(), model.into(), Default::default(), None).await.unwrap();
     let auth = Auth::open().with_key(OPS_KEY, Scopes::NONE.with(Scope::Admin), Some("ops")).with_key(
         APP_KEY,
         Scopes::NONE.with(Scope::Agents).with(Scope::Memory),

@@ -1,5 +1,5 @@
-//! Tools an agent may call: one trait, a registry, builtins (`builtin.rs`), HTTP tools (`http.rs`)
-//! and MCP servers (`mcp.rs`). A tool never sees the engine; the tool loop (`run.rs`) constrains
+//! Tools an agent may call: one trait, a registry, builtins (`builtin.rs`), HTTP tools (`http.rs`),
+//! MCP servers (`mcp.rs`), client tools (`client.rs`) and the memory tools (`memory.rs`). A tool never sees the engine; the tool loop (`run.rs`) constrains
 //! the model's calls to each tool's `parameters` schema and turns every failure into a result the
 //! model reads. `invoke` is that boundary: whatever a tool does (fail, panic, hang, flood), the
 //! caller gets a bounded `ToolOutcome`, never an error or an unwind. This module must not know
@@ -10,6 +10,7 @@ pub mod calc;
 pub mod client;
 pub mod http;
 pub mod mcp;
+pub mod memory;
 
 use std::collections::HashMap;
 use std::sync::Arc;

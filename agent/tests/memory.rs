@@ -456,13 +456,10 @@ async fn memory_tools_are_bound_to_their_agents_scope() -> Result<()> {
     let store = MemoryStore::open_embedded(dir.path(), e).await?;
     let tool = |name: &str, agent: &str| bound(name, store.clone(), scope(&format!("agent:{agent}"))).unwrap();
     let limits = CallLimits::default();
-    let call = |t, args: Value| {
-        let limits = limits;
-        async move {
-            let out = invoke(&t, args, &limits).await;
-            ensure!(!out.is_error, "tool error: {}", out.content);
-            Ok::<Value, anyhow::Error>(serde_json::from_str(&out.content)?)
-        }
+    let call = |t, args: Value| async move {
+        let out = invoke(&t, args, &limits).await;
+        ensure!(!out.is_error, "tool error: {}", out.content);
+        Ok::<Value, anyhow::Error>(serde_json::from_str(&out.content)?)
     };
     let stored = call(tool(STORE, "a"), json!({"text": "Ada prefers window seats", "key": "ada.seat"})).await?;
     ensure!(stored["stored"] == true && stored["key"] == "ada.seat", "{stored}");

@@ -466,8 +466,7 @@ async fn drive(rt: Arc<Inner>, run_id: &str) -> Result<(), RunError> {
         match Driver::new(rt.clone(), run, cancel.clone()).await {
             Ok(d) => d.drive().await,
             Err(e) => {
-                let msg = e.to_string();
-                let _ = rt.store.set_status(run_id, RunStatus::Failed, None, None, Some(msg)).await;
+                fail_run(&rt, run_id, &e).await;
                 Err(e)
             }
         }
@@ -476,11 +475,30 @@ async fn drive(rt: Arc<Inner>, run_id: &str) -> Result<(), RunError> {
     renew.abort();
     rt.running.lock().unwrap_or_else(|p| p.into_inner()).remove(run_id);
     let _ = rt.store.release(run_id, &owner).await;
-    if let Err(RunError::Engine(e)) = &result {
-        // The engine failing (overload, shutdown) fails the run; the record says why.
-        let _ = rt.store.set_status(run_id, RunStatus::Failed, None, None, Some(e.to_string())).await;
+    if let Err(e @ RunError::Engine(_)) = &result {
+        // The engine refusing a turn (context exceeded, overload, shutdown) fails the run.
+        fail_run(&rt, run_id, e).await;
     }
     result.map(|_| ())
+}
+
+/// Ends a run that its driver could not carry on: the record says why, and its subscribers (a
+/// client waiting on the run, a stream) get the terminal event, so nobody waits for a run that
+/// will never move again. A run that already ended keeps its status.
+async fn fail_run(rt: &Inner, run_id: &str, e: &RunError) {
+    let Ok(Some(run)) = rt.store.get_run(run_id).await else { return };
+    if run.status.is_terminal() {
+        return;
+    }
+    let msg = e.to_string();
+    if let Err(err) = rt.store.set_status(run_id, RunStatus::Failed, None, None, Some(msg.clone())).await {
+        tracing::error!(run = %run_id, error = %err, "could not record the run's failure");
+        return;
+    }
+    rt.stats.ended(RunStatus::Failed);
+    let run = RunRecord { status: RunStatus::Failed, error: Some(msg), ..run };
+    let event = RunEvent::Ended { event: "run.failed".into(), run: serde_json::to_value(&run).unwrap_or_default() };
+    rt.events.send(run_id, event);
 }
 
 /// Registers this process as the run's driver; waits a little for a driver that is finishing

@@ -376,4 +376,13 @@ async fn bad_input_is_404_or_400_naming_the_field() {
     assert_eq!(s, StatusCode::CONFLICT);
     let (s, b) = json_call(&app, Method::POST, "/v1/runs/run_missing/approve", Some(json!({}))).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    // A turn the engine refuses (here: more tokens per step than the context holds; found by the
+    // fuzz suite) fails the run, and a client waiting on it gets the failed run, not a hang.
+    let huge = json!({"name": "huge", "model": MODEL, "max_tokens_per_step": 10_000_000});
+    let (s, b) = json_call(&app, Method::POST, "/v1/agents", Some(huge)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let run = json_call(&app, Method::POST, "/v1/agents/huge/runs", Some(json!({"input": "hi"})));
+    let (s, run) = tokio::time::timeout(std::time::Duration::from_secs(60), run).await.expect("the run never answered");
+    assert_eq!((s, run["status"].as_str()), (StatusCode::OK, Some("failed")), "{run}");
+    assert!(run["error"].as_str().unwrap_or_default().contains("context length"), "{run}");
 }

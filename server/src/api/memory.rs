@@ -194,8 +194,9 @@ pub async fn delete(
     Extension(who): Extension<Principal>,
     Path((s, id)): Path<(String, String)>,
 ) -> ApiResult<(Extension<AdminAction>, Json<Value>)> {
+    let store = store(&state)?;
     let sc = scope(&s, &who)?;
-    store(&state)?.delete(&sc, &id).await?;
+    store.delete(&sc, &id).await?;
     let done = audit::action("memory.delete", format!("{sc}/{id}"));
     Ok((done, Json(json!({"id": id, "object": "memory.deleted", "deleted": true}))))
 }
@@ -205,8 +206,9 @@ pub async fn delete_scope(
     Extension(who): Extension<Principal>,
     Path(s): Path<String>,
 ) -> ApiResult<(Extension<AdminAction>, Json<Value>)> {
+    let store = store(&state)?;
     let sc = scope(&s, &who)?;
-    store(&state)?.delete_scope(&sc).await?;
+    store.delete_scope(&sc).await?;
     let done = audit::action("memory.delete_scope", sc.to_string());
     Ok((done, Json(json!({"scope": sc.to_string(), "object": "memory.scope.deleted", "deleted": true}))))
 }

@@ -313,17 +313,14 @@ impl Scheduler {
         }
     }
 
-    /// The most prompt tokens one sequence may compute this step: all of the budget, unless
-    /// another sequence is waiting or prefilling too; then `long_prefill_token_threshold`, so a
-    /// short request never waits behind someone else's whole prompt.
+    /// The most prompt tokens one sequence may compute this step: `long_prefill_token_threshold`
+    /// (0: the whole budget). Always, not only while others wait: a step cannot be interrupted,
+    /// so a request that arrives during a lone long prompt's step waits for the rest of it; with
+    /// short steps its first token never waits for much of someone else's prompt.
     fn prefill_cap(&self) -> usize {
-        let threshold = self.cfg.long_prefill_token_threshold;
-        let prefilling = |id: &SeqId| self.seqs.get(id).is_some_and(|s| s.len.saturating_sub(s.num_computed) > 1);
-        let contenders = self.waiting.len() + self.running.iter().filter(|id| prefilling(id)).count();
-        if threshold == 0 || contenders < 2 {
-            usize::MAX
-        } else {
-            threshold
+        match self.cfg.long_prefill_token_threshold {
+            0 => usize::MAX,
+            threshold => threshold,
         }
     }
 

@@ -49,9 +49,9 @@ pub struct EngineArgs {
     /// it with 400 (default: 8 x --max-num-batched-tokens, at least the context length).
     #[arg(long, env = "KILN_MAX_WAITING_TOKENS")]
     pub max_waiting_tokens: Option<usize>,
-    /// Most prompt tokens one request computes per step while others wait or prefill, so a
-    /// short request never waits for a long prompt's whole prefill (default: a quarter of
-    /// --max-num-batched-tokens; 0: no cap).
+    /// Most prompt tokens one request computes per step, so a request arriving during a long
+    /// prompt's prefill waits at most about one short step (default: a sixteenth of
+    /// --max-num-batched-tokens, 128 by default; 0: no cap).
     #[arg(long, env = "KILN_LONG_PREFILL_TOKEN_THRESHOLD")]
     pub long_prefill_token_threshold: Option<usize>,
     /// Sampling defaults for fields a request leaves out, over the model's own
@@ -118,7 +118,7 @@ impl EngineArgs {
             max_waiting_tokens: self.max_waiting_tokens,
             long_prefill_token_threshold: self
                 .long_prefill_token_threshold
-                .unwrap_or((self.max_num_batched_tokens / 4).max(16)),
+                .unwrap_or((self.max_num_batched_tokens / 16).max(16)),
             grammar: self.grammar_limits()?,
             ..EngineConfig::default()
         })

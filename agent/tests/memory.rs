@@ -4,7 +4,7 @@
 //! across a reopen and across `kill -9` of a writing process.
 
 use anyhow::{ensure, Context, Result};
-use kiln_agent::memory::{Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, Scope, SearchQuery};
+use kiln_agent::memory::{Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, Scope, SearchMode, SearchQuery};
 use kiln_inference::embed::{start_embedder, EmbedConfig, EmbedHandle};
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet};
@@ -54,7 +54,7 @@ fn note(text: &str, metadata: Value) -> NewMemory {
 }
 
 fn query(q: &str, top_k: usize) -> SearchQuery {
-    SearchQuery { query: q.into(), top_k, score_threshold: None, filter: Map::new() }
+    SearchQuery { query: q.into(), top_k, score_threshold: None, filter: Map::new(), mode: SearchMode::Dense }
 }
 
 /// Deterministic pseudo-random numbers (xorshift) so every run writes the same data.

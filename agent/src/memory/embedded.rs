@@ -1,20 +1,24 @@
 //! The embedded memory backend: one qdrant-edge shard (Qdrant's engine, in process) in a
-//! directory. Owns the shard's config (one cosine dense vector), its payload indexes, the filter
+//! directory. Owns the shard's config (an unnamed cosine dense vector and the `bm25` sparse vector
+//! with Qdrant's IDF modifier), its payload indexes, the filter
 //! translation and durability: every write is flushed (WAL and segments, fsync) before it returns,
 //! because qdrant-edge 0.7.2 does not replay its WAL on load. Must not: embed text, resolve
 //! conflicts or know scopes' syntax (it filters on the payload fields it is given). All methods
 //! block (disk I/O); async callers run them on `spawn_blocking`.
 
+use super::hybrid::SPARSE;
 use super::MemoryError;
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::external::uuid::Uuid;
 use qdrant_edge::{
-    Condition, CreateIndex, Distance, EdgeConfigBuilder, EdgeShard, EdgeVectorParamsBuilder, FieldCondition,
-    FieldIndexOperations, Filter, JsonPath, Match, NamedQuery, PayloadFieldSchema, PayloadOps, PayloadSchemaType,
-    PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum, Range, ScrollRequest, SearchRequest,
-    SetPayloadOp, UpdateOperation, VectorInternal, WithPayloadInterface,
+    Condition, CreateIndex, CreateVectorName, Distance, EdgeConfigBuilder, EdgeShard, EdgeSparseVectorParamsBuilder,
+    EdgeVectorParamsBuilder, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, Modifier, NamedQuery,
+    PayloadFieldSchema, PayloadOps, PayloadSchemaType, PointId, PointInsertOperations, PointOperations, PointStruct,
+    QueryEnum, Range, ScrollRequest, SearchRequest, SetPayloadOp, SparseVector, SparseVectorConfig, UpdateOperation,
+    Vector, VectorInternal, VectorNameConfig, VectorNameOperations, Vectors, WithPayloadInterface,
 };
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -29,8 +33,14 @@ pub enum Cond {
     Lte(String, i64),
 }
 
-/// A point to write: id, its vector, its payload.
-pub type NewPoint = (Uuid, Vec<f32>, Map<String, Value>);
+/// A point to write: its text's embedding and BM25 terms, and its payload.
+#[derive(Debug, Clone)]
+pub struct NewPoint {
+    pub id: Uuid,
+    pub dense: Vec<f32>,
+    pub sparse: SparseVector,
+    pub payload: Map<String, Value>,
+}
 
 /// A stored point: id, payload, and (on search) its cosine score.
 #[derive(Debug, Clone)]
@@ -83,14 +93,28 @@ impl EmbeddedBackend {
             shard
         } else {
             let params = EdgeVectorParamsBuilder::new(dim, Distance::Cosine).build();
-            let config = EdgeConfigBuilder::new().vector("", params).build();
+            let sparse = EdgeSparseVectorParamsBuilder::new().modifier(Modifier::Idf).build();
+            let config = EdgeConfigBuilder::new().vector("", params).sparse_vector(SPARSE, sparse).build();
             EdgeShard::new(dir, config).map_err(backend("create memory shard"))?
         };
+        let missing_sparse = !shard.config().sparse_vectors.contains_key(SPARSE);
         let me = Self { shard: RwLock::new(shard), dim, path: dir.to_path_buf() };
         if !existing {
             me.create_indexes()?;
         }
+        if missing_sparse {
+            me.add_sparse_vector()?;
+        }
         Ok(me)
+    }
+
+    /// A shard written before keyword search existed gets its `bm25` vector now. Its older
+    /// points have no terms (they are still found by meaning); new and updated ones do.
+    fn add_sparse_vector(&self) -> Result<(), MemoryError> {
+        let config = VectorNameConfig::sparse(SparseVectorConfig { modifier: Some(Modifier::Idf), datatype: None });
+        let op = CreateVectorName { vector_name: SPARSE.into(), config };
+        tracing::warn!(path = %self.path.display(), "memory shard predates keyword search: adding its `bm25` vector");
+        self.write(UpdateOperation::VectorNameOperation(VectorNameOperations::CreateVectorName(op)))
     }
 
     pub fn dim(&self) -> usize {
@@ -131,7 +155,13 @@ impl EmbeddedBackend {
         }
         let points = points
             .into_iter()
-            .map(|(id, v, payload)| PointStruct::new(PointId::Uuid(id), v, Value::Object(payload)).into())
+            .map(|p| {
+                let vectors = HashMap::from([
+                    (String::new(), Vector::new_dense(p.dense)),
+                    (SPARSE.to_string(), Vector(VectorInternal::Sparse(p.sparse))),
+                ]);
+                PointStruct::new(PointId::Uuid(p.id), Vectors::from(vectors), Value::Object(p.payload)).into()
+            })
             .collect();
         let op = PointOperations::UpsertPoints(PointInsertOperations::PointsList(points));
         self.write(UpdateOperation::PointOperation(op))
@@ -200,8 +230,27 @@ impl EmbeddedBackend {
         limit: usize,
         threshold: Option<f32>,
     ) -> Result<Vec<Hit>, MemoryError> {
+        self.nearest(NamedQuery { query: VectorInternal::Dense(vector), using: None }, conds, limit, threshold)
+    }
+
+    /// The `limit` best points for the BM25 `terms` (scored with the shard's IDF) among `conds`.
+    pub fn search_sparse(&self, terms: SparseVector, conds: &[Cond], limit: usize) -> Result<Vec<Hit>, MemoryError> {
+        if terms.indices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query = NamedQuery { query: VectorInternal::Sparse(terms), using: Some(SPARSE.into()) };
+        self.nearest(query, conds, limit, None)
+    }
+
+    fn nearest(
+        &self,
+        query: NamedQuery<VectorInternal>,
+        conds: &[Cond],
+        limit: usize,
+        threshold: Option<f32>,
+    ) -> Result<Vec<Hit>, MemoryError> {
         let req = SearchRequest {
-            query: QueryEnum::Nearest(NamedQuery { query: VectorInternal::Dense(vector), using: None }),
+            query: QueryEnum::Nearest(query),
             filter: Some(filter(conds)?),
             params: None,
             limit,

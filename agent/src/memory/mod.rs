@@ -6,15 +6,17 @@
 
 pub mod conflict;
 pub mod embedded;
+pub mod hybrid;
 mod record;
 pub mod scope;
 
 pub use conflict::{resolve, Resolution};
 pub use embedded::EmbeddedBackend;
+pub use hybrid::SearchMode;
 pub use scope::Scope;
 
 use conflict::KeyLocks;
-use embedded::Cond;
+use embedded::{Cond, Hit};
 use kiln_inference::embed::{EmbedHandle, EmbedInput, EmbedOptions};
 use kiln_inference::EngineError;
 use qdrant_edge::external::uuid::Uuid;
@@ -93,12 +95,13 @@ pub struct SearchQuery {
     pub score_threshold: Option<f32>,
     /// Exact matches on top-level metadata fields, all of which must hold.
     pub filter: Map<String, Value>,
+    pub mode: SearchMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ScoredMemory {
     pub memory: Memory,
-    /// Cosine similarity to the query.
+    /// Cosine similarity to the query (dense), BM25 (keyword) or the scaled fused rank (hybrid).
     pub score: f32,
 }
 
@@ -272,7 +275,7 @@ impl MemoryStore {
         .await
     }
 
-    /// The `top_k` memories of `scope` nearest to `q.query` (cosine), best first.
+    /// The `top_k` memories of `scope` best matching `q.query` under `q.mode`, best first.
     pub async fn search(&self, scope: &Scope, q: SearchQuery) -> Result<Vec<ScoredMemory>, MemoryError> {
         if q.query.trim().is_empty() {
             return Err(invalid("query", "query must not be empty"));
@@ -286,9 +289,30 @@ impl MemoryStore {
             conds.push(Cond::Eq(format!("metadata.{k}"), v));
         }
         self.ensure_scope(scope).await?;
-        let vector = self.embed(vec![q.query]).await?.pop().unwrap_or_default();
+        let (mode, top_k, threshold) = (q.mode, q.top_k, q.score_threshold);
+        let vector = match mode {
+            SearchMode::Keyword => Vec::new(),
+            _ => self.embed(vec![q.query.clone()]).await?.pop().unwrap_or_default(),
+        };
         let inner = self.inner.clone();
-        let hits = blocking(move || inner.backend.search(vector, &conds, q.top_k, q.score_threshold)).await?;
+        let hits = blocking(move || {
+            let b = &inner.backend;
+            match mode {
+                SearchMode::Dense => b.search(vector, &conds, top_k, threshold),
+                SearchMode::Keyword => {
+                    let hits = b.search_sparse(hybrid::query(&q.query), &conds, top_k)?;
+                    Ok(hits.into_iter().filter(|h| threshold.is_none_or(|t| h.score >= t)).collect())
+                }
+                SearchMode::Hybrid => {
+                    // Each ranking contributes its own candidates; fusion decides the order.
+                    let depth = (top_k * 4).clamp(40, MAX_LIMIT);
+                    let dense = b.search(vector, &conds, depth, None)?;
+                    let sparse = b.search_sparse(hybrid::query(&q.query), &conds, depth)?;
+                    Ok(fuse(dense, sparse, top_k, threshold))
+                }
+            }
+        })
+        .await?;
         hits.iter().map(|h| Ok(ScoredMemory { memory: record::memory(h)?, score: h.score })).collect()
     }
 
@@ -386,6 +410,18 @@ impl MemoryStore {
         let inner = self.inner.clone();
         blocking(move || inner.backend.delete_where(&[Cond::Lte("expires_at".into(), now_ms())])).await
     }
+}
+
+/// RRF of the two rankings; each hit's score becomes its scaled fused score.
+fn fuse(dense: Vec<Hit>, sparse: Vec<Hit>, top_k: usize, threshold: Option<f32>) -> Vec<Hit> {
+    let ids = |hits: &[Hit]| hits.iter().map(|h| h.id).collect::<Vec<_>>();
+    let fused = hybrid::rrf(&[ids(&dense), ids(&sparse)], top_k);
+    let mut by_id: std::collections::HashMap<Uuid, Hit> = sparse.into_iter().chain(dense).map(|h| (h.id, h)).collect();
+    fused
+        .into_iter()
+        .filter(|(_, score)| threshold.is_none_or(|t| *score >= t))
+        .filter_map(|(id, score)| by_id.remove(&id).map(|h| Hit { score, ..h }))
+        .collect()
 }
 
 fn validate_text(t: &str) -> Result<(), MemoryError> {

@@ -4,6 +4,7 @@
 //! conflicts or touch the backend.
 
 use super::embedded::{Hit, NewPoint};
+use super::hybrid;
 use super::{conflict, HistoryEntry, Memory, MemoryError, MemoryPatch, NewMemory, Scope};
 use qdrant_edge::external::uuid::Uuid;
 use serde_json::{json, Map, Value};
@@ -72,7 +73,7 @@ pub fn payload(m: &Memory) -> Map<String, Value> {
 
 pub fn point(m: &Memory, vector: Vec<f32>) -> Result<NewPoint, MemoryError> {
     let id = Uuid::parse_str(&m.id).map_err(|e| MemoryError::Backend(format!("bad memory id {}: {e}", m.id)))?;
-    Ok((id, vector, payload(m)))
+    Ok(NewPoint { id, dense: vector, sparse: hybrid::document(&m.text), payload: payload(m) })
 }
 
 /// Reads a stored point back; a payload the store did not write is a backend error, not a panic.

@@ -12,7 +12,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use serde_json::{json, Map, Value};
 
 use super::{Tool, ToolDef, ToolError};
-use crate::memory::{MemoryStore, NewMemory, Scope, SearchQuery};
+use crate::memory::{MemoryStore, NewMemory, Scope, SearchMode, SearchQuery};
 
 pub const STORE: &str = "memory_store";
 pub const SEARCH: &str = "memory_search";
@@ -103,7 +103,7 @@ impl Tool for SearchTool {
         async move {
             let query = text_arg(&args, "query")?;
             let top_k = args.get("top_k").and_then(Value::as_u64).unwrap_or(5).clamp(1, MAX_TOP_K) as usize;
-            let q = SearchQuery { query, top_k, score_threshold: None, filter: Map::new() };
+            let q = SearchQuery { query, top_k, score_threshold: None, filter: Map::new(), mode: SearchMode::Hybrid };
             // A scope nothing was stored in yet is an empty memory, not an error for the model.
             let hits = match store.search(&scope, q).await {
                 Ok(hits) => hits,

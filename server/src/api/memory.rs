@@ -17,7 +17,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use kiln_agent::memory::{Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, Scope, SearchQuery};
+use kiln_agent::memory::{Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, Scope, SearchMode, SearchQuery};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -114,6 +114,9 @@ pub(super) struct SearchBody {
     filter: Option<Map<String, Value>>,
     #[serde(default)]
     score_threshold: Option<f32>,
+    /// `dense` (cosine, the default), `keyword` (BM25) or `hybrid` (both, fused by rank).
+    #[serde(default)]
+    mode: SearchMode,
 }
 
 pub async fn search(
@@ -128,6 +131,7 @@ pub async fn search(
         top_k: b.top_k.unwrap_or(10),
         score_threshold: b.score_threshold,
         filter: b.filter.unwrap_or_default(),
+        mode: b.mode,
     };
     let hits = store(&state)?.search(&scope(&s, &who)?, q).await?;
     let data: Vec<Value> = hits

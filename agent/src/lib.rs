@@ -13,6 +13,7 @@ pub mod spec;
 pub mod store;
 pub mod tools;
 pub mod turn;
+pub mod vector_stores;
 
 pub use events::RunEvent;
 pub use runtime::{AgentRuntime, RunError, RunInput, RuntimeConfig};

@@ -96,7 +96,13 @@ impl Driver {
         let callable: Vec<String> =
             self.spec.tool_names().into_iter().filter(|n| !self.history.excluded.contains(n)).collect();
         let forced = self.history.force_answer || (self.plan.is_some() && callable.is_empty());
-        let plan = self.plan.clone();
+        let mut plan = self.plan.clone();
+        // `call_first`: the first turn's grammar allows only calls (the prompt's tools are the
+        // same, so the session's history still matches on the next turn).
+        if let Some(p) = plan.as_mut().filter(|_| self.spec.tool_rules.call_first && self.history.turns == 0 && !forced)
+        {
+            p.choice = ToolChoice::Required;
+        }
         let params = self.params();
         let run_id = self.run.id.clone();
         let events = self.rt.events.clone();

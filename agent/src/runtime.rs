@@ -13,9 +13,11 @@ use crate::run::{DriveEnd, Driver};
 use crate::spec::{AgentSpec, SpecContext, SpecError};
 use crate::store::{RunRecord, RunStatus, RunStore, StepKind, StepRecord, StoreError};
 use crate::tools::client::ClientTool;
+use crate::tools::file_search as file_search_tool;
 use crate::tools::http::{HostAllowlist, HttpTool};
 use crate::tools::memory as memory_tools;
 use crate::tools::{CallLimits, Tool, ToolError, ToolRegistry};
+use crate::vector_stores::VectorStores;
 use kiln_inference::chat::Message;
 use kiln_inference::{EngineError, EngineHandle, SamplingParams};
 use serde_json::{json, Value};
@@ -212,6 +214,7 @@ impl AgentRuntime {
         let mut tools: HashSet<String> = self.inner.registry.names().into_iter().map(str::to_string).collect();
         // Known names whether or not memory is configured: `tools_for` says what is missing.
         tools.extend(memory_tools::NAMES.map(str::to_string));
+        tools.insert(file_search_tool::NAME.to_string());
         SpecContext { models: self.inner.config.models.clone(), tools }
     }
 
@@ -423,6 +426,10 @@ impl Inner {
             if out.contains_key(name) {
                 continue;
             }
+            if name == file_search_tool::NAME {
+                out.insert(name.clone(), self.file_search_tool(spec, i)?);
+                continue;
+            }
             if memory_tools::NAMES.contains(&name.as_str()) {
                 let store = self.config.memory.clone().ok_or_else(|| {
                     let why = format!("'{name}' needs the memory store: start kiln with --embedding-model PATH");
@@ -438,6 +445,20 @@ impl Inner {
             out.insert(name.clone(), tool.clone());
         }
         Ok(out)
+    }
+}
+
+impl Inner {
+    /// The `file_search` tool bound to the agent's `file_search` settings (`tools[i]` lists it).
+    fn file_search_tool(&self, spec: &AgentSpec, i: usize) -> Result<Arc<dyn Tool>, RunError> {
+        let settings = spec.file_search.clone().ok_or_else(|| {
+            RunError::Invalid("file_search".into(), "`file_search` in tools needs its vector_store_ids".into())
+        })?;
+        let memory = self.config.memory.clone().ok_or_else(|| {
+            let why = "'file_search' needs the memory store: start kiln with --embedding-model PATH";
+            RunError::Invalid(format!("tools[{i}]"), why.into())
+        })?;
+        Ok(file_search_tool::bound(VectorStores::new(self.store.clone(), Some(memory)), settings))
     }
 }
 

@@ -48,6 +48,27 @@ pub struct ToolRules {
     /// A call to one of these pauses the run (`requires_action`) until it is approved.
     #[serde(default)]
     pub requires_approval: Vec<String>,
+    /// The run's first model turn must call a tool (the Responses API's `tool_choice:
+    /// "required"`); later turns choose freely.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub call_first: bool,
+}
+
+/// The `file_search` tool's settings (the Responses API's `file_search` tool): the vector stores
+/// it searches and how. An agent listing `file_search` in `tools` needs them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileSearchSpec {
+    pub vector_store_ids: Vec<String>,
+    /// Chunks per search, 1..=50 (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_num_results: Option<usize>,
+    /// OpenAI's attribute filter (comparison or compound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Value>,
+    /// Chunks scoring below are left out (`ranking_options.score_threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_threshold: Option<f32>,
 }
 
 /// One agent: its instructions, model, tools and limits.
@@ -86,6 +107,9 @@ pub struct AgentSpec {
     pub tool_rules: ToolRules,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// What the `file_search` tool searches (needed when `tools` lists it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_search: Option<FileSearchSpec>,
 }
 
 fn default_max_steps() -> u32 {
@@ -251,7 +275,18 @@ impl AgentSpec {
         if self.tool_rules.max_calls_per_step == Some(0) {
             return Err(SpecError::new("tool_rules.max_calls_per_step", "must be at least 1"));
         }
-        Ok(())
+        if self.tool_rules.call_first && names.is_empty() {
+            return Err(SpecError::new("tool_rules.call_first", "the agent has no tools to call"));
+        }
+        let searches = names.iter().any(|n| n == crate::tools::file_search::NAME);
+        match &self.file_search {
+            None if searches => Err(SpecError::new("file_search", "`file_search` in tools needs its vector_store_ids")),
+            Some(f) if f.vector_store_ids.is_empty() => {
+                Err(SpecError::new("file_search.vector_store_ids", "must name at least one vector store"))
+            }
+            Some(f) => crate::tools::file_search::check(f).map_err(|(field, m)| SpecError::new(field, m)),
+            None => Ok(()),
+        }
     }
 
     /// Compiles the instructions template (syntax only: variables come with each run).

@@ -1,4 +1,6 @@
-//! Memory scopes: `agent:{name}`, `user:{id}`, `run:{id}` and `global`, parsed and validated here.
+//! Memory scopes: `agent:{name}`, `user:{id}`, `run:{id}` and `global`, parsed and validated here,
+//! and `vs:{id}`, a vector store's chunks (see `crate::vector_stores`): that one is never parsed
+//! from a string, so the memory routes, which take scopes as strings, cannot reach it.
 //! A scope is stored as the `scope` payload field of every memory (a keyword index), and every
 //! read or delete the store issues carries a must-match condition on it, so no operation can
 //! cross scopes. Must not: know the backend's filter types or HTTP.
@@ -21,6 +23,9 @@ pub enum Scope {
     Run(String),
     /// Shared by every agent; keyed facts resolve conflicts by priority, then time.
     Global,
+    /// The chunks of one vector store's files; written and read only through the vector stores
+    /// API (its files carry their own attributes and lifecycle), never as a memory scope.
+    VectorStore(String),
 }
 
 impl Scope {
@@ -31,6 +36,7 @@ impl Scope {
             Scope::User(_) => "user",
             Scope::Run(_) => "run",
             Scope::Global => "global",
+            Scope::VectorStore(_) => "vs",
         }
     }
 }
@@ -42,6 +48,7 @@ impl fmt::Display for Scope {
             Scope::User(n) => write!(f, "user:{n}"),
             Scope::Run(n) => write!(f, "run:{n}"),
             Scope::Global => f.write_str("global"),
+            Scope::VectorStore(n) => write!(f, "vs:{n}"),
         }
     }
 }
@@ -65,6 +72,7 @@ impl FromStr for Scope {
             "agent" => Ok(Scope::Agent(name)),
             "user" => Ok(Scope::User(name)),
             "run" => Ok(Scope::Run(name)),
+            "vs" => Err(invalid(format!("`{s}` is a vector store's scope; use the vector stores API for it"))),
             _ => Err(invalid(format!("unknown scope kind `{kind}` (agent, user, run or global)"))),
         }
     }
@@ -103,5 +111,8 @@ mod tests {
             assert!(matches!(err, MemoryError::Invalid { field: "scope", .. }), "{s}: {err}");
         }
         assert!(format!("agent:{}", "x".repeat(129)).parse::<Scope>().is_err());
+        // Printed, never parsed: the memory routes cannot name a vector store's chunks.
+        assert_eq!(Scope::VectorStore("vs_1".into()).to_string(), "vs:vs_1");
+        assert!("vs:vs_1".parse::<Scope>().is_err());
     }
 }

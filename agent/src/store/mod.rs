@@ -1,4 +1,5 @@
-//! The durable run store: agents, runs, steps, leases and stored responses, in SQLite (default)
+//! The durable run store: agents, runs, steps, leases, stored responses, and uploaded files and
+//! vector store records (`files.rs`), in SQLite (default)
 //! or Postgres through one sqlx code path.
 //!
 //! It owns the schema (embedded migrations, run at open), the record types and every SQL statement.
@@ -11,9 +12,12 @@
 //! backend-specific code is connection setup (SQLite: WAL, create-if-missing; Postgres: an
 //! advisory lock around migrations so two processes opening one database do not race).
 
+mod files;
 mod leases;
 mod runs;
 mod schema;
+
+pub use files::{FileRecord, Page, VectorStoreRow, VsFileRow};
 
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -54,6 +54,39 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
     ),
     // Stored responses expire by age (`RunStore::prune_responses`).
     (2, &["CREATE INDEX IF NOT EXISTS kiln_responses_created ON kiln_responses (created_at)"]),
+    // Files and vector stores (OpenAI's Files and Vector Stores APIs). Ids are time-ordered
+    // (UUIDv7), so `ORDER BY id` is creation order and `after` paging is one range condition.
+    // `content` is BYTEA: Postgres' binary type; SQLite takes any type name and keeps a bound
+    // blob as a blob (BYTEA gets NUMERIC affinity, which never converts blobs).
+    (
+        3,
+        &[
+            "CREATE TABLE IF NOT EXISTS kiln_files (
+            id TEXT PRIMARY KEY,
+            filename TEXT NOT NULL,
+            purpose TEXT NOT NULL,
+            bytes BIGINT NOT NULL,
+            content BYTEA NOT NULL,
+            created_at BIGINT NOT NULL
+        )",
+            "CREATE TABLE IF NOT EXISTS kiln_vector_stores (
+            id TEXT PRIMARY KEY,
+            body TEXT NOT NULL,
+            created_at BIGINT NOT NULL
+        )",
+            // One row per (store, file): status, chunking, attributes and the chunks' memory ids
+            // (so a detach deletes exactly those chunks).
+            "CREATE TABLE IF NOT EXISTS kiln_vector_store_files (
+            vector_store_id TEXT NOT NULL,
+            file_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            chunk_ids TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (vector_store_id, file_id)
+        )",
+            "CREATE INDEX IF NOT EXISTS kiln_vector_store_files_file ON kiln_vector_store_files (file_id)",
+        ],
+    ),
 ];
 
 /// An arbitrary constant naming kiln's migration lock among Postgres advisory locks.

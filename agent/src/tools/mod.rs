@@ -8,6 +8,7 @@
 pub mod builtin;
 pub mod calc;
 pub mod client;
+pub mod file_search;
 pub mod http;
 pub mod mcp;
 pub mod memory;

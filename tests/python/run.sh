@@ -106,7 +106,8 @@ auth_pid=${pids[-1]}
 qwen_env=()
 if [ -f "$QWEN_FILE" ]; then
   QWEN_PORT=$(free_port)
-  SERVER_MODEL="$QWEN_FILE" SERVER_KV=1G start_server qwen "$QWEN_PORT"
+  # With the embedding model too: test_vector_stores.py's file_search turn runs on it.
+  SERVER_MODEL="$QWEN_FILE" SERVER_KV=1G start_server qwen "$QWEN_PORT" --embedding-model "$EMBED_DIR"
   qwen_pid=${pids[-1]}
   qwen_env=(KILN_QWEN_BASE_URL="http://127.0.0.1:$QWEN_PORT/v1" KILN_QWEN_MODEL="qwen2.5-coder-0.5b-instruct-q4_k_m")
 else

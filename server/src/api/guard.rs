@@ -4,8 +4,11 @@
 //! handler. Also counts requests in flight from the moment their body is in until their response
 //! body is done (streams included): the drain on shutdown waits for exactly those.
 //!
+//! The one exception to "JSON only" is `multipart/form-data` on the file upload route
+//! (`POST /v1/files`, OpenAI's shape), which `files.rs` parses.
+//!
 //! Owns: body admission and the in-flight count. Must not: parse JSON (handlers do) or know
-//! routes.
+//! routes beyond the upload route's path.
 
 use super::error::ApiError;
 use super::{Shared, MAX_BODY_BYTES};
@@ -35,15 +38,25 @@ fn is_json(content_type: &str) -> bool {
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// The path that takes `multipart/form-data` uploads.
+pub const UPLOAD_PATH: &str = "/v1/files";
+
+fn is_multipart(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "multipart/form-data"
+}
+
 /// 415 for a body-carrying method whose declared type is not JSON (a missing type is accepted:
-/// browsers always send one, so only non-browser clients omit it).
-fn check_content_type(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+/// browsers always send one, so only non-browser clients omit it), except a multipart upload to
+/// [`UPLOAD_PATH`].
+fn check_content_type(method: &Method, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     if !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         return Ok(());
     }
     let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
     match ct.to_str() {
         Ok(t) if is_json(t) => Ok(()),
+        Ok(t) if path == UPLOAD_PATH && is_multipart(t) => Ok(()),
         t => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "invalid_request_error",
@@ -80,7 +93,7 @@ pub async fn body_guard(State(state): State<Shared>, req: Request, next: Next) -
     if declared_length(req.headers()).is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return too_large().into_response();
     }
-    if let Err(e) = check_content_type(req.method(), req.headers()) {
+    if let Err(e) = check_content_type(req.method(), req.uri().path(), req.headers()) {
         return e.into_response();
     }
     let (parts, body) = req.into_parts();
@@ -149,5 +162,9 @@ mod tests {
         for bad in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""] {
             assert!(!is_json(bad), "{bad}");
         }
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "multipart/form-data; boundary=x".parse().unwrap());
+        assert!(check_content_type(&Method::POST, UPLOAD_PATH, &h).is_ok());
+        assert!(check_content_type(&Method::POST, "/v1/chat/completions", &h).is_err());
     }
 }

@@ -13,12 +13,14 @@ mod chat_json;
 pub mod completions;
 mod embeddings;
 pub mod error;
+mod files;
 mod generation;
 mod guard;
 pub mod jwt;
 mod logprobs;
 mod memory;
 mod misc;
+mod multipart;
 mod openapi;
 mod openapi_shapes;
 pub mod ratelimit;
@@ -27,11 +29,13 @@ mod response_format;
 mod responses;
 mod responses_agent;
 mod responses_agent_sse;
+mod responses_file_search;
 mod responses_items;
 mod responses_sse;
 pub mod responses_store;
 pub mod scopes;
 mod sse;
+mod vector_stores;
 
 use crate::metrics::Metrics;
 use access::AccessPolicy;
@@ -280,6 +284,18 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/memory/{scope}", post(memory::add).get(memory::list).delete(memory::delete_scope))
         .route("/v1/memory/{scope}/search", post(memory::search))
         .route("/v1/memory/{scope}/{id}", get(memory::get).patch(memory::patch).delete(memory::delete))
+        // Files and vector stores (issue 12: retrieval).
+        .route("/v1/files", post(files::create).get(files::list))
+        .route("/v1/files/{file_id}", get(files::get).delete(files::delete))
+        .route("/v1/files/{file_id}/content", get(files::content))
+        .route("/v1/vector_stores", post(vector_stores::create).get(vector_stores::list))
+        .route(
+            "/v1/vector_stores/{id}",
+            get(vector_stores::get).post(vector_stores::update).delete(vector_stores::delete),
+        )
+        .route("/v1/vector_stores/{id}/files", post(vector_stores::attach).get(vector_stores::list_files))
+        .route("/v1/vector_stores/{id}/files/{file_id}", get(vector_stores::get_file).delete(vector_stores::detach))
+        .route("/v1/vector_stores/{id}/search", post(vector_stores::search))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

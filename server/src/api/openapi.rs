@@ -10,12 +10,17 @@
 
 use super::agents::{Decision, RunRequest, ToolOutputs};
 use super::embeddings::EmbeddingRequest;
+use super::files::ListQuery as FilesListQuery;
 use super::memory::{AddBody, ListQuery as MemoryListQuery, PatchBody, SearchBody};
 use super::misc::{DetokenizeRequest, TokenizeRequest};
 use super::request::{ChatRequest, CompletionRequest, Sampling};
 use super::responses::ListQuery as ResponsesListQuery;
 use super::responses_items::ResponsesRequest;
 use super::scopes::{rule_for, Need};
+use super::vector_stores::{
+    AttachBody as VsAttachBody, CreateBody as VsCreateBody, FilesQuery as VsFilesQuery, ListQuery as VsListQuery,
+    SearchBody as VsSearchBody, UpdateBody as VsUpdateBody,
+};
 use axum::http::Method;
 use kiln_agent::AgentSpec;
 use schemars::gen::{SchemaGenerator, SchemaSettings};
@@ -37,6 +42,8 @@ enum Answer {
     Text,
     /// A WebSocket upgrade (101).
     WebSocket,
+    /// Bytes as stored (a file's content).
+    Bytes,
 }
 
 /// One operation: a method on a path template.
@@ -48,6 +55,8 @@ struct Op {
     tag: &'static str,
     body: Option<SchemaFn>,
     query: Option<SchemaFn>,
+    /// The body is `multipart/form-data` (a file upload), not JSON.
+    form: bool,
     answer: Answer,
 }
 
@@ -58,12 +67,17 @@ const fn op(
     tag: &'static str,
     summary: &'static str,
 ) -> Op {
-    Op { method, path, id, summary, tag, body: None, query: None, answer: Answer::Json }
+    Op { method, path, id, summary, tag, body: None, query: None, form: false, answer: Answer::Json }
 }
 
 impl Op {
     const fn body(mut self, f: SchemaFn) -> Op {
         self.body = Some(f);
+        self
+    }
+    const fn form(mut self, f: SchemaFn) -> Op {
+        self.body = Some(f);
+        self.form = true;
         self
     }
     const fn query(mut self, f: SchemaFn) -> Op {
@@ -92,12 +106,22 @@ fn with_sampling<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
     serde_json::from_value(json!({"allOf": [req, sampling]})).expect("allOf of two schemas")
 }
 
+/// `POST /v1/files`: OpenAI's multipart upload.
+fn upload(_: &mut SchemaGenerator) -> Schema {
+    let purposes: Vec<&str> = kiln_agent::vector_stores::PURPOSES.to_vec();
+    serde_json::from_value(json!({"type": "object", "required": ["file", "purpose"], "properties": {
+        "file": {"type": "string", "format": "binary",
+            "description": "At most 4 MiB; only UTF-8 text files can be attached to a vector store."},
+        "purpose": {"enum": purposes}}}))
+    .expect("a literal schema")
+}
+
 fn any_object(_: &mut SchemaGenerator) -> Schema {
     serde_json::from_value(json!({"type": "object", "description": "A JSON merge patch of the agent's fields."}))
         .expect("a literal schema")
 }
 
-use Answer::{JsonOrStream, Text, WebSocket};
+use Answer::{Bytes, JsonOrStream, Text, WebSocket};
 
 /// Every operation kiln serves.
 const OPS: &[Op] = &[
@@ -150,6 +174,57 @@ const OPS: &[Op] = &[
     op("get", "/v1/memory/{scope}/{id}", "getMemory", "memory", "One memory."),
     op("patch", "/v1/memory/{scope}/{id}", "updateMemory", "memory", "Changes a memory.").body(schema_of::<PatchBody>),
     op("delete", "/v1/memory/{scope}/{id}", "deleteMemory", "memory", "Deletes a memory."),
+    op("post", "/v1/files", "createFile", "files", "Uploads a file (multipart: file, purpose).").form(upload),
+    op("get", "/v1/files", "listFiles", "files", "The uploaded files, paged.").query(inline::<FilesListQuery>),
+    op("get", "/v1/files/{file_id}", "retrieveFile", "files", "One file's metadata."),
+    op("delete", "/v1/files/{file_id}", "deleteFile", "files", "Deletes a file (and removes it from vector stores)."),
+    op("get", "/v1/files/{file_id}/content", "downloadFile", "files", "A file's bytes.").answer(Bytes),
+    op("post", "/v1/vector_stores", "createVectorStore", "vector_stores", "Creates a vector store.")
+        .body(schema_of::<VsCreateBody>),
+    op("get", "/v1/vector_stores", "listVectorStores", "vector_stores", "The vector stores, paged.")
+        .query(inline::<VsListQuery>),
+    op("get", "/v1/vector_stores/{id}", "getVectorStore", "vector_stores", "One vector store."),
+    op("post", "/v1/vector_stores/{id}", "modifyVectorStore", "vector_stores", "Changes a vector store.")
+        .body(schema_of::<VsUpdateBody>),
+    op(
+        "delete",
+        "/v1/vector_stores/{id}",
+        "deleteVectorStore",
+        "vector_stores",
+        "Deletes a vector store and its chunks.",
+    ),
+    op(
+        "post",
+        "/v1/vector_stores/{id}/files",
+        "createVectorStoreFile",
+        "vector_stores",
+        "Attaches (ingests) a text file.",
+    )
+    .body(schema_of::<VsAttachBody>),
+    op(
+        "get",
+        "/v1/vector_stores/{id}/files",
+        "listVectorStoreFiles",
+        "vector_stores",
+        "A vector store's files, paged.",
+    )
+    .query(inline::<VsFilesQuery>),
+    op("get", "/v1/vector_stores/{id}/files/{file_id}", "getVectorStoreFile", "vector_stores", "One attached file."),
+    op(
+        "delete",
+        "/v1/vector_stores/{id}/files/{file_id}",
+        "deleteVectorStoreFile",
+        "vector_stores",
+        "Detaches a file.",
+    ),
+    op(
+        "post",
+        "/v1/vector_stores/{id}/search",
+        "searchVectorStore",
+        "vector_stores",
+        "Hybrid search of a vector store.",
+    )
+    .body(schema_of::<VsSearchBody>),
 ];
 
 /// The document for a server serving the chat model `chat` (and the embedding model `embed`):
@@ -221,7 +296,8 @@ fn operation(o: &Op, gen: &mut SchemaGenerator) -> Value {
     }
     if let Some(b) = o.body {
         let schema = serde_json::to_value(b(gen)).expect("schema");
-        v["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+        let ct = if o.form { "multipart/form-data" } else { "application/json" };
+        v["requestBody"] = json!({"required": true, "content": {ct: {"schema": schema}}});
     }
     v
 }
@@ -278,6 +354,8 @@ fn responses(answer: Answer) -> Value {
             "application/json": object, "text/event-stream": {"schema": {"type": "string"}}}}),
         Answer::Text => json!({"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}),
         Answer::WebSocket => json!({"description": "OK"}),
+        Answer::Bytes => json!({"description": "OK", "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}}),
     };
     let err = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let mut r = json!({"200": ok, "4XX": err("A client error (OpenAI's error body)"),

@@ -128,7 +128,8 @@ pub fn responses_input(_: &mut SchemaGenerator) -> Schema {
     ]})))
 }
 
-/// The Responses API's `tools`: flat function tools, and `mcp` tools naming a configured server.
+/// The Responses API's `tools`: flat function tools, `mcp` tools naming a configured server, and
+/// `file_search` over kiln's vector stores.
 pub fn responses_tools(_: &mut SchemaGenerator) -> Schema {
     let function = json!({"type": "object", "required": ["type", "name"], "properties": {
         "type": {"const": "function"}, "name": {"type": "string"}, "description": {"type": "string"},
@@ -138,7 +139,7 @@ pub fn responses_tools(_: &mut SchemaGenerator) -> Schema {
         "server_label": {"type": "string", "description": "A server of --mcp-config, or `kiln` for the builtins."},
         "allowed_tools": {"type": "array", "items": {"type": "string"}},
         "require_approval": {"anyOf": [{"enum": ["always", "never"]}, {"type": "object"}]}}});
-    schema(nullable(json!({"type": "array", "items": {"anyOf": [function, mcp]}})))
+    schema(nullable(json!({"type": "array", "items": {"anyOf": [function, mcp, file_search_tool()]}})))
 }
 
 /// The Responses API's `tool_choice`: a mode, or `{"type": "function", "name"}` (flat).
@@ -147,6 +148,7 @@ pub fn responses_tool_choice(_: &mut SchemaGenerator) -> Schema {
         {"enum": ["none", "auto", "required"]},
         {"type": "object", "required": ["type", "name"], "properties": {
             "type": {"const": "function"}, "name": {"type": "string"}}},
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "file_search"}}},
     ]})))
 }
 
@@ -164,4 +166,79 @@ pub fn responses_text(_: &mut SchemaGenerator) -> Schema {
 /// Any JSON value (`metadata` values, agent `variables`, `reasoning`).
 pub fn any_object(_: &mut SchemaGenerator) -> Schema {
     schema(nullable(json!({"type": "object"})))
+}
+
+/// A vector store file's `chunking_strategy`.
+pub fn chunking_strategy(_: &mut SchemaGenerator) -> Schema {
+    schema(nullable(json!({"oneOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "auto"}}},
+        {"type": "object", "required": ["type", "static"], "properties": {
+            "type": {"const": "static"},
+            "static": {"type": "object", "required": ["max_chunk_size_tokens", "chunk_overlap_tokens"], "properties": {
+                "max_chunk_size_tokens": {"type": "integer", "minimum": 100, "maximum": 4096,
+                    "description": "Capped to what the embedding model reads in one input (254 for all-MiniLM-L6-v2)."},
+                "chunk_overlap_tokens": {"type": "integer", "minimum": 0,
+                    "description": "At most half of max_chunk_size_tokens."}}}}},
+    ]})))
+}
+
+/// A vector store's `expires_after` (echoed; kiln does not expire stores).
+pub fn expires_after(_: &mut SchemaGenerator) -> Schema {
+    schema(nullable(json!({"type": "object", "required": ["anchor", "days"], "properties": {
+        "anchor": {"const": "last_active_at"}, "days": {"type": "integer", "minimum": 1, "maximum": 365}}})))
+}
+
+/// A vector store file's `attributes`: up to 16 keys; strings, numbers or booleans.
+pub fn attributes(_: &mut SchemaGenerator) -> Schema {
+    schema(nullable(json!({"type": "object", "maxProperties": 16, "additionalProperties": {
+        "anyOf": [{"type": "string", "maxLength": 512}, {"type": "number"}, {"type": "boolean"}]}})))
+}
+
+/// A vector store search's `query`: a string or strings.
+pub fn vs_query(_: &mut SchemaGenerator) -> Schema {
+    schema(json!({"anyOf": [{"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "maxItems": 10, "items": {"type": "string", "minLength": 1}}]}))
+}
+
+fn comparison_filter() -> Value {
+    json!({"type": "object", "required": ["type", "key", "value"], "properties": {
+        "type": {"enum": ["eq", "ne", "gt", "gte", "lt", "lte", "in", "nin"]},
+        "key": {"type": "string", "minLength": 1},
+        "value": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"},
+            {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "number"}]}}]}}})
+}
+
+/// OpenAI's attribute `filters`: a comparison, or `and`/`or` of filters.
+pub fn vs_filters(_: &mut SchemaGenerator) -> Schema {
+    schema(nullable(filters_value()))
+}
+
+fn filters_value() -> Value {
+    json!({"anyOf": [comparison_filter(), {"type": "object", "required": ["type", "filters"], "properties": {
+        "type": {"enum": ["and", "or"]}, "filters": {"type": "array", "minItems": 1, "items": comparison_filter()}}}]})
+}
+
+/// `ranking_options`: the ranker (kiln: hybrid search) and a score threshold.
+pub fn ranking_options(_: &mut SchemaGenerator) -> Schema {
+    schema(nullable(ranking_value()))
+}
+
+fn ranking_value() -> Value {
+    json!({"type": "object", "properties": {"ranker": {"enum": ["auto", "none", "default-2024-11-15"]},
+        "score_threshold": {"type": "number", "minimum": 0, "maximum": 1}}})
+}
+
+/// The Responses API's `file_search` tool.
+fn file_search_tool() -> Value {
+    json!({"type": "object", "required": ["type", "vector_store_ids"], "properties": {
+        "type": {"const": "file_search"},
+        "vector_store_ids": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        "max_num_results": {"type": "integer", "minimum": 1, "maximum": 50},
+        "filters": filters_value(),
+        "ranking_options": ranking_value()}})
+}
+
+/// The Responses API's `include`: names of extras.
+pub fn include_list(_: &mut SchemaGenerator) -> Schema {
+    schema(nullable(json!({"type": "array", "items": {"type": "string"}})))
 }

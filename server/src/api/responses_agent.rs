@@ -17,6 +17,7 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::generation::unix_now;
 use super::responses::{load, shell};
+use super::responses_file_search::{self as file_search, FILE_SEARCH};
 use super::responses_items::{self as items, new_id, ResponsesRequest};
 use super::responses_sse as sse;
 use super::scopes::Scope;
@@ -40,7 +41,8 @@ pub const KILN_LABEL: &str = "kiln";
 /// decisions for a paused run.
 pub fn wants_agent(req: &ResponsesRequest) -> bool {
     let typed = |v: &Value, t: &str| v.get("type").and_then(Value::as_str) == Some(t);
-    req.model.starts_with(AGENT_MODEL_PREFIX)
+    searches_files(req)
+        || req.model.starts_with(AGENT_MODEL_PREFIX)
         || req.tools.iter().flatten().any(|t| typed(t, "mcp"))
         || req
             .input
@@ -49,13 +51,35 @@ pub fn wants_agent(req: &ResponsesRequest) -> bool {
             .is_some_and(|a| a.iter().any(|i| typed(i, "mcp_approval_response")))
 }
 
-/// Runs the turn. Server-side tools and agents act beyond inference: the caller needs the
-/// `agents` scope too (`/v1/responses` itself needs only `inference`).
-pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) -> ApiResult<Response> {
-    if !principal.scopes.contains(Scope::Agents) {
-        let m = "This credential lacks the 'agents' scope, which agents and mcp tools in /v1/responses require";
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", m).with_code("insufficient_scope"));
+/// Whether the request has a `file_search` tool.
+fn searches_files(req: &ResponsesRequest) -> bool {
+    req.tools.iter().flatten().any(|t| t.get("type").and_then(Value::as_str) == Some(FILE_SEARCH))
+}
+
+/// Server-side tools and agents act beyond inference (`/v1/responses` itself needs only
+/// `inference`): agents and mcp tools need the `agents` scope, `file_search` (which reads vector
+/// stores) the `memory` scope, like the vector stores API.
+fn check_scopes(principal: &Principal, req: &ResponsesRequest) -> ApiResult<()> {
+    let search = searches_files(req);
+    let only_search = search
+        && !req.model.starts_with(AGENT_MODEL_PREFIX)
+        && !req.tools.iter().flatten().any(|t| t.get("type").and_then(Value::as_str) == Some("mcp"));
+    let missing = if !only_search && !principal.scopes.contains(Scope::Agents) {
+        Some("This credential lacks the 'agents' scope, which agents and mcp tools in /v1/responses require")
+    } else if search && !principal.scopes.contains(Scope::Memory) {
+        Some("This credential lacks the 'memory' scope, which the file_search tool in /v1/responses requires")
+    } else {
+        None
+    };
+    match missing {
+        Some(m) => Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", m).with_code("insufficient_scope")),
+        None => Ok(()),
     }
+}
+
+/// Runs the turn.
+pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) -> ApiResult<Response> {
+    check_scopes(&principal, &req)?;
     state.engine()?;
     let rt = state.agents().ok_or_else(|| ApiError::unavailable("the agent runtime is not started"))?.clone();
     let background = req.background.unwrap_or(false);
@@ -96,7 +120,8 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
     let history = prev.as_ref().map(chain_items).unwrap_or_default();
     let shell = shell(&state, &id, &req);
     let store = req.store.unwrap_or(true);
-    let turn = Turn { state, rt, shell, id, store, input, history, run_id: run_id.clone(), seen };
+    let search_results = includes(&req, "file_search_call.results");
+    let turn = Turn { state, rt, shell, id, store, input, history, run_id: run_id.clone(), seen, search_results };
     let mut resp = if background {
         turn.background(rx).await?
     } else if req.stream.unwrap_or(false) {
@@ -124,13 +149,15 @@ pub struct Turn {
     pub run_id: String,
     /// Steps of the run an earlier response already showed.
     pub seen: usize,
+    /// `include: ["file_search_call.results"]`: `file_search_call` items carry their results.
+    search_results: bool,
 }
 
 impl Turn {
     /// The output items the run's steps have completed so far (what a stream may send now).
     pub async fn items_so_far(&self) -> ApiResult<Vec<Value>> {
         let steps = self.rt.steps(&self.run_id).await?;
-        Ok(output_items(&self.rt, &self.run_id, &steps, self.seen))
+        Ok(output_items(&self.rt, &self.run_id, &steps, (self.seen, self.search_results)))
     }
 
     /// `background: true`: the record is stored `queued` (with the run id, so `cancel` can cancel
@@ -164,7 +191,7 @@ impl Turn {
     pub async fn finish(&self) -> ApiResult<Value> {
         let run = self.rt.get_run(&self.run_id).await?;
         let steps = self.rt.steps(&self.run_id).await?;
-        let response = response_object(&self.rt, &self.shell, &run, &steps, self.seen);
+        let response = response_object(&self.rt, &self.shell, &run, &steps, (self.seen, self.search_results));
         if self.store {
             let record = json!({"response": response, "input": self.input, "history": self.history,
                 "run_id": run.id, "steps_seen": steps.len()});
@@ -203,7 +230,7 @@ async fn start(
         }
         None => {
             state.check_model(&req.model)?;
-            let spec = inline_spec(state, rt, req)?;
+            let spec = inline_spec(state, rt, req).await?;
             (spec.name.clone(), Some(spec))
         }
     };
@@ -269,22 +296,30 @@ fn text(v: &Value, k: &str) -> String {
 
 /// The agent a request with `mcp` tools defines: its instructions (taken literally), the
 /// tools of the named servers, approval as asked (OpenAI's default: every call needs it).
-fn inline_spec(state: &Shared, rt: &AgentRuntime, req: &ResponsesRequest) -> ApiResult<AgentSpec> {
+async fn inline_spec(state: &Shared, rt: &AgentRuntime, req: &ResponsesRequest) -> ApiResult<AgentSpec> {
     let mut tools = Vec::new();
     let mut approval = Vec::new();
     let mut client = Vec::new();
+    let mut search = None;
     for (i, t) in req.tools.iter().flatten().enumerate() {
-        if t.get("type").and_then(Value::as_str) == Some("function") {
-            client.push(client_tool(&format!("tools[{i}]"), t)?);
-            continue;
+        let p = format!("tools[{i}]");
+        match t.get("type").and_then(Value::as_str) {
+            Some("function") => client.push(client_tool(&p, t)?),
+            Some(FILE_SEARCH) if search.is_some() => {
+                return Err(ApiError::invalid(&p, "give one file_search tool (it may list several vector stores)"));
+            }
+            Some(FILE_SEARCH) => {
+                search = Some(file_search::settings(state, &p, t).await?);
+                tools.push(FILE_SEARCH.to_string());
+            }
+            _ => {
+                let (names, ask) = mcp_tool(rt, &p, t)?;
+                approval.extend(names.iter().filter(|n| ask(n)).cloned());
+                tools.extend(names);
+            }
         }
-        let (names, ask) = mcp_tool(rt, &format!("tools[{i}]"), t)?;
-        approval.extend(names.iter().filter(|n| ask(n)).cloned());
-        tools.extend(names);
     }
-    if req.tool_choice.as_ref().is_some_and(|c| c != "auto") {
-        return Err(ApiError::invalid("tool_choice", "with mcp tools only tool_choice 'auto' is supported"));
-    }
+    let call_first = call_first(req.tool_choice.as_ref(), search.is_some())?;
     let output_schema = items::answer_schema(req.text.as_ref())?;
     let max_tokens = match req.max_output_tokens {
         None => 512,
@@ -297,8 +332,24 @@ fn inline_spec(state: &Shared, rt: &AgentRuntime, req: &ResponsesRequest) -> Api
         "max_tokens_per_step": max_tokens, "output_schema": output_schema, "temperature": req.temperature,
     });
     let mut spec = AgentSpec::from_json(def).map_err(|e| ApiError::invalid(&e.field, e.message))?;
-    spec.tool_rules = ToolRules { requires_approval: approval, ..ToolRules::default() };
+    spec.tool_rules = ToolRules { requires_approval: approval, call_first, ..ToolRules::default() };
+    spec.file_search = search;
     Ok(spec)
+}
+
+/// `tool_choice` with server-side tools: `auto`, or `required` (and `{"type": "file_search"}`
+/// with a file_search tool), which makes the first turn call a tool.
+fn call_first(choice: Option<&Value>, search: bool) -> ApiResult<bool> {
+    match choice {
+        None | Some(Value::Null) => Ok(false),
+        Some(c) if c == "auto" => Ok(false),
+        Some(c) if c == "required" => Ok(true),
+        Some(c) if search && c.get("type").and_then(Value::as_str) == Some(FILE_SEARCH) => Ok(true),
+        Some(_) => Err(ApiError::invalid(
+            "tool_choice",
+            "with server-side tools, tool_choice may be 'auto', 'required' or {\"type\": \"file_search\"}",
+        )),
+    }
 }
 
 /// A flat function tool, run by the client: the run pauses at its calls and the response
@@ -370,8 +421,8 @@ fn name_list(p: &str, v: &Value) -> ApiResult<Vec<String>> {
 }
 
 /// The finished response object for a run whose first `seen` steps an earlier response showed.
-fn response_object(rt: &AgentRuntime, shell: &Value, run: &RunRecord, steps: &[StepRecord], seen: usize) -> Value {
-    let mut output = output_items(rt, &run.id, steps, seen);
+fn response_object(rt: &AgentRuntime, shell: &Value, run: &RunRecord, steps: &[StepRecord], shown: Shown) -> Value {
+    let mut output = output_items(rt, &run.id, steps, shown);
     let mut r = shell.clone();
     if run.status == RunStatus::RequiresAction {
         let waiting = run.output.as_ref().and_then(|o| o["required_action"].as_array().cloned()).unwrap_or_default();
@@ -406,6 +457,15 @@ fn response_object(rt: &AgentRuntime, shell: &Value, run: &RunRecord, steps: &[S
     r
 }
 
+/// What a response shows of a run: the steps an earlier response showed (left out), and whether
+/// `file_search_call` items carry their results.
+type Shown = (usize, bool);
+
+/// Whether `include` asks for `what`.
+fn includes(req: &ResponsesRequest, what: &str) -> bool {
+    req.include.as_ref().and_then(Value::as_array).is_some_and(|l| l.iter().any(|i| i == what))
+}
+
 fn label(rt: &AgentRuntime, tool: &str) -> String {
     rt.tool_server(tool).unwrap_or_else(|| KILN_LABEL.to_string())
 }
@@ -414,7 +474,7 @@ fn label(rt: &AgentRuntime, tool: &str) -> String {
 /// `mcp_call` with its output (or error), in the order they were completed, leaving out what the
 /// first `seen` steps completed (an earlier response showed it; a call approved since then was
 /// made before but completes now). Turns the loop guard discarded are left out.
-fn output_items(rt: &AgentRuntime, run_id: &str, steps: &[StepRecord], seen: usize) -> Vec<Value> {
+fn output_items(rt: &AgentRuntime, run_id: &str, steps: &[StepRecord], (seen, results): Shown) -> Vec<Value> {
     // (index of the step that completed the item, item)
     let mut out: Vec<(usize, Value)> = Vec::new();
     for (at, s) in steps.iter().enumerate() {
@@ -430,15 +490,23 @@ fn output_items(rt: &AgentRuntime, run_id: &str, steps: &[StepRecord], seen: usi
                     out.push((at, items::message_item(&id, "assistant", &m.content, "output_text")));
                 }
                 for c in &m.calls {
-                    let call = json!({"type": "mcp_call", "id": c.id, "server_label": label(rt, &c.name),
-                        "name": c.name, "arguments": c.arguments, "output": null, "error": null});
+                    let call = if c.name == FILE_SEARCH {
+                        file_search::call_item(c)
+                    } else {
+                        json!({"type": "mcp_call", "id": c.id, "server_label": label(rt, &c.name),
+                        "name": c.name, "arguments": c.arguments, "output": null, "error": null})
+                    };
                     out.push((usize::MAX, call));
                 }
             }
             StepKind::ToolResult => {
                 let Ok(r) = serde_json::from_value::<ResultStep>(s.data.clone()) else { continue };
                 if let Some((done, item)) = out.iter_mut().find(|(_, it)| it["id"] == r.call_id.as_str()) {
-                    item[if r.is_error { "error" } else { "output" }] = json!(r.content);
+                    if item["type"] == "file_search_call" {
+                        file_search::complete(item, &r, results);
+                    } else {
+                        item[if r.is_error { "error" } else { "output" }] = json!(r.content);
+                    }
                     *done = at;
                 }
             }

@@ -2,7 +2,8 @@
 //! `response.created`, `response.in_progress`, then each output item as soon as the run's steps
 //! complete it (`response.output_item.added` ... `response.output_item.done`; a message's text
 //! arrives as one `response.output_text.delta` when its model step is recorded, an `mcp_call` with
-//! `response.mcp_call.completed` | `.failed`), and one terminal event carrying the stored response
+//! `response.mcp_call.completed` | `.failed`, a `file_search_call` with
+//! `response.file_search_call.in_progress`, `.searching`, `.completed`), and one terminal event carrying the stored response
 //! (`response.completed` | `response.incomplete` | `response.failed`), every event with a rising
 //! `sequence_number`. The terminal response's `output` is exactly the items sent, in order.
 //! Must not: decide what the items are (`responses_agent.rs` does) or drive the run.
@@ -129,6 +130,13 @@ fn item_events(b: &mut OutputBuilder, at: usize, item: &Value) -> Vec<Value> {
         if item["type"] == "mcp_call" {
             let ty = if item["error"].is_null() { "response.mcp_call.completed" } else { "response.mcp_call.failed" };
             ev.push(b.event(ty, json!({"item_id": id, "output_index": at})));
+        }
+        if item["type"] == "file_search_call" {
+            // OpenAI's sequence for a hosted search; the item is sent once its search is done.
+            for ty in ["in_progress", "searching", "completed"] {
+                let ev_type = format!("response.file_search_call.{ty}");
+                ev.push(b.event(&ev_type, json!({"item_id": id, "output_index": at})));
+            }
         }
     }
     ev.push(b.event("response.output_item.done", json!({"output_index": at, "item": item})));

@@ -49,8 +49,11 @@ pub struct ResponsesRequest {
     #[schemars(schema_with = "shapes::any_object")]
     pub reasoning: Option<Value>,
     pub truncation: Option<String>,
-    // `include` asks for extras (logprobs, encrypted reasoning) none of which exist here; like any
-    // unknown field it is ignored.
+    /// Extras to include: `file_search_call.results` is honored; the others (logprobs, encrypted
+    /// reasoning) do not exist here and are ignored.
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::include_list")]
+    pub include: Option<Value>,
 }
 
 /// A fresh id with OpenAI's prefix (`resp`, `msg`, `fc`): clients check prefixes.
@@ -127,7 +130,7 @@ fn input_item(p: &str, it: &Value) -> ApiResult<Option<Value>> {
         "reasoning" | "mcp_list_tools" => Ok(None),
         // Server-side tool calls (see `responses_agent.rs`) come back when a client re-sends the
         // previous output as input; approval items carry decisions.
-        "mcp_call" | "mcp_approval_request" => Ok(Some(it.clone())),
+        "mcp_call" | "mcp_approval_request" | "file_search_call" => Ok(Some(it.clone())),
         "mcp_approval_response" => {
             let approve = obj.get("approve").and_then(Value::as_bool).ok_or_else(|| {
                 ApiError::invalid(&format!("{p}.approve"), format!("{p}.approve must be true or false"))
@@ -188,6 +191,10 @@ fn parts_text(p: &str, parts: &[Value]) -> ApiResult<String> {
     Ok(text)
 }
 
+fn text_of(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
 /// The conversation as chat messages: `instructions` first, then the items in order. Calls
 /// next to each other join one assistant turn; a `function_call_output` must answer a call
 /// made earlier and not answered yet (else a 400 naming it; `first_new` is the index of the
@@ -215,6 +222,29 @@ pub fn to_messages(instructions: Option<&str>, items: &[Value], first_new: usize
             Some("mcp_call") => {
                 let call = ToolCall { id: text("id"), name: text("name"), arguments: text("arguments") };
                 let result = it.get("output").and_then(Value::as_str).map_or_else(|| text("error"), str::to_string);
+                out.push(Message::assistant_calls("", vec![call]));
+                out.push(Message::tool_result(&text("id"), result));
+                calls_allowed = false;
+            }
+            // A search kiln ran: the call and the chunks it found (when they were included).
+            Some("file_search_call") => {
+                let query = it["queries"].get(0).and_then(Value::as_str).unwrap_or_default();
+                let args = json!({"query": query}).to_string();
+                let call = ToolCall { id: text("id"), name: "file_search".into(), arguments: args };
+                let result = match it.get("results").and_then(Value::as_array) {
+                    Some(r) => r
+                        .iter()
+                        .map(|h| {
+                            format!(
+                                "<result filename=\"{}\">\n{}\n</result>",
+                                text_of(&h["filename"]),
+                                text_of(&h["text"])
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    None => "(the results of this search were not kept)".to_string(),
+                };
                 out.push(Message::assistant_calls("", vec![call]));
                 out.push(Message::tool_result(&text("id"), result));
                 calls_allowed = false;

@@ -6,7 +6,9 @@
 //! The split: reading and running agents needs `agents`; changing what an agent *is* (create,
 //! patch, delete its definition: its instructions, tools and HTTP hosts) needs `admin`, because a
 //! definition decides what every later run may do. Memory reads and single-item writes need
-//! `memory`; wiping a whole scope (`DELETE /v1/memory/{scope}`) needs `admin`. `admin` does not
+//! `memory`; wiping a whole scope (`DELETE /v1/memory/{scope}`) needs `admin`. Files and vector
+//! stores (OpenAI's retrieval APIs) need `memory`, deletes included: the OpenAI SDK's ordinary
+//! clean-up (`vector_stores.delete`) must work with the key that created them. `admin` does not
 //! imply the other scopes: an operator key can manage agents without generating text.
 //!
 //! Owns: the scope names, scope sets and the route table. Must not: read credentials or
@@ -149,6 +151,14 @@ pub const ROUTES: &[Rule] = &[
     rule("*", "/v1/memory/{scope}", S(Memory)),
     rule("*", "/v1/memory/{scope}/search", S(Memory)),
     rule("*", "/v1/memory/{scope}/{id}", S(Memory)),
+    rule("*", "/v1/files", S(Memory)),
+    rule("*", "/v1/files/{file_id}", S(Memory)),
+    rule("*", "/v1/files/{file_id}/content", S(Memory)),
+    rule("*", "/v1/vector_stores", S(Memory)),
+    rule("*", "/v1/vector_stores/{id}", S(Memory)),
+    rule("*", "/v1/vector_stores/{id}/files", S(Memory)),
+    rule("*", "/v1/vector_stores/{id}/files/{file_id}", S(Memory)),
+    rule("*", "/v1/vector_stores/{id}/search", S(Memory)),
 ];
 
 /// What a path no route serves needs (the router answers it 404 once a credential is valid).
@@ -208,6 +218,8 @@ mod tests {
         assert_eq!(need(Method::DELETE, "/v1/memory/user:ada"), S(Admin));
         assert_eq!(need(Method::DELETE, "/v1/memory/user:ada/m1"), S(Memory));
         assert_eq!(need(Method::POST, "/v1/memory/user:ada/search"), S(Memory));
+        assert_eq!(need(Method::POST, "/v1/files"), S(Memory));
+        assert_eq!(need(Method::DELETE, "/v1/vector_stores/vs_1/files/file-1"), S(Memory));
         for p in ["/v1/models/", "/v1/agents//runs", "/nope", "/v1/runs/x/y/z", ""] {
             assert_eq!(rule_for(&Method::GET, p).template, "other", "{p}");
         }

@@ -466,3 +466,52 @@ fn statuses_and_kinds_are_snake_case() {
         assert_eq!(serde_json::to_value(k).unwrap(), json!(k.as_str()));
     }
 }
+
+#[tokio::test]
+async fn files_and_vector_stores_keep_bytes_and_page_by_id() -> Result<()> {
+    use kiln_agent::store::{FileRecord, Page, VectorStoreRow, VsFileRow};
+    on_both("files_and_vector_stores", |s, _| async move {
+        // Every byte value, NUL included: Postgres BYTEA and a SQLite blob keep them all.
+        let bytes: Vec<u8> = (0..=255u8).chain([0, 0, 255]).collect();
+        for (i, id) in ["file-a", "file-b", "file-c"].iter().enumerate() {
+            let f = FileRecord {
+                id: id.to_string(),
+                filename: format!("{i}.bin"),
+                purpose: if i == 1 { "batch" } else { "assistants" }.into(),
+                bytes: bytes.len() as i64,
+                created_at: i as i64,
+            };
+            s.put_file(&f, &bytes).await?;
+        }
+        assert_eq!(s.file_content("file-b").await?.unwrap(), bytes);
+        assert_eq!(s.get_file("file-c").await?.unwrap().filename, "2.bin");
+        let page = |after: Option<&str>, desc| Page { limit: 2, after: after.map(str::to_string), before: None, desc };
+        let ids = |v: Vec<FileRecord>| v.into_iter().map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.list_files(&page(None, true), None).await?), ["file-c", "file-b"]);
+        assert_eq!(ids(s.list_files(&page(Some("file-a"), false), None).await?), ["file-b", "file-c"]);
+        assert_eq!(ids(s.list_files(&page(None, false), Some("assistants")).await?), ["file-a", "file-c"]);
+        let vs = VectorStoreRow { id: "vs_1".into(), body: json!({"name": "n"}), created_at: 1 };
+        s.put_vector_store(&vs).await?;
+        s.put_vector_store(&VectorStoreRow { body: json!({"name": "m"}), ..vs.clone() }).await?;
+        assert_eq!(s.get_vector_store("vs_1").await?.unwrap().body["name"], "m");
+        for f in ["file-a", "file-c"] {
+            let row = VsFileRow {
+                vector_store_id: "vs_1".into(),
+                file_id: f.into(),
+                body: json!({"status": "completed"}),
+                chunk_ids: vec![format!("{f}-0"), format!("{f}-1")],
+                created_at: 2,
+            };
+            s.put_vs_file(&row).await?;
+            assert_eq!(s.get_vs_file("vs_1", f).await?.unwrap(), row);
+        }
+        assert_eq!(s.list_vs_files("vs_1", &page(Some("file-a"), false)).await?.len(), 1);
+        assert_eq!(s.attachments_of("file-c").await?.len(), 1);
+        assert!(s.delete_vs_file("vs_1", "file-c").await? && !s.delete_vs_file("vs_1", "file-c").await?);
+        assert!(s.delete_vector_store("vs_1").await?);
+        assert!(s.all_vs_files("vs_1").await?.is_empty() && s.get_vector_store("vs_1").await?.is_none());
+        assert!(s.delete_file("file-a").await? && s.get_file("file-a").await?.is_none());
+        Ok(())
+    })
+    .await
+}

@@ -215,6 +215,7 @@ async fn unknown_ids_are_404(app: &Router, vs: &str, file: &str) -> Result<()> {
         (Method::GET, "/v1/vector_stores/vs_nope".to_string(), None),
         (Method::GET, "/v1/files/file-nope".to_string(), None),
         (Method::GET, "/v1/files/file-nope/content".to_string(), None),
+        (Method::GET, "/v1/files/file%00nope".to_string(), None),
         (Method::DELETE, "/v1/files/file-nope".to_string(), None),
         (Method::POST, format!("/v1/vector_stores/{vs}/files"), Some(json!({"file_id": "file-nope"}))),
         (Method::POST, "/v1/vector_stores/vs_nope/files".to_string(), Some(json!({"file_id": file}))),

@@ -125,7 +125,8 @@ impl VectorStores {
 
     /// Removes a file from a store: its chunks, then its attachment row.
     pub async fn detach(&self, vs: &str, file_id: &str) -> Result<()> {
-        let row = self.store.get_vs_file(vs, file_id).await?;
+        self.row(vs).await?;
+        let row = if super::plausible(file_id) { self.store.get_vs_file(vs, file_id).await? } else { None };
         let row =
             row.ok_or_else(|| VsError::NotFound(format!("No file found with id '{file_id}' in vector store '{vs}'.")))?;
         if !row.chunk_ids.is_empty() {

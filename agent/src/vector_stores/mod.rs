@@ -168,6 +168,22 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::now_v7().simple())
 }
 
+/// Whether `id` could be one of ours (`file-` / `vs_` + hex): anything else (a NUL byte, which
+/// Postgres refuses in TEXT, a kilobyte of junk) is answered without asking the database.
+fn plausible(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A page whose cursors are plausible ids (else a 400 naming the cursor).
+fn check_page(page: &Page) -> Result<()> {
+    for (name, v) in [("after", &page.after), ("before", &page.before)] {
+        if v.as_deref().is_some_and(|v| !plausible(v)) {
+            return Err(invalid(name, format!("`{name}` must be an object id")));
+        }
+    }
+    Ok(())
+}
+
 /// Validates OpenAI-style metadata (string values) or attributes (strings, numbers, booleans).
 pub fn check_pairs(field: &str, m: &Map<String, Value>, strings_only: bool) -> Result<()> {
     if m.len() > MAX_PAIRS {
@@ -210,8 +226,8 @@ impl VectorStores {
         if !PURPOSES.contains(&purpose) {
             return Err(invalid("purpose", format!("purpose must be one of {}", PURPOSES.join(", "))));
         }
-        if filename.is_empty() || filename.len() > 512 {
-            return Err(invalid("file", "the file needs a filename of 1 to 512 bytes"));
+        if filename.is_empty() || filename.len() > 512 || filename.contains('\0') {
+            return Err(invalid("file", "the file needs a filename of 1 to 512 bytes, without NUL"));
         }
         if content.len() > MAX_FILE_BYTES {
             return Err(VsError::TooLarge(format!(
@@ -231,14 +247,20 @@ impl VectorStores {
     }
 
     pub async fn file(&self, id: &str) -> Result<FileRecord> {
-        self.store.get_file(id).await?.ok_or_else(|| VsError::NotFound(format!("No such File object: {id}")))
+        let found = if plausible(id) { self.store.get_file(id).await? } else { None };
+        found.ok_or_else(|| VsError::NotFound(format!("No such File object: {id}")))
     }
 
     pub async fn file_content(&self, id: &str) -> Result<Vec<u8>> {
-        self.store.file_content(id).await?.ok_or_else(|| VsError::NotFound(format!("No such File object: {id}")))
+        let found = if plausible(id) { self.store.file_content(id).await? } else { None };
+        found.ok_or_else(|| VsError::NotFound(format!("No such File object: {id}")))
     }
 
     pub async fn list_files(&self, page: &Page, purpose: Option<&str>) -> Result<Listed<FileRecord>> {
+        check_page(page)?;
+        if purpose.is_some_and(|p| !PURPOSES.contains(&p)) {
+            return Ok((Vec::new(), false));
+        }
         let mut rows = self.store.list_files(&Page { limit: page.limit + 1, ..page.clone() }, purpose).await?;
         let more = rows.len() > page.limit;
         rows.truncate(page.limit);
@@ -276,10 +298,8 @@ impl VectorStores {
     }
 
     async fn row(&self, id: &str) -> Result<VectorStoreRow> {
-        self.store
-            .get_vector_store(id)
-            .await?
-            .ok_or_else(|| VsError::NotFound(format!("No vector store found with id '{id}'.")))
+        let found = if plausible(id) { self.store.get_vector_store(id).await? } else { None };
+        found.ok_or_else(|| VsError::NotFound(format!("No vector store found with id '{id}'.")))
     }
 
     async fn render(&self, row: VectorStoreRow) -> Result<VectorStore> {
@@ -315,6 +335,7 @@ impl VectorStores {
     }
 
     pub async fn list(&self, page: &Page) -> Result<Listed<VectorStore>> {
+        check_page(page)?;
         let mut rows = self.store.list_vector_stores(&Page { limit: page.limit + 1, ..page.clone() }).await?;
         let more = rows.len() > page.limit;
         rows.truncate(page.limit);
@@ -353,7 +374,7 @@ impl VectorStores {
 
     pub async fn vs_file(&self, vs: &str, file: &str) -> Result<VsFile> {
         self.row(vs).await?;
-        let row = self.store.get_vs_file(vs, file).await?;
+        let row = if plausible(file) { self.store.get_vs_file(vs, file).await? } else { None };
         VsFile::from_row(
             row.ok_or_else(|| VsError::NotFound(format!("No file found with id '{file}' in vector store '{vs}'.")))?,
         )
@@ -361,6 +382,7 @@ impl VectorStores {
 
     /// A page of a store's files, optionally only those of one status.
     pub async fn list_vs_files(&self, vs: &str, page: &Page, status: Option<&str>) -> Result<Listed<VsFile>> {
+        check_page(page)?;
         self.row(vs).await?;
         let mut out = Vec::new();
         let mut cursor = page.clone();

@@ -99,3 +99,18 @@ def test_responses_file_search(qwen_client):
     assert calls and calls[0].status == "completed" and calls[0].queries, r.output
     assert calls[0].results and calls[0].results[0].file_id == ids["heron.md"], calls[0]
     assert r.output[-1].type == "message" and r.output_text, r.output
+
+
+def test_file_batch_create_and_poll(client):
+    vs = client.vector_stores.create(name="batch")
+    ok = [client.files.create(file=(f"{i}.txt", io.BytesIO(t.encode())), purpose="assistants") for i, t in enumerate([GARDEN, TRAINS])]
+    png = client.files.create(file=("x.png", io.BytesIO(b"\x89PNG\x00\xff")), purpose="assistants")
+    batch = client.vector_stores.file_batches.create_and_poll(
+        vector_store_id=vs.id, file_ids=[f.id for f in ok] + [png.id]
+    )
+    assert batch.object == "vector_store.files_batch" and batch.status == "completed", batch
+    assert batch.file_counts.completed == 2 and batch.file_counts.failed == 1 and batch.file_counts.total == 3
+    assert client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=vs.id).id == batch.id
+    page = client.vector_stores.search(vs.id, query="night train to Vienna")
+    assert page.data[0].file_id == ok[1].id
+    client.vector_stores.delete(vs.id)

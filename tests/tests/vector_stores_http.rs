@@ -185,6 +185,19 @@ async fn files_vector_stores_and_search() -> Result<()> {
     ensure!(st == StatusCode::BAD_REQUEST && err["error"]["param"] == "filters", "{err}");
 
     unknown_ids_are_404(app, &vs, &heron).await?;
+    // A batch: a text file completes, a binary one fails, the batch itself completes.
+    let batches = format!("/v1/vector_stores/{vs}/file_batches");
+    let (_, other) = call(app, Method::POST, "/v1/vector_stores", Some(json!({}))).await;
+    let other_batches = format!("/v1/vector_stores/{}/file_batches", other["id"].as_str().unwrap());
+    let (st, b) = call(app, Method::POST, &other_batches, Some(json!({"file_ids": [trains, png]}))).await;
+    ensure!(st == StatusCode::OK && b["status"] == "completed", "{st} {b}");
+    ensure!(b["file_counts"]["completed"] == 1 && b["file_counts"]["failed"] == 1, "{b}");
+    let (st, again) = call(app, Method::GET, &format!("{other_batches}/{}", b["id"].as_str().unwrap()), None).await;
+    ensure!(st == StatusCode::OK && again == b, "{again}");
+    let (st, _) = call(app, Method::POST, &batches, Some(json!({"file_ids": ["file-nope"]}))).await;
+    ensure!(st == StatusCode::NOT_FOUND);
+    let (st, _) = call(app, Method::GET, &format!("{batches}/vsfb_nope"), None).await;
+    ensure!(st == StatusCode::NOT_FOUND);
     // The memory routes cannot name a vector store's scope.
     let (st, _) = call(app, Method::GET, &format!("/v1/memory/vs:{vs}"), None).await;
     ensure!(st == StatusCode::BAD_REQUEST, "{st}");

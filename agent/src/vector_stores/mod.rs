@@ -9,11 +9,13 @@
 //! (ids, metadata, attributes), ids, file counts. Must not: know HTTP or OpenAI's JSON shapes (the
 //! server renders the records), or touch the memory store's internals.
 
+mod batch;
 pub mod chunk;
 pub mod filter;
 mod ingest;
 mod search;
 
+pub use batch::{Batch, BatchFile, MAX_BATCH_FILES};
 pub use chunk::Chunking;
 pub use filter::Filter;
 pub use search::{SearchHit, SearchRequest, MAX_RESULTS};

@@ -296,6 +296,8 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vector_stores/{id}/files", post(vector_stores::attach).get(vector_stores::list_files))
         .route("/v1/vector_stores/{id}/files/{file_id}", get(vector_stores::get_file).delete(vector_stores::detach))
         .route("/v1/vector_stores/{id}/search", post(vector_stores::search))
+        .route("/v1/vector_stores/{id}/file_batches", post(vector_stores::create_batch))
+        .route("/v1/vector_stores/{id}/file_batches/{batch_id}", get(vector_stores::get_batch))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()

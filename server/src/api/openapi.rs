@@ -18,8 +18,8 @@ use super::responses::ListQuery as ResponsesListQuery;
 use super::responses_items::ResponsesRequest;
 use super::scopes::{rule_for, Need};
 use super::vector_stores::{
-    AttachBody as VsAttachBody, CreateBody as VsCreateBody, FilesQuery as VsFilesQuery, ListQuery as VsListQuery,
-    SearchBody as VsSearchBody, UpdateBody as VsUpdateBody,
+    AttachBody as VsAttachBody, BatchBody as VsBatchBody, CreateBody as VsCreateBody, FilesQuery as VsFilesQuery,
+    ListQuery as VsListQuery, SearchBody as VsSearchBody, UpdateBody as VsUpdateBody,
 };
 use axum::http::Method;
 use kiln_agent::AgentSpec;
@@ -225,6 +225,21 @@ const OPS: &[Op] = &[
         "Hybrid search of a vector store.",
     )
     .body(schema_of::<VsSearchBody>),
+    op(
+        "post",
+        "/v1/vector_stores/{id}/file_batches",
+        "createVectorStoreFileBatch",
+        "vector_stores",
+        "Attaches several files.",
+    )
+    .body(schema_of::<VsBatchBody>),
+    op(
+        "get",
+        "/v1/vector_stores/{id}/file_batches/{batch_id}",
+        "getVectorStoreFileBatch",
+        "vector_stores",
+        "One file batch.",
+    ),
 ];
 
 /// The document for a server serving the chat model `chat` (and the embedding model `embed`):

@@ -159,6 +159,8 @@ pub const ROUTES: &[Rule] = &[
     rule("*", "/v1/vector_stores/{id}/files", S(Memory)),
     rule("*", "/v1/vector_stores/{id}/files/{file_id}", S(Memory)),
     rule("*", "/v1/vector_stores/{id}/search", S(Memory)),
+    rule("*", "/v1/vector_stores/{id}/file_batches", S(Memory)),
+    rule("*", "/v1/vector_stores/{id}/file_batches/{batch_id}", S(Memory)),
 ];
 
 /// What a path no route serves needs (the router answers it 404 once a credential is valid).

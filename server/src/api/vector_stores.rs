@@ -1,7 +1,9 @@
 //! OpenAI's Vector Stores API: `POST/GET /v1/vector_stores`, `GET/POST/DELETE
 //! /v1/vector_stores/{id}`, `POST/GET /v1/vector_stores/{id}/files`, `GET/DELETE
-//! /v1/vector_stores/{id}/files/{file_id}` and `POST /v1/vector_stores/{id}/search`, in OpenAI's
-//! object shapes (`vector_store`, `vector_store.file`, `vector_store.search_results.page`).
+//! /v1/vector_stores/{id}/files/{file_id}`, `POST /v1/vector_stores/{id}/search` and `POST
+//! /v1/vector_stores/{id}/file_batches`, `GET .../file_batches/{batch_id}`, in OpenAI's object
+//! shapes (`vector_store`, `vector_store.file`, `vector_store.search_results.page`,
+//! `vector_store.files_batch`).
 //! Attaching a file ingests it before answering, so the object comes back `completed` (the SDK's
 //! `create_and_poll` / `upload_and_poll` see it on their first poll). Maps JSON to
 //! [`kiln_agent::vector_stores`]; must not chunk, embed or search itself.
@@ -16,7 +18,9 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::{Extension, Json};
-use kiln_agent::vector_stores::{filter, NewStore, SearchRequest, StorePatch, VectorStore, VsFile};
+use kiln_agent::vector_stores::{
+    filter, Batch, BatchFile, NewStore, SearchRequest, StorePatch, VectorStore, VsFile, MAX_BATCH_FILES,
+};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -267,4 +271,71 @@ pub async fn search(
         .collect();
     Ok(Json(json!({"object": "vector_store.search_results.page", "search_query": queries, "data": data,
         "has_more": false, "next_page": null})))
+}
+
+fn batch_json(b: &Batch) -> Value {
+    json!({"id": b.id, "object": "vector_store.files_batch", "created_at": b.created_at / 1000,
+        "vector_store_id": b.vector_store_id, "status": "completed", "file_counts": b.file_counts()})
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub(super) struct BatchFileBody {
+    file_id: String,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::attributes")]
+    attributes: Option<Map<String, Value>>,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::chunking_strategy")]
+    chunking_strategy: Option<Value>,
+}
+
+/// `file_ids` (sharing `attributes` and `chunking_strategy`) or `files` (each with its own).
+#[derive(Deserialize, JsonSchema)]
+pub(super) struct BatchBody {
+    #[serde(default)]
+    file_ids: Option<Vec<String>>,
+    #[serde(default)]
+    files: Option<Vec<BatchFileBody>>,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::attributes")]
+    attributes: Option<Map<String, Value>>,
+    #[serde(default)]
+    #[schemars(schema_with = "shapes::chunking_strategy")]
+    chunking_strategy: Option<Value>,
+}
+
+pub async fn create_batch(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let b: BatchBody = parse_body(&body_bytes(body)?)?;
+    let shared = |file_id: String| BatchFile {
+        file_id,
+        attributes: b.attributes.clone().unwrap_or_default(),
+        chunking_strategy: b.chunking_strategy.clone(),
+    };
+    let files: Vec<BatchFile> = match (b.file_ids.clone(), b.files) {
+        (Some(ids), None) => ids.into_iter().map(shared).collect(),
+        (None, Some(files)) => files
+            .into_iter()
+            .map(|f| BatchFile {
+                file_id: f.file_id,
+                attributes: f.attributes.unwrap_or_default(),
+                chunking_strategy: f.chunking_strategy,
+            })
+            .collect(),
+        _ => return Err(ApiError::invalid("file_ids", "give either file_ids or files")),
+    };
+    if files.len() > MAX_BATCH_FILES {
+        return Err(ApiError::invalid("file_ids", format!("a batch holds at most {MAX_BATCH_FILES} files")));
+    }
+    Ok(Json(batch_json(&service(&state)?.create_batch(&id, files).await?)))
+}
+
+pub async fn get_batch(
+    State(state): State<Shared>,
+    Path((id, batch)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(batch_json(&service(&state)?.batch(&id, &batch).await?)))
 }

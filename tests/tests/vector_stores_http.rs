@@ -166,38 +166,9 @@ async fn files_vector_stores_and_search() -> Result<()> {
     ensure!(hits[0]["file_id"] == heron.as_str() && hits[0]["filename"] == "heron.md", "{hits:?}");
     ensure!(hits[0]["content"][0]["text"].as_str().unwrap().contains("7749-QX"), "{hits:?}");
     ensure!(hits[0]["attributes"] == json!({"team": "ops", "year": 2024}), "{hits:?}");
-    // Attribute filters: exact (store-side) and compared after the search.
-    let home = json!({"query": "launch code", "filters": {"type": "eq", "key": "team", "value": "home"}});
-    let hits = search(app, &vs, home).await?;
-    ensure!(!hits.is_empty() && hits.iter().all(|h| h["file_id"] == garden.as_str()), "{hits:?}");
-    let ne = json!({"query": "launch code", "filters": {"type": "ne", "key": "team", "value": "ops"}});
-    ensure!(search(app, &vs, ne).await?.iter().all(|h| h["file_id"] == garden.as_str()));
-    let gt = json!({"query": "x", "filters": {"type": "gt", "key": "year", "value": 2024}});
-    ensure!(search(app, &vs, gt).await?.is_empty());
-    let (st, err) = call(
-        app,
-        Method::POST,
-        &format!("/v1/vector_stores/{vs}/search"),
-        Some(json!({"query": "x",
-            "filters": {"type": "like", "key": "team", "value": "o"}})),
-    )
-    .await;
-    ensure!(st == StatusCode::BAD_REQUEST && err["error"]["param"] == "filters", "{err}");
-
+    filters_narrow(app, &vs, &garden).await?;
     unknown_ids_are_404(app, &vs, &heron).await?;
-    // A batch: a text file completes, a binary one fails, the batch itself completes.
-    let batches = format!("/v1/vector_stores/{vs}/file_batches");
-    let (_, other) = call(app, Method::POST, "/v1/vector_stores", Some(json!({}))).await;
-    let other_batches = format!("/v1/vector_stores/{}/file_batches", other["id"].as_str().unwrap());
-    let (st, b) = call(app, Method::POST, &other_batches, Some(json!({"file_ids": [trains, png]}))).await;
-    ensure!(st == StatusCode::OK && b["status"] == "completed", "{st} {b}");
-    ensure!(b["file_counts"]["completed"] == 1 && b["file_counts"]["failed"] == 1, "{b}");
-    let (st, again) = call(app, Method::GET, &format!("{other_batches}/{}", b["id"].as_str().unwrap()), None).await;
-    ensure!(st == StatusCode::OK && again == b, "{again}");
-    let (st, _) = call(app, Method::POST, &batches, Some(json!({"file_ids": ["file-nope"]}))).await;
-    ensure!(st == StatusCode::NOT_FOUND);
-    let (st, _) = call(app, Method::GET, &format!("{batches}/vsfb_nope"), None).await;
-    ensure!(st == StatusCode::NOT_FOUND);
+    batches(app, &vs, &trains, &png).await?;
     // The memory routes cannot name a vector store's scope.
     let (st, _) = call(app, Method::GET, &format!("/v1/memory/vs:{vs}"), None).await;
     ensure!(st == StatusCode::BAD_REQUEST, "{st}");
@@ -220,6 +191,44 @@ async fn files_vector_stores_and_search() -> Result<()> {
     ensure!(st == StatusCode::NOT_FOUND);
     chunks_respect_size_and_overlap(&a).await?;
     a.close().await;
+    Ok(())
+}
+
+/// Attribute filters: exact (store-side) and compared after the search; a bad one is a 400.
+async fn filters_narrow(app: &Router, vs: &str, garden: &str) -> Result<()> {
+    let home = json!({"query": "launch code", "filters": {"type": "eq", "key": "team", "value": "home"}});
+    let hits = search(app, vs, home).await?;
+    ensure!(!hits.is_empty() && hits.iter().all(|h| h["file_id"] == garden), "{hits:?}");
+    let ne = json!({"query": "launch code", "filters": {"type": "ne", "key": "team", "value": "ops"}});
+    ensure!(search(app, vs, ne).await?.iter().all(|h| h["file_id"] == garden));
+    let gt = json!({"query": "x", "filters": {"type": "gt", "key": "year", "value": 2024}});
+    ensure!(search(app, vs, gt).await?.is_empty());
+    let (st, err) = call(
+        app,
+        Method::POST,
+        &format!("/v1/vector_stores/{vs}/search"),
+        Some(json!({"query": "x",
+            "filters": {"type": "like", "key": "team", "value": "o"}})),
+    )
+    .await;
+    ensure!(st == StatusCode::BAD_REQUEST && err["error"]["param"] == "filters", "{err}");
+    Ok(())
+}
+
+/// A batch: a text file completes, a binary one fails, the batch itself completes.
+async fn batches(app: &Router, vs: &str, trains: &str, png: &str) -> Result<()> {
+    let batches = format!("/v1/vector_stores/{vs}/file_batches");
+    let (_, other) = call(app, Method::POST, "/v1/vector_stores", Some(json!({}))).await;
+    let other_batches = format!("/v1/vector_stores/{}/file_batches", other["id"].as_str().unwrap());
+    let (st, b) = call(app, Method::POST, &other_batches, Some(json!({"file_ids": [trains, png]}))).await;
+    ensure!(st == StatusCode::OK && b["status"] == "completed", "{st} {b}");
+    ensure!(b["file_counts"]["completed"] == 1 && b["file_counts"]["failed"] == 1, "{b}");
+    let (st, again) = call(app, Method::GET, &format!("{other_batches}/{}", b["id"].as_str().unwrap()), None).await;
+    ensure!(st == StatusCode::OK && again == b, "{again}");
+    let (st, _) = call(app, Method::POST, &batches, Some(json!({"file_ids": ["file-nope"]}))).await;
+    ensure!(st == StatusCode::NOT_FOUND);
+    let (st, _) = call(app, Method::GET, &format!("{batches}/vsfb_nope"), None).await;
+    ensure!(st == StatusCode::NOT_FOUND);
     Ok(())
 }
 
@@ -306,7 +315,19 @@ async fn responses_file_search_runs_server_side() -> Result<()> {
     ensure!(fs["status"] == "completed" && fs["queries"][0].as_str().is_some_and(|q| !q.is_empty()), "{fs}");
     ensure!(fs["results"][0]["file_id"] == heron.as_str(), "{fs}");
     ensure!(out.last().unwrap()["type"] == "message", "the model answers after the search: {r}");
-    // Without `include`, the call is reported without its results; bad settings are 400/404.
+    // Streamed: the hosted search's events, then the terminal response.
+    let body = json!({"model": "qwen", "input": "What is the launch code for Project Heron?", "temperature": 0,
+        "tools": [{"type": "file_search", "vector_store_ids": [vs]}], "tool_choice": "required",
+        "max_output_tokens": 60, "stream": true});
+    let req = Request::post("/v1/responses").header(header::CONTENT_TYPE, "application/json");
+    let (st, sse) = send(app, req.body(Body::from(body.to_string()))?).await;
+    let sse = String::from_utf8_lossy(&sse);
+    let at = |ev: &str| sse.find(&format!("event: {ev}\n"));
+    ensure!(st == StatusCode::OK && at("response.file_search_call.completed").is_some(), "{sse}");
+    ensure!(at("response.file_search_call.in_progress") < at("response.file_search_call.completed"));
+    ensure!(sse.contains("\"results\":null"), "no results without include: {sse}");
+    ensure!(at("response.completed").or(at("response.incomplete")) > at("response.file_search_call.completed"));
+    // Bad settings are 400/404.
     let bad =
         json!({"model": "qwen", "input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["vs_nope"]}]});
     let (st, err) = call(app, Method::POST, "/v1/responses", Some(bad)).await;

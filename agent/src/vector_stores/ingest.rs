@@ -57,7 +57,7 @@ impl VectorStores {
         strategy: Option<&Value>,
     ) -> Result<VsFile> {
         let memory = self.memory()?.clone();
-        let mut store_row = self.row(vs).await?;
+        self.row(vs).await?;
         check_pairs("attributes", &attributes, false)?;
         let file = self.file(file_id).await?;
         let embedder = memory.embedder().clone();
@@ -118,6 +118,8 @@ impl VectorStores {
         }
         row.body = to_value(&body)?;
         self.store.put_vs_file(&row).await?;
+        // Read again: the record may have changed (a rename, a batch) while the file was ingested.
+        let mut store_row = self.row(vs).await?;
         store_row.body["last_active_at"] = json!(now_ms());
         self.store.put_vector_store(&store_row).await?;
         VsFile::from_row(row)

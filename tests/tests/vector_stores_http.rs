@@ -18,6 +18,8 @@ use kiln_agent::memory::MemoryStore;
 use kiln_agent::vector_stores::chunk;
 use kiln_inference::embed::{start_embedder, EmbedConfig, EmbedHandle};
 use kiln_server::agents::AgentArgs;
+use kiln_server::api::auth::Auth;
+use kiln_server::api::scopes::{Scope, Scopes};
 use kiln_server::api::{router, AppState};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -51,6 +53,10 @@ impl App {
 }
 
 async fn app(model: &std::path::Path, name: &str) -> Result<App> {
+    app_with(model, name, Auth::open()).await
+}
+
+async fn app_with(model: &std::path::Path, name: &str, auth: Auth) -> Result<App> {
     let dir = tempfile::tempdir()?;
     let engine = kiln_tests::start(model, &kiln_tests::test_config())?.handle;
     let embedder = start_embedder(kiln_tests::models_dir().join(EMBED).to_str().unwrap(), &EmbedConfig::default())?;
@@ -61,7 +67,7 @@ async fn app(model: &std::path::Path, name: &str) -> Result<App> {
     let agents =
         kiln_server::agents::start(&args, engine.clone(), name.into(), Default::default(), Some(memory.clone()))
             .await?;
-    let state = Arc::new(AppState::new(name.into(), Vec::new(), "fp_test".into()));
+    let state = Arc::new(AppState::new(name.into(), Vec::new(), "fp_test".into()).with_auth(auth));
     state.set_embedder(EMBED.into(), embedder.clone());
     state.set_memory(memory);
     state.set_agents(agents.runtime.clone());
@@ -336,6 +342,39 @@ async fn responses_file_search_runs_server_side() -> Result<()> {
     let (st, _) = call(app, Method::POST, "/v1/responses", Some(bad)).await;
     ensure!(st == StatusCode::BAD_REQUEST);
     println!("file_search answer: {}", out.last().unwrap()["content"][0]["text"]);
+    a.close().await;
+    Ok(())
+}
+
+/// With auth on, the retrieval routes need `memory`, and so does a `file_search` tool in
+/// `/v1/responses` (which otherwise needs only `inference`, not `agents`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieval_needs_the_memory_scope() -> Result<()> {
+    if !embed_model_present() {
+        return Ok(());
+    }
+    let inference = Scopes::NONE.with(Scope::Inference);
+    let auth = Auth::open().with_key("sk-infer", inference, Some("infer")).with_key(
+        "sk-mem",
+        inference.with(Scope::Memory),
+        Some("mem"),
+    );
+    let a = app_with(&kiln_tests::smollm2()?, "smollm2", auth).await?;
+    let ask = |method: Method, uri: &str, key: &str, body: Value| {
+        let req = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+        let req = req.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        req.body(Body::from(body.to_string())).unwrap()
+    };
+    let search =
+        json!({"model": "smollm2", "input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["vs_x"]}]});
+    for (uri, body) in [("/v1/vector_stores", json!({})), ("/v1/responses", search.clone())] {
+        let (st, bytes) = send(&a.router, ask(Method::POST, uri, "sk-infer", body.clone())).await;
+        ensure!(st == StatusCode::FORBIDDEN, "{uri}: {st}");
+        ensure!(String::from_utf8_lossy(&bytes).contains("memory"), "{uri}: names the scope");
+        let (st, _) = send(&a.router, ask(Method::POST, uri, "sk-mem", body)).await;
+        // Allowed: a new store, and a search of a store that does not exist (404, not 403).
+        ensure!(st == StatusCode::OK || (uri == "/v1/responses" && st == StatusCode::NOT_FOUND), "{uri}: {st}");
+    }
     a.close().await;
     Ok(())
 }

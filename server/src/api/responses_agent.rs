@@ -369,7 +369,7 @@ type AskFn = Box<dyn Fn(&String) -> bool>;
 /// One `mcp` tool entry: the tool names it brings and which of them need approval.
 fn mcp_tool(rt: &AgentRuntime, p: &str, t: &Value) -> ApiResult<(Vec<String>, AskFn)> {
     if t.get("type").and_then(Value::as_str) != Some("mcp") {
-        let m = "beside mcp tools, only function tools are supported";
+        let m = "beside mcp tools, only function and file_search tools are supported";
         return Err(ApiError::invalid(&format!("{p}.type"), m));
     }
     if t.get("server_url").is_some_and(|u| !u.is_null()) {

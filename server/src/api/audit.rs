@@ -54,7 +54,8 @@ pub struct Denial {
 #[derive(Debug, Clone)]
 pub struct AdminAction {
     /// `agent.create`, `agent.update`, `agent.delete`, `memory.delete`, `memory.delete_scope`,
-    /// `run.cancel`, `run.approve`, `run.reject`.
+    /// `file.delete`, `vector_store.delete`, `vector_store.file.delete`, `run.cancel`,
+    /// `run.approve`, `run.reject`.
     pub action: &'static str,
     /// What it acted on: an agent name, a run id, a memory scope or `scope/id`.
     pub target: String,

@@ -24,6 +24,9 @@ pub struct MemoryBenchArgs {
     /// Queries per search mode, sent one at a time.
     #[arg(long, default_value_t = 200)]
     pub queries: usize,
+    /// Build the HNSW index (qdrant-edge's optimizers) after filling, before searching.
+    #[arg(long)]
+    pub index: bool,
     /// Where the store lives (default: a fresh temporary directory, removed afterwards).
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -137,6 +140,12 @@ async fn measure(a: &MemoryBenchArgs, h: EmbedHandle, dir: &Path) -> Result<Valu
         store.add(&scope, memories(&texts(from, 5000.min(a.memories - from), 6))).await?;
     }
     let fill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (b, indexed) = (store.clone(), a.index);
+    if indexed {
+        tokio::task::spawn_blocking(move || b.backend().optimize()).await??;
+    }
+    let optimize_s = t.elapsed().as_secs_f64();
     let mut search = Map::new();
     for mode in [SearchMode::Dense, SearchMode::Hybrid, SearchMode::Keyword] {
         search.insert(format!("{mode:?}").to_lowercase(), search_latency(&store, &scope, mode, a.queries).await?);
@@ -151,6 +160,7 @@ async fn measure(a: &MemoryBenchArgs, h: EmbedHandle, dir: &Path) -> Result<Valu
         "memories": a.memories,
         "add_1000": {"memories_per_s": add, "raw_embed_sentences_per_s": raw, "ratio": add / raw},
         "fill_s": fill_s,
+        "hnsw": {"built": indexed, "optimize_s": optimize_s},
         "search_one_at_a_time": search,
         "reopen_s": reopen_s,
     }))

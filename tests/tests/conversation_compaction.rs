@@ -29,6 +29,7 @@ temperature = 0
 
 [conversation]
 compact_at_tokens = 768
+summary_max_tokens = 128
 recall_top_k = 3
 "#;
 
@@ -120,6 +121,9 @@ async fn a_200_turn_conversation_stays_under_its_threshold_and_remembers_turn_3(
         (last_prompt, max_prompt) = (prompt, max_prompt.max(prompt));
         previous = r["id"].as_str().map(str::to_string);
         first.get_or_insert_with(|| previous.clone().unwrap_or_default());
+        if turn % 50 == 0 {
+            println!("turn {turn}: prompt {prompt} tokens, {drops} compactions so far");
+        }
     }
     assert!(drops >= 3, "the prompt shrank only {drops} times in 199 turns: no compaction");
     let conversation: Scope = format!("run:{}", first.unwrap_or_default()).parse().expect("scope");

@@ -287,6 +287,41 @@ async fn crud_paging_and_filters(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+on_both_backends!(keyword_and_hybrid_search, 2);
+/// Keyword (BM25 with the store's IDF) and hybrid search find a rare identifier that the
+/// embedding blurs; the keyword scores are the same on this backend as on the embedded one.
+async fn keyword_and_hybrid_search(backend: Backend) -> Result<()> {
+    let e = embedder_or_skip!();
+    let texts = [
+        "Incident INC-48213: the deploy of the billing service failed",
+        "Incident INC-48731: the deploy of the search service failed",
+        "The billing service deploys every Tuesday",
+        "Coffee is served at nine in the lobby",
+    ];
+    let mut scores = Vec::new();
+    let backends = if backend == Backend::Embedded { vec![backend] } else { vec![Backend::Embedded, backend] };
+    for b in backends {
+        let place = Place::new(b)?;
+        let store = place.open(e.clone()).await?;
+        let a = scope("agent:a");
+        store.add(&a, texts.iter().map(|t| note(t, json!({}))).collect()).await?;
+        let mut q = query("INC-48213", 3);
+        q.mode = SearchMode::Keyword;
+        let hits = store.search(&a, q.clone()).await?;
+        // `inc-48213` is the terms `inc` and `48213`: the other incident matches `inc` only.
+        ensure!(hits[0].memory.text == texts[0] && hits.len() == 2, "keyword ({b:?}): {hits:?}");
+        scores.push(hits.iter().map(|h| h.score).collect::<Vec<_>>());
+        q.mode = SearchMode::Hybrid;
+        let hits = store.search(&a, q).await?;
+        ensure!(hits[0].memory.text == texts[0] && hits.len() == 3, "hybrid ({b:?}): {hits:?}");
+    }
+    let (embedded, this) = (&scores[0], &scores[scores.len() - 1]);
+    let same = embedded.iter().zip(this).all(|(a, b)| (a - b).abs() < 1e-4) && embedded.len() == this.len();
+    ensure!(same, "BM25 scores differ across backends: {scores:?}");
+    println!("keyword ({backend:?}): BM25 scores {this:?} (embedded {embedded:?})");
+    Ok(())
+}
+
 on_both_backends!(ttl_and_delete_scope, 2);
 async fn ttl_and_delete_scope(backend: Backend) -> Result<()> {
     let e = embedder_or_skip!();

@@ -727,3 +727,28 @@ async fn remote_refuses_a_collection_of_another_shape() -> Result<()> {
     println!("refused: {err}");
     Ok(())
 }
+
+/// A Qdrant address that accepts connections and never answers (a hung server, a black-holing
+/// proxy): each call is `Unavailable` within connect + request timeout, never a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_qdrant_that_never_answers_is_unavailable_within_its_timeouts() -> Result<()> {
+    let e = embedder_or_skip!();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}", silent.local_addr()?);
+    // Accepted connections are held open, unread.
+    let held = std::thread::spawn(move || silent.incoming().take(8).filter_map(|c| c.ok()).collect::<Vec<_>>());
+    let mut config = remote_config(&url, "kiln_silent");
+    config.connect_timeout = Duration::from_millis(500);
+    config.request_timeout = Duration::from_secs(1);
+    let bound = Duration::from_millis(1500 + 500);
+    let t = Instant::now();
+    let store = MemoryStore::open_remote(config, e).await?;
+    ensure!(t.elapsed() < bound, "open took {:?}", t.elapsed());
+    let t = Instant::now();
+    let err = store.add(&scope("agent:a"), vec![note("x", json!({}))]).await.unwrap_err();
+    ensure!(matches!(&err, MemoryError::Unavailable(m) if m.contains(&url)), "{err:?}");
+    ensure!(t.elapsed() < bound, "a silent Qdrant took {:?} to report", t.elapsed());
+    println!("silent Qdrant: `{err}` after {} ms", t.elapsed().as_millis());
+    drop(held);
+    Ok(())
+}

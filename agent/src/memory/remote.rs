@@ -110,7 +110,7 @@ impl RemoteBackend {
             .build()
             .map_err(|e| MemoryError::Backend(format!("Qdrant URL `{}`: {e}", config.url)))?;
         let me = Self { client, config, dim, rt: Handle::current(), ready: AtomicBool::new(false) };
-        match me.ensure_collection().await {
+        match me.bounded("opening the collection", me.ensure_collection()).await {
             Ok(()) => me.ready.store(true, Ordering::Release),
             Err(MemoryError::Unavailable(why)) => {
                 tracing::warn!(url = %me.config.url, %why, "Qdrant is not reachable; memory answers 503 until it is")
@@ -128,24 +128,40 @@ impl RemoteBackend {
         &self.config
     }
 
-    /// Runs one request to completion on the captured runtime, bounded by a deadline above the
-    /// client's own timeouts (the client may reconnect once), after checking the collection.
+    /// Runs one request to completion on the captured runtime, after checking the collection
+    /// (until that succeeded once), each within [`Self::deadline`].
     fn run<T, F: Future<Output = Result<T, QdrantError>>>(&self, what: &'static str, fut: F) -> Result<T, MemoryError> {
         if !self.ready.load(Ordering::Acquire) {
             // A schema problem found only now is still "memory cannot serve": 503, with the reason.
-            self.rt.block_on(self.ensure_collection()).map_err(|e| match e {
-                MemoryError::Backend(m) => MemoryError::Unavailable(m),
-                other => other,
-            })?;
+            self.rt.block_on(self.bounded("opening the collection", self.ensure_collection())).map_err(
+                |e| match e {
+                    MemoryError::Backend(m) => MemoryError::Unavailable(m),
+                    other => other,
+                },
+            )?;
             self.ready.store(true, Ordering::Release);
         }
-        let deadline = 2 * (self.config.connect_timeout + self.config.request_timeout);
-        match self.rt.block_on(tokio::time::timeout(deadline, fut)) {
-            Ok(r) => r.map_err(|e| self.error(what, e)),
+        self.rt.block_on(self.bounded(what, async { fut.await.map_err(|e| self.error(what, e)) }))
+    }
+
+    /// The most one step may take: a connect plus a request. The client's own timeouts cover
+    /// each attempt, but it reconnects once after a failure, and a server that accepts the
+    /// connection and then says nothing would otherwise cost two full request timeouts.
+    fn deadline(&self) -> Duration {
+        self.config.connect_timeout + self.config.request_timeout
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, MemoryError>>,
+    ) -> Result<T, MemoryError> {
+        match tokio::time::timeout(self.deadline(), fut).await {
+            Ok(r) => r,
             Err(_) => Err(MemoryError::Unavailable(format!(
-                "Qdrant at {} did not answer {what} within {} s",
+                "Qdrant at {} did not answer ({what}) within {:.1} s",
                 self.config.url,
-                deadline.as_secs()
+                self.deadline().as_secs_f64()
             ))),
         }
     }

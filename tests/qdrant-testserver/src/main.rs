@@ -1,6 +1,7 @@
 //! `kiln-qdrant-testserver`: the test gRPC server over qdrant-edge as a process, for running
 //! kiln (`--qdrant-url`) or a benchmark against it by hand. Not Qdrant; see the library's docs.
-//! Usage: `kiln-qdrant-testserver [PORT] [DIR]` (default 6334 and a temporary directory).
+//! Usage: `kiln-qdrant-testserver [PORT] [DIR]` (default 6334 and a temporary directory);
+//! SIGINT or SIGTERM stops it.
 
 use anyhow::{Context, Result};
 
@@ -17,8 +18,13 @@ async fn main() -> Result<()> {
         listener.local_addr()?,
         dir.display()
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // SIGINT or SIGTERM: stop serving, so the temporary directory is removed on the way out.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
     };
     kiln_qdrant_testserver::serve(listener, dir, shutdown).await
 }

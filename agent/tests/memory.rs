@@ -14,45 +14,18 @@ use anyhow::{ensure, Context, Result};
 use kiln_agent::memory::{
     Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, RemoteConfig, Scope, SearchMode, SearchQuery,
 };
-use kiln_inference::embed::{start_embedder, EmbedConfig, EmbedHandle};
+use kiln_inference::embed::EmbedHandle;
 use kiln_qdrant_testserver::TestServer;
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-fn model_dir() -> PathBuf {
-    let base = std::env::var_os("KILN_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln/models"));
-    base.join("all-minilm-l6-v2")
-}
-
-/// One embedder per test binary (loading it is the slow part); `None` prints SKIP.
-fn embedder() -> Option<EmbedHandle> {
-    static E: OnceLock<Option<EmbedHandle>> = OnceLock::new();
-    E.get_or_init(|| {
-        let dir = model_dir();
-        if !dir.join("model.safetensors").is_file() {
-            return None;
-        }
-        Some(start_embedder(dir.to_str()?, &EmbedConfig::default()).expect("load all-MiniLM-L6-v2"))
-    })
-    .clone()
-}
-
-macro_rules! embedder_or_skip {
-    () => {
-        match embedder() {
-            Some(e) => e,
-            None => {
-                println!("SKIP: {} missing (scripts/fetch-models.sh embed)", model_dir().display());
-                return Ok(());
-            }
-        }
-    };
-}
+#[macro_use]
+#[path = "support/embedder.rs"]
+mod embedder;
+use embedder::{embedder, model_dir};
 
 /// Which backend a case runs on.
 #[derive(Debug, Clone, Copy, PartialEq)]

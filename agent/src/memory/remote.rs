@@ -5,7 +5,9 @@
 //! protobuf types, timeouts, and which failures mean "Qdrant is unavailable" (connection refused,
 //! timeout, auth refused: [`MemoryError::Unavailable`], so HTTP 503) versus a real backend error.
 //! Every write is sent with `wait=true`: Qdrant acknowledges it only once applied (and in its WAL).
-//! Must not: embed text, resolve conflicts, know scopes' syntax, or retry a write on its own.
+//! Every write is idempotent (upsert by id, whole-payload overwrite, delete), because
+//! `qdrant-client` resends a request once after reconnecting when the first try failed in transit.
+//! Must not: embed text, resolve conflicts, know scopes' syntax, or add retries of its own.
 //!
 //! The methods block, like the embedded backend's (callers run them on `spawn_blocking`): each
 //! drives its request on the runtime handle captured at [`RemoteBackend::connect`], so the store

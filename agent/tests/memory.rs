@@ -725,3 +725,23 @@ async fn remote_qdrant_that_never_answers_is_unavailable_within_its_timeouts() -
     drop(held);
     Ok(())
 }
+
+/// The collection deleted on the server under a running store: that call is `Unavailable`
+/// naming it, the next one recreates the collection and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_collection_deleted_under_the_store_is_recreated() -> Result<()> {
+    let e = embedder_or_skip!();
+    let place = Place::new(Backend::Remote)?;
+    let store = place.open(e).await?;
+    let a = scope("agent:a");
+    store.add(&a, vec![note("before the collection was deleted", json!({}))]).await?;
+    let config = remote_config(&place.url, &place.collection);
+    let client =
+        qdrant_client::Qdrant::from_url(&config.url).api_key(config.api_key).skip_compatibility_check().build()?;
+    client.delete_collection(place.collection.clone()).await?;
+    let err = store.add(&a, vec![note("while it is gone", json!({}))]).await.unwrap_err();
+    ensure!(matches!(&err, MemoryError::Unavailable(m) if m.contains("is gone")), "{err:?}");
+    let m = store.add(&a, vec![note("after it was recreated", json!({}))]).await?;
+    ensure!(store.list(&a, None, 10).await?.data.iter().map(|m| &m.id).eq([&m[0].id]), "recreated empty");
+    Ok(())
+}

@@ -146,6 +146,18 @@ impl RemoteBackend {
         self.rt.block_on(self.bounded(what, async { fut.await.map_err(|e| self.error(what, e)) }))
     }
 
+    /// The collection vanished under us (deleted on the server): the store cannot serve this
+    /// call (503, saying so); the next one makes the collection again, as on first use.
+    fn gone(&self, what: &str, status: &tonic::Status) -> MemoryError {
+        self.ready.store(false, Ordering::Release);
+        MemoryError::Unavailable(format!(
+            "Qdrant collection `{}` at {} is gone ({what}: {}); it is created again on the next call",
+            self.config.collection,
+            self.config.url,
+            status.message()
+        ))
+    }
+
     /// The most one step may take: a connect plus a request. The client's own timeouts cover
     /// each attempt, but it reconnects once after a failure, and a server that accepts the
     /// connection and then says nothing would otherwise cost two full request timeouts.
@@ -182,6 +194,9 @@ impl RemoteBackend {
                 Code::Internal if status.message().starts_with("Failed to connect") => {
                     MemoryError::Unavailable(format!("Qdrant at {url} is unreachable ({what}): {}", status.message()))
                 }
+                // Qdrant says which: a missing collection, or a point deleted since it was read.
+                Code::NotFound if status.message().contains("ollection") => self.gone(what, status),
+                Code::NotFound => MemoryError::NotFound(format!("{what}: {}", status.message())),
                 Code::Unauthenticated | Code::PermissionDenied => MemoryError::Unavailable(format!(
                     "Qdrant at {url} refused kiln's credentials ({what}; check QDRANT_API_KEY): {}",
                     status.message()

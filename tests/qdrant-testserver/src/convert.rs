@@ -176,6 +176,19 @@ pub fn scored(p: qdrant_edge::ScoredPoint) -> pb::ScoredPoint {
     }
 }
 
+/// An engine error as the status Qdrant's own server gives it: the caller's mistake
+/// (`InvalidArgument`), a missing point (`NotFound`), or the server's own failure (`Internal`).
 pub fn engine_error(what: &str) -> impl FnOnce(qdrant_edge::OperationError) -> Status + '_ {
-    move |e| Status::internal(format!("{what}: {e}"))
+    use qdrant_edge::OperationError as E;
+    move |e| match e {
+        E::PointIdError { .. } => Status::not_found(format!("{what}: {e}")),
+        E::WrongVectorDimension { .. }
+        | E::VectorNameNotExists { .. }
+        | E::TypeError { .. }
+        | E::ValidationError { .. }
+        | E::WrongSparse
+        | E::WrongMulti => Status::invalid_argument(format!("{what}: {e}")),
+        E::Timeout { .. } => Status::deadline_exceeded(format!("{what}: {e}")),
+        _ => Status::internal(format!("{what}: {e}")),
+    }
 }

@@ -1,12 +1,15 @@
 //! The test gRPC server over qdrant-edge through the official client: it names itself, serves a
 //! write/read round trip, and refuses what it does not honour (writes without `wait`, filters
-//! beyond `must`, prefetch, RPCs it does not serve) instead of ignoring it.
+//! beyond `must`, prefetch, RPCs it does not serve) instead of ignoring it; a missing point is
+//! `NotFound`, as on Qdrant.
 
 use anyhow::{ensure, Result};
 use kiln_qdrant_testserver::TestServer;
+use qdrant_client::qdrant::points_selector::PointsSelectorOneOf;
 use qdrant_client::qdrant::{
     vectors_config, with_payload_selector, Condition, CountPoints, CreateCollection, Distance, Filter, PointStruct,
-    PrefetchQuery, Query, QueryPoints, UpsertPoints, VectorParams, VectorsConfig, WithPayloadSelector,
+    PointsIdsList, PointsSelector, PrefetchQuery, Query, QueryPoints, SetPayloadPoints, UpsertPoints, VectorParams,
+    VectorsConfig, WithPayloadSelector,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use tonic::Code;
@@ -59,6 +62,15 @@ async fn round_trip_and_refusals() -> Result<()> {
     ensure!(c == Code::InvalidArgument && m.contains("should"), "{c:?} {m}");
     let prefetch = QueryPoints { prefetch: vec![PrefetchQuery::default()], ..nearest };
     ensure!(code(client.query(prefetch).await).map(|c| c.0) == Some(Code::InvalidArgument));
+    let missing = SetPayloadPoints {
+        collection_name: "c".into(),
+        wait: Some(true),
+        points_selector: Some(PointsSelector {
+            points_selector_one_of: Some(PointsSelectorOneOf::Points(PointsIdsList { ids: vec![99.into()] })),
+        }),
+        ..Default::default()
+    };
+    ensure!(code(client.overwrite_payload(missing).await).map(|c| c.0) == Some(Code::NotFound));
     let count = client.count(CountPoints { collection_name: "c".into(), ..Default::default() }).await;
     ensure!(code(count).map(|c| c.0) == Some(Code::Unimplemented));
     Ok(())

@@ -54,6 +54,9 @@ pub struct AgentArgs {
     /// does not answer at start does not stop kiln: memory routes answer 503 until it does.
     #[arg(long, env = "KILN_QDRANT_URL")]
     pub qdrant_url: Option<String>,
+    /// Seconds one Qdrant request may take before memory answers 503 (connecting may take 3 more).
+    #[arg(long, default_value_t = 10, env = "KILN_QDRANT_TIMEOUT")]
+    pub qdrant_timeout: u64,
     /// The Qdrant API key (prefer the `QDRANT_API_KEY` variable to the flag: `ps` shows flags).
     #[arg(long, env = "QDRANT_API_KEY", hide_env_values = true)]
     pub qdrant_api_key: Option<Secret>,
@@ -162,6 +165,7 @@ pub async fn start_memory(a: &AgentArgs, embedder: EmbedHandle) -> Result<Memory
         Some(url) => {
             let mut config = RemoteConfig::new(url.clone());
             config.collection = a.qdrant_collection.clone();
+            config.request_timeout = Duration::from_secs(a.qdrant_timeout.max(1));
             config.api_key = a.qdrant_api_key.as_ref().map(|k| k.0.clone()).filter(|k| !k.is_empty());
             let store = MemoryStore::open_remote(config, embedder)
                 .await

@@ -1,18 +1,23 @@
 //! Agent memory: scoped, searchable facts that outlive a conversation. Owns the memory types,
 //! validation, batch embedding through the engine's [`EmbedHandle`] (one queued request per
 //! batch, never one per memory), TTL, and keyed-fact conflict resolution (see [`conflict`]).
-//! Storage is the embedded qdrant-edge backend ([`embedded`]). Must not: know HTTP, call an LLM on
+//! Storage is one [`Backend`]: qdrant-edge in process ([`embedded`], the default) or a Qdrant
+//! server ([`remote`]). Must not: know HTTP, call an LLM on
 //! the write path, or issue a read/delete without its scope condition.
 
+pub mod backend;
 pub mod conflict;
 pub mod embedded;
 pub mod hybrid;
 mod record;
+pub mod remote;
 pub mod scope;
 
+pub use backend::Backend;
 pub use conflict::{resolve, Resolution};
 pub use embedded::EmbeddedBackend;
 pub use hybrid::SearchMode;
+pub use remote::{RemoteBackend, RemoteConfig};
 pub use scope::Scope;
 
 use conflict::KeyLocks;
@@ -128,7 +133,7 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    backend: EmbeddedBackend,
+    backend: Backend,
     embedder: EmbedHandle,
     locks: KeyLocks,
 }
@@ -172,14 +177,26 @@ impl MemoryStore {
     pub async fn open_embedded(dir: &Path, embedder: EmbedHandle) -> Result<Self, MemoryError> {
         let (dir, dim) = (dir.to_path_buf(), embedder.info().dim);
         let backend = blocking(move || EmbeddedBackend::open(&dir, dim)).await?;
-        Ok(Self { inner: Arc::new(Inner { backend, embedder, locks: KeyLocks::default() }) })
+        Ok(Self::with_backend(Backend::Embedded(backend), embedder))
+    }
+
+    /// Opens (or creates) the collection `config.collection` on the Qdrant server at
+    /// `config.url`. A server that does not answer yet is not an error: the store opens and its
+    /// calls return [`MemoryError::Unavailable`] until it does. A collection of another shape is.
+    pub async fn open_remote(config: RemoteConfig, embedder: EmbedHandle) -> Result<Self, MemoryError> {
+        let backend = RemoteBackend::connect(config, embedder.info().dim).await?;
+        Ok(Self::with_backend(Backend::Remote(backend), embedder))
+    }
+
+    fn with_backend(backend: Backend, embedder: EmbedHandle) -> Self {
+        Self { inner: Arc::new(Inner { backend, embedder, locks: KeyLocks::default() }) }
     }
 
     pub fn embedder(&self) -> &EmbedHandle {
         &self.inner.embedder
     }
 
-    pub fn backend(&self) -> &EmbeddedBackend {
+    pub fn backend(&self) -> &Backend {
         &self.inner.backend
     }
 

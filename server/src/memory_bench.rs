@@ -141,9 +141,9 @@ async fn measure(a: &MemoryBenchArgs, h: EmbedHandle, dir: &Path) -> Result<Valu
     }
     let fill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (b, indexed) = (store.clone(), a.index);
+    let indexed = a.index;
     if indexed {
-        tokio::task::spawn_blocking(move || b.backend().optimize()).await??;
+        store.index_now().await?;
     }
     let optimize_s = t.elapsed().as_secs_f64();
     let mut search = Map::new();

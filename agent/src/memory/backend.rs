@@ -77,4 +77,12 @@ impl Backend {
     pub fn search_sparse(&self, terms: SparseVector, conds: &[Cond], limit: usize) -> Result<Vec<Hit>, MemoryError> {
         each!(self, b => b.search_sparse(terms, conds, limit))
     }
+
+    /// Builds indexes where the engine plans them (embedded); a Qdrant server does this itself.
+    pub fn optimize(&self) -> Result<bool, MemoryError> {
+        match self {
+            Backend::Embedded(b) => b.optimize(),
+            Backend::Remote(_) => Ok(false),
+        }
+    }
 }

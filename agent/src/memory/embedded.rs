@@ -14,8 +14,8 @@ use qdrant_edge::{
     Condition, CreateIndex, CreateVectorName, Distance, EdgeConfigBuilder, EdgeShard, EdgeSparseVectorParamsBuilder,
     EdgeVectorParamsBuilder, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, Modifier, NamedQuery,
     PayloadFieldSchema, PayloadOps, PayloadSchemaType, PointId, PointInsertOperations, PointOperations, PointStruct,
-    QueryEnum, Range, ScrollRequest, SearchParams, SearchRequest, SetPayloadOp, SparseVector, SparseVectorConfig, UpdateOperation,
-    Vector, VectorInternal, VectorNameConfig, VectorNameOperations, Vectors, WithPayloadInterface,
+    QueryEnum, Range, ScrollRequest, SearchParams, SearchRequest, SetPayloadOp, SparseVector, SparseVectorConfig,
+    UpdateOperation, Vector, VectorInternal, VectorNameConfig, VectorNameOperations, Vectors, WithPayloadInterface,
 };
 use serde_json::{Map, Value};
 use std::collections::HashMap;

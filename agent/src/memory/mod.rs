@@ -9,6 +9,7 @@ pub mod backend;
 pub mod conflict;
 pub mod embedded;
 pub mod hybrid;
+mod indexer;
 mod record;
 pub mod remote;
 pub mod scope;
@@ -22,6 +23,7 @@ pub use scope::Scope;
 
 use conflict::KeyLocks;
 use embedded::{Cond, Hit};
+use indexer::{AsBackend, Indexer};
 use kiln_inference::embed::{EmbedHandle, EmbedInput, EmbedOptions};
 use kiln_inference::EngineError;
 use qdrant_edge::external::uuid::Uuid;
@@ -136,6 +138,13 @@ struct Inner {
     backend: Backend,
     embedder: EmbedHandle,
     locks: KeyLocks,
+    indexer: Indexer,
+}
+
+impl AsBackend for Inner {
+    fn backend(&self) -> &Backend {
+        &self.backend
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -189,7 +198,19 @@ impl MemoryStore {
     }
 
     fn with_backend(backend: Backend, embedder: EmbedHandle) -> Self {
-        Self { inner: Arc::new(Inner { backend, embedder, locks: KeyLocks::default() }) }
+        let indexer = Indexer::default();
+        Self { inner: Arc::new(Inner { backend, embedder, locks: KeyLocks::default(), indexer }) }
+    }
+
+    /// Runs an indexing pass now (after any running one): HNSW for the segments that have
+    /// grown past the threshold. Writes start passes by themselves; benchmarks call this to
+    /// measure search on an indexed store.
+    pub async fn index_now(&self) -> Result<(), MemoryError> {
+        self.inner.indexer.run_now(self.inner.clone()).await
+    }
+
+    fn wrote(&self, n: usize) {
+        self.inner.indexer.wrote(n, self.inner.clone());
     }
 
     pub fn embedder(&self) -> &EmbedHandle {
@@ -239,8 +260,9 @@ impl MemoryStore {
             }
         }
         let points = plain.iter().map(|(_, m, v)| record::point(m, v.clone())).collect::<Result<Vec<_>, _>>()?;
-        let inner = self.inner.clone();
+        let (inner, written) = (self.inner.clone(), out.len());
         blocking(move || inner.backend.upsert(points)).await?;
+        self.wrote(written);
         for (i, m, _) in plain {
             out[i] = Some(m);
         }

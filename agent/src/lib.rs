@@ -3,6 +3,7 @@
 //! (`EngineHandle`, sessions) and never adds agent fields to engine requests; it knows nothing of
 //! HTTP or OpenAI JSON (the server maps both).
 
+pub mod conversation;
 pub mod cost;
 pub mod events;
 pub mod history;

@@ -36,6 +36,9 @@ pub enum RunError {
     Invalid(String, String),
     #[error("{0}")]
     Conflict(String),
+    /// A service the run needs (the memory store) cannot serve now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(StoreError),
     #[error(transparent)]
@@ -187,6 +190,14 @@ impl AgentRuntime {
 
     pub fn stats(&self) -> &AgentStats {
         &self.inner.stats
+    }
+
+    pub(crate) fn engine(&self) -> &EngineHandle {
+        &self.inner.engine
+    }
+
+    pub(crate) fn memory(&self) -> Option<&MemoryStore> {
+        self.inner.config.memory.as_ref()
     }
 
     pub fn store(&self) -> &RunStore {
@@ -413,6 +424,10 @@ impl Inner {
     /// The agent's callable tools by name: registry tools, its own HTTP and client tools, and the
     /// memory tools bound to its scope.
     pub(crate) fn tools_for(&self, spec: &AgentSpec) -> Result<HashMap<String, Arc<dyn Tool>>, RunError> {
+        if spec.conversation.as_ref().is_some_and(|c| c.recall_top_k > 0) && self.config.memory.is_none() {
+            let why = "recall needs the memory store: start kiln with --embedding-model PATH";
+            return Err(RunError::Invalid("conversation.recall_top_k".into(), why.into()));
+        }
         let mut out: HashMap<String, Arc<dyn Tool>> = HashMap::new();
         for (i, def) in spec.http_tools.iter().enumerate() {
             let tool = HttpTool::new(def.clone(), &self.allow, self.http.clone())

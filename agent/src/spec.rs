@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::conversation::ConversationPolicy;
 use crate::tools::client::ClientToolDef;
 use crate::tools::http::HttpToolDef;
 
@@ -107,6 +108,9 @@ pub struct AgentSpec {
     pub tool_rules: ToolRules,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// Compaction and recall when a run continues a conversation (Responses API chains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationPolicy>,
     /// What the `file_search` tool searches (needed when `tools` lists it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_search: Option<FileSearchSpec>,
@@ -181,6 +185,9 @@ impl AgentSpec {
         self.validate_rules()?;
         if let Some(schema) = &self.output_schema {
             check_object_schema("output_schema", schema)?;
+        }
+        if let Some(c) = &self.conversation {
+            c.validate()?;
         }
         self.compile_instructions()?;
         Ok(())

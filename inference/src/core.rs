@@ -9,6 +9,7 @@ use crate::block_hash::{block_hashes, BlockHash};
 use crate::engine::{cache_misfit, AddRequest, Command, EngineStats};
 use crate::error::EngineError;
 use crate::grammar::SeqGrammar;
+use crate::params::Priority;
 use crate::runner::Runner;
 use crate::scheduler::{Scheduler, SchedulerOutput, SeqId};
 use crate::sequence::{Group, Seq};
@@ -161,6 +162,7 @@ impl Core {
             }
         };
         let session = req.session.is_some();
+        let background = req.params.priority == Priority::Background;
         if session {
             // The stream learns the real prompt (the session's history plus what was appended).
             let tail = prompt[prompt.len().saturating_sub(4)..].to_vec();
@@ -194,7 +196,10 @@ impl Core {
         if !(session && self.p.sched.resume(id, len, keep, hashes.clone())) {
             // Whatever stayed parked could not be resumed: it must not shadow the new sequence.
             self.p.sched.release_parked(id);
-            self.p.sched.add(id, len, hashes);
+            match background {
+                true => self.p.sched.add_background(id, len, hashes),
+                false => self.p.sched.add(id, len, hashes),
+            }
         }
         self.seqs.insert(id, seq);
         Ok(())

@@ -29,6 +29,6 @@ pub use defaults::SamplingDefaults;
 pub use engine::{EngineConfig, EngineHandle, Prompt};
 pub use error::EngineError;
 pub use grammar::{Constraint, Grammar, Trigger};
-pub use params::SamplingParams;
+pub use params::{Priority, SamplingParams};
 pub use session::{Session, SessionInput};
 pub use stream::{Delta, FinishReason, TokenLogprob, TokenStream};

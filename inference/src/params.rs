@@ -46,6 +46,9 @@ pub struct SamplingParams {
     pub top_logprobs: usize,
     /// Output must follow this grammar (structured outputs, tool calls).
     pub constraint: Option<Constraint>,
+    /// Scheduling class: `Background` work (an agent's conversation summary) is admitted only
+    /// while no normal request waits, and is preempted first.
+    pub priority: Priority,
 }
 
 impl Default for SamplingParams {
@@ -68,8 +71,19 @@ impl Default for SamplingParams {
             logprobs: false,
             top_logprobs: 0,
             constraint: None,
+            priority: Priority::Normal,
         }
     }
+}
+
+/// How the scheduler ranks a request against others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// First come, first served among its peers.
+    #[default]
+    Normal,
+    /// Yields to every normal request: admitted after them, preempted before them.
+    Background,
 }
 
 impl SamplingParams {

@@ -89,11 +89,14 @@ struct SeqState {
     hashes: Vec<BlockHash>,
     /// Leading blocks already offered to the prefix cache.
     registered: usize,
+    /// Background work: admitted after normal sequences, preempted before them.
+    background: bool,
 }
 
 impl SeqState {
     fn new(id: SeqId, len: usize, hashes: Vec<BlockHash>) -> Self {
-        Self { num_computed: 0, len, family: id, started: false, table: BlockTable::new(), hashes, registered: 0 }
+        let table = BlockTable::new();
+        Self { num_computed: 0, len, family: id, started: false, table, hashes, registered: 0, background: false }
     }
 }
 
@@ -158,6 +161,19 @@ impl Scheduler {
         self.waiting.push_back(id);
     }
 
+    /// [`add`](Self::add) for background work: it waits while any normal sequence waits, and
+    /// is the first preempted when blocks run out.
+    pub fn add_background(&mut self, id: SeqId, prompt_len: usize, hashes: Vec<BlockHash>) {
+        self.add(id, prompt_len, hashes);
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.background = true;
+        }
+    }
+
+    fn is_background(&self, id: SeqId) -> bool {
+        self.seqs.get(&id).is_some_and(|s| s.background)
+    }
+
     /// Forks `child` from `parent`: it shares the parent's blocks (copy-on-write), `num_computed`
     /// and `len`. It runs right after the parent when a running slot is free; otherwise it waits,
     /// keeping the shared blocks, behind the sequences that already ran and ahead of the rest
@@ -200,6 +216,7 @@ impl Scheduler {
             table: blocks.fork(&p.table),
             hashes: p.hashes.clone(),
             registered: p.registered,
+            background: p.background,
         }
     }
 
@@ -303,7 +320,11 @@ impl Scheduler {
                     break;
                 }
                 let scheduled = |v: &SeqId| out.seqs.iter().any(|q| q.id == *v);
-                let Some(victim) = self.running.iter().rev().copied().find(|v| !scheduled(v)) else { break };
+                // Background work goes first, then the newest.
+                let candidates = || self.running.iter().rev().copied().filter(|v| !scheduled(v));
+                let Some(victim) = candidates().find(|&v| self.is_background(v)).or_else(|| candidates().next()) else {
+                    break;
+                };
                 self.preempt(victim);
                 out.preempted.push(victim);
                 if victim == id {
@@ -350,7 +371,10 @@ impl Scheduler {
             return None;
         }
         let per_family = self.running_per_family();
-        Some(self.waiting.iter().position(|w| !self.over_share(&per_family, *w)).unwrap_or(0))
+        let eligible = |w: &SeqId| !self.over_share(&per_family, *w);
+        // Background work only when no normal sequence can go.
+        let normal = self.waiting.iter().position(|w| eligible(w) && !self.is_background(*w));
+        Some(normal.or_else(|| self.waiting.iter().position(eligible)).unwrap_or(0))
     }
 
     /// Whether `id` is a forked choice of a request whose choices already run on half the slots

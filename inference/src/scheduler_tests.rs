@@ -721,3 +721,30 @@ fn decodes_go_first_and_a_long_prefill_is_always_capped() {
     s.finish(2);
     assert_all_free(&s);
 }
+
+#[test]
+fn background_work_waits_behind_normal_requests_and_is_preempted_first() {
+    let mut s = Scheduler::new(cfg(2, 64, 32, 4));
+    s.add_background(1, 3, Vec::new());
+    s.add(2, 3, Vec::new());
+    s.add(3, 3, Vec::new());
+    // The normal requests take both slots though the background one came first.
+    assert_eq!(ids(&step(&mut s)), vec![2, 3]);
+    s.finish(2);
+    assert_eq!(ids(&step(&mut s)), vec![3, 1]);
+    s.finish(1);
+    s.finish(3);
+    assert_all_free(&s);
+
+    // Three blocks: the older background sequence outgrows its block first; it is the one
+    // preempted (recomputed later), not the newer normal one.
+    let mut s = Scheduler::new(cfg(2, 64, 3, 4));
+    s.add_background(1, 2, Vec::new());
+    s.add(2, 4, Vec::new());
+    let out = (0..8).map(|_| step(&mut s)).find(|o| !o.preempted.is_empty()).expect("a preemption");
+    assert_eq!(out.preempted, vec![1]);
+    assert_eq!(ids(&out), vec![2]);
+    s.finish(1);
+    s.finish(2);
+    assert_all_free(&s);
+}

@@ -1,12 +1,13 @@
 //! `kiln serve`'s agent flags and the start of the agent runtime after the engine is up: the run
 //! store (SQLite under `--data-dir`, or `--database-url`), tools (builtins, `--mcp-config`
 //! servers, HTTP tools limited to `--http-tool-hosts`), agents from `--agents DIR`; and the memory
-//! store (qdrant-edge under `--data-dir/memory`, when an embedding model is served).
+//! store (when an embedding model is served: qdrant-edge under `--data-dir/memory`, or a Qdrant
+//! server with `--qdrant-url`).
 
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_agent::cost::Prices;
-use kiln_agent::memory::MemoryStore;
+use kiln_agent::memory::{MemoryStore, RemoteConfig};
 use kiln_agent::spec::load_dir;
 use kiln_agent::store::RunStore;
 use kiln_agent::tools::mcp::{McpConfig, McpManager};
@@ -48,6 +49,20 @@ pub struct AgentArgs {
     /// until deleted.
     #[arg(long, default_value_t = 30, env = "KILN_RESPONSES_RETENTION_DAYS")]
     pub responses_retention_days: u64,
+    /// Keep agent memory in a Qdrant server or cluster at this gRPC URL (`http://host:6334`,
+    /// `https://` for TLS) instead of the embedded store under `--data-dir/memory`. A server that
+    /// does not answer at start does not stop kiln: memory routes answer 503 until it does.
+    #[arg(long, env = "KILN_QDRANT_URL")]
+    pub qdrant_url: Option<String>,
+    /// Seconds one Qdrant request may take before memory answers 503 (connecting may take 3 more).
+    #[arg(long, default_value_t = 10, env = "KILN_QDRANT_TIMEOUT")]
+    pub qdrant_timeout: u64,
+    /// The Qdrant API key (prefer the `QDRANT_API_KEY` variable to the flag: `ps` shows flags).
+    #[arg(long, env = "QDRANT_API_KEY", hide_env_values = true)]
+    pub qdrant_api_key: Option<Secret>,
+    /// The Qdrant collection holding this kiln's memories (created on first use).
+    #[arg(long, env = "KILN_QDRANT_COLLECTION", default_value = RemoteConfig::DEFAULT_COLLECTION)]
+    pub qdrant_collection: String,
     /// USD per million prompt tokens, for the `cost` of agent runs (unset: cost is null).
     #[arg(long, env = "KILN_PRICE_INPUT", requires = "price_output")]
     pub price_input: Option<f64>,
@@ -57,6 +72,23 @@ pub struct AgentArgs {
     /// USD per million generated tokens.
     #[arg(long, env = "KILN_PRICE_OUTPUT", requires = "price_input")]
     pub price_output: Option<f64>,
+}
+
+/// A credential from a flag or the environment; a debug print of the flags never shows it.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Default for AgentArgs {
@@ -124,13 +156,32 @@ fn prune_responses(store: RunStore, days: u64) {
 /// How often expired memories are deleted (readers never see them in between).
 const MEMORY_PURGE_EVERY: Duration = Duration::from_secs(60);
 
-/// Opens the embedded memory store under `--data-dir/memory` for `embedder`'s vectors, and starts
-/// its periodic TTL purge.
+/// Opens the memory store for `embedder`'s vectors (embedded under `--data-dir/memory`, or the
+/// `--qdrant-url` server's collection), and starts its periodic TTL purge. An unreachable Qdrant
+/// is not a start-up error (memory answers 503 and recovers when it answers: the rest of kiln
+/// need not wait for it); a collection of another shape, or a bad URL, is.
 pub async fn start_memory(a: &AgentArgs, embedder: EmbedHandle) -> Result<MemoryStore> {
-    let dir = a.data_dir()?.join("memory");
-    let store = MemoryStore::open_embedded(&dir, embedder)
-        .await
-        .with_context(|| format!("opening the memory store in {}", dir.display()))?;
+    let store = match &a.qdrant_url {
+        Some(url) => {
+            let mut config = RemoteConfig::new(url.clone());
+            config.collection = a.qdrant_collection.clone();
+            config.request_timeout = Duration::from_secs(a.qdrant_timeout.max(1));
+            config.api_key = a.qdrant_api_key.as_ref().map(|k| k.0.clone()).filter(|k| !k.is_empty());
+            let store = MemoryStore::open_remote(config, embedder)
+                .await
+                .with_context(|| format!("opening memory collection `{}` on Qdrant at {url}", a.qdrant_collection))?;
+            tracing::info!(url = %url, collection = %a.qdrant_collection, "memory store: Qdrant server");
+            store
+        }
+        None => {
+            let dir = a.data_dir()?.join("memory");
+            let store = MemoryStore::open_embedded(&dir, embedder)
+                .await
+                .with_context(|| format!("opening the memory store in {}", dir.display()))?;
+            tracing::info!(dir = %dir.display(), "memory store: embedded");
+            store
+        }
+    };
     let purger = store.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(MEMORY_PURGE_EVERY);
@@ -141,7 +192,6 @@ pub async fn start_memory(a: &AgentArgs, embedder: EmbedHandle) -> Result<Memory
             }
         }
     });
-    tracing::info!(dir = %dir.display(), "memory store open");
     Ok(store)
 }
 

@@ -3,6 +3,7 @@
 //! stdout carries only generated text.
 
 mod embed_cli;
+mod memory_bench;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use kiln_server::{bench, bench_agent, config, generate, serve};
@@ -31,6 +32,8 @@ enum Command {
     Embed(embed_cli::EmbedArgs),
     /// Measure sentences/s of the embedding engine on batches of texts.
     EmbedBench(embed_cli::EmbedBenchArgs),
+    /// Measure the memory store: batch adds against raw embedding, search latency, reopen time.
+    MemoryBench(memory_bench::MemoryBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchAgent(a) => bench_agent::run(a),
         Command::Embed(a) => embed_cli::run(a),
         Command::EmbedBench(a) => embed_cli::bench(a),
+        Command::MemoryBench(a) => memory_bench::run(a),
     }
 }
 

@@ -14,8 +14,8 @@ use qdrant_edge::{
     Condition, CreateIndex, CreateVectorName, Distance, EdgeConfigBuilder, EdgeShard, EdgeSparseVectorParamsBuilder,
     EdgeVectorParamsBuilder, FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, Modifier, NamedQuery,
     PayloadFieldSchema, PayloadOps, PayloadSchemaType, PointId, PointInsertOperations, PointOperations, PointStruct,
-    QueryEnum, Range, ScrollRequest, SearchRequest, SetPayloadOp, SparseVector, SparseVectorConfig, UpdateOperation,
-    Vector, VectorInternal, VectorNameConfig, VectorNameOperations, Vectors, WithPayloadInterface,
+    QueryEnum, Range, ScrollRequest, SearchParams, SearchRequest, SetPayloadOp, SparseVector, SparseVectorConfig,
+    UpdateOperation, Vector, VectorInternal, VectorNameConfig, VectorNameOperations, Vectors, WithPayloadInterface,
 };
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -49,6 +49,9 @@ pub struct Hit {
     pub score: f32,
     pub payload: Map<String, Value>,
 }
+
+/// Smallest HNSW beam a search uses.
+const HNSW_EF: usize = 256;
 
 /// Payload fields the store filters on; indexed so filters stay cheap as the store grows.
 const INDEXED: [(&str, PayloadSchemaType); 3] = [
@@ -193,6 +196,13 @@ impl EmbeddedBackend {
         self.write(UpdateOperation::PointOperation(op))
     }
 
+    /// Runs qdrant-edge's optimizers until they plan nothing more: segments past the indexing
+    /// threshold get their HNSW index, small ones merge. Readers go on meanwhile (the optimizer
+    /// swaps segments under its own locks); writers wait, because a flush must not race it.
+    pub fn optimize(&self) -> Result<bool, MemoryError> {
+        self.read()?.optimize().map_err(backend("optimize memory"))
+    }
+
     /// Points by id, in the order asked; missing ids are left out.
     pub fn retrieve(&self, ids: &[Uuid]) -> Result<Vec<Hit>, MemoryError> {
         let ids: Vec<_> = ids.iter().map(|&id| PointId::Uuid(id)).collect();
@@ -252,7 +262,9 @@ impl EmbeddedBackend {
         let req = SearchRequest {
             query: QueryEnum::Nearest(query),
             filter: Some(filter(conds)?),
-            params: None,
+            // Beam width of HNSW segments: wide enough that top-k matches brute force (plain
+            // segments are exact either way).
+            params: Some(SearchParams { hnsw_ef: Some(limit.max(HNSW_EF)), ..Default::default() }),
             limit,
             offset: 0,
             with_payload: Some(WithPayloadInterface::Bool(true)),

@@ -1,22 +1,29 @@
 //! Agent memory: scoped, searchable facts that outlive a conversation. Owns the memory types,
 //! validation, batch embedding through the engine's [`EmbedHandle`] (one queued request per
 //! batch, never one per memory), TTL, and keyed-fact conflict resolution (see [`conflict`]).
-//! Storage is the embedded qdrant-edge backend ([`embedded`]). Must not: know HTTP, call an LLM on
+//! Storage is one [`Backend`]: qdrant-edge in process ([`embedded`], the default) or a Qdrant
+//! server ([`remote`]). Must not: know HTTP, call an LLM on
 //! the write path, or issue a read/delete without its scope condition.
 
+pub mod backend;
 pub mod conflict;
 pub mod embedded;
 pub mod hybrid;
+mod indexer;
 mod record;
+pub mod remote;
 pub mod scope;
 
+pub use backend::Backend;
 pub use conflict::{resolve, Resolution};
 pub use embedded::EmbeddedBackend;
 pub use hybrid::SearchMode;
+pub use remote::{RemoteBackend, RemoteConfig};
 pub use scope::Scope;
 
 use conflict::KeyLocks;
 use embedded::{Cond, Hit};
+use indexer::{AsBackend, Indexer};
 use kiln_inference::embed::{EmbedHandle, EmbedInput, EmbedOptions};
 use kiln_inference::EngineError;
 use qdrant_edge::external::uuid::Uuid;
@@ -128,9 +135,16 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    backend: EmbeddedBackend,
+    backend: Backend,
     embedder: EmbedHandle,
     locks: KeyLocks,
+    indexer: Indexer,
+}
+
+impl AsBackend for Inner {
+    fn backend(&self) -> &Backend {
+        &self.backend
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -172,14 +186,38 @@ impl MemoryStore {
     pub async fn open_embedded(dir: &Path, embedder: EmbedHandle) -> Result<Self, MemoryError> {
         let (dir, dim) = (dir.to_path_buf(), embedder.info().dim);
         let backend = blocking(move || EmbeddedBackend::open(&dir, dim)).await?;
-        Ok(Self { inner: Arc::new(Inner { backend, embedder, locks: KeyLocks::default() }) })
+        Ok(Self::with_backend(Backend::Embedded(backend), embedder))
+    }
+
+    /// Opens (or creates) the collection `config.collection` on the Qdrant server at
+    /// `config.url`. A server that does not answer yet is not an error: the store opens and its
+    /// calls return [`MemoryError::Unavailable`] until it does. A collection of another shape is.
+    pub async fn open_remote(config: RemoteConfig, embedder: EmbedHandle) -> Result<Self, MemoryError> {
+        let backend = RemoteBackend::connect(config, embedder.info().dim).await?;
+        Ok(Self::with_backend(Backend::Remote(backend), embedder))
+    }
+
+    fn with_backend(backend: Backend, embedder: EmbedHandle) -> Self {
+        let indexer = Indexer::default();
+        Self { inner: Arc::new(Inner { backend, embedder, locks: KeyLocks::default(), indexer }) }
+    }
+
+    /// Runs an indexing pass now (after any running one): HNSW for the segments that have
+    /// grown past the threshold. Writes start passes by themselves; benchmarks call this to
+    /// measure search on an indexed store.
+    pub async fn index_now(&self) -> Result<(), MemoryError> {
+        self.inner.indexer.run_now(self.inner.clone()).await
+    }
+
+    fn wrote(&self, n: usize) {
+        self.inner.indexer.wrote(n, self.inner.clone());
     }
 
     pub fn embedder(&self) -> &EmbedHandle {
         &self.inner.embedder
     }
 
-    pub fn backend(&self) -> &EmbeddedBackend {
+    pub fn backend(&self) -> &Backend {
         &self.inner.backend
     }
 
@@ -222,8 +260,9 @@ impl MemoryStore {
             }
         }
         let points = plain.iter().map(|(_, m, v)| record::point(m, v.clone())).collect::<Result<Vec<_>, _>>()?;
-        let inner = self.inner.clone();
+        let (inner, written) = (self.inner.clone(), out.len());
         blocking(move || inner.backend.upsert(points)).await?;
+        self.wrote(written);
         for (i, m, _) in plain {
             out[i] = Some(m);
         }

@@ -97,7 +97,7 @@ fn insufficient_scope(method: &Method, route: &str, scope: scopes::Scope, princi
     resp
 }
 
-fn forbidden(code: &'static str, message: String) -> ApiError {
+pub(super) fn forbidden(code: &'static str, message: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "permission_error", message).with_code(code)
 }
 

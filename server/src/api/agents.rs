@@ -33,6 +33,7 @@ impl From<RunError> for ApiError {
             RunError::Invalid(field, m) => ApiError::invalid(&field, m),
             RunError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "invalid_request_error", m),
             RunError::Engine(e) => ApiError::from_engine(e, "input"),
+            RunError::Unavailable(m) => ApiError::unavailable(m),
             other => ApiError::internal(other.to_string()),
         }
     }

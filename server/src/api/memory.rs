@@ -15,7 +15,6 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::{Extension, Json};
 use kiln_agent::memory::{Memory, MemoryError, MemoryPatch, MemoryStore, NewMemory, Scope, SearchMode, SearchQuery};
 use schemars::JsonSchema;
@@ -51,7 +50,7 @@ fn scope(s: &str, who: &Principal) -> ApiResult<Scope> {
     if let Scope::User(user) = &sc {
         if who.via != Via::Open && *user != who.subject && !who.scopes.contains(ScopeName::Admin) {
             let message = format!("memory scope '{sc}' belongs to another subject (you are '{}')", who.subject);
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_error", message).with_code("wrong_subject"));
+            return Err(super::access::forbidden("wrong_subject", message));
         }
     }
     Ok(sc)

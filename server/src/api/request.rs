@@ -233,6 +233,7 @@ impl Sampling {
             logprobs: logprobs.is_some(),
             top_logprobs: logprobs.unwrap_or(0),
             constraint: None,
+            priority: Default::default(),
         })
     }
 

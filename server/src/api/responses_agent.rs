@@ -25,6 +25,7 @@ use super::Shared;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use kiln_agent::conversation::Prepared;
 use kiln_agent::history::{ModelStep, ResultStep};
 use kiln_agent::spec::{AgentSpec, ToolRules};
 use kiln_agent::store::{RunRecord, RunStatus, StepKind, StepRecord};
@@ -102,9 +103,15 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
     let input = items::input_items(req.input.as_ref())?;
     let decisions: Vec<&Value> =
         input.iter().filter(|i| i["type"] == "mcp_approval_response" || i["type"] == "function_call_output").collect();
+    let id = new_id("resp");
+    let conversation = conversation_id(prev.as_ref(), req.previous_response_id.as_deref(), &id);
+    let mut history = prev.as_ref().map(chain_items).unwrap_or_default();
     let (run_id, rx, seen) = if decisions.is_empty() {
-        let (id, rx) = start(&state, &rt, &req, prev.as_ref(), &input).await?;
-        (id, rx, 0)
+        let started = start(&state, &rt, &req, prev.as_ref(), &input, &conversation).await?;
+        if let Some(kept) = started.history {
+            history = kept;
+        }
+        (started.run_id, started.events, 0)
     } else {
         resume(&rt, prev.as_ref(), &decisions).await?
     };
@@ -116,12 +123,22 @@ pub async fn create(state: Shared, principal: Principal, req: ResponsesRequest) 
             "run.reject"
         }
     });
-    let id = new_id("resp");
-    let history = prev.as_ref().map(chain_items).unwrap_or_default();
     let shell = shell(&state, &id, &req);
     let store = req.store.unwrap_or(true);
     let search_results = includes(&req, "file_search_call.results");
-    let turn = Turn { state, rt, shell, id, store, input, history, run_id: run_id.clone(), seen, search_results };
+    let turn = Turn {
+        state,
+        rt,
+        shell,
+        id,
+        store,
+        input,
+        history,
+        conversation,
+        run_id: run_id.clone(),
+        seen,
+        search_results,
+    };
     let mut resp = if background {
         turn.background(rx).await?
     } else if req.stream.unwrap_or(false) {
@@ -145,7 +162,10 @@ pub struct Turn {
     pub id: String,
     store: bool,
     input: Vec<Value>,
+    /// The conversation before `input`, compacted when the agent's policy asked for it.
     history: Vec<Value>,
+    /// The chain's first response id: names its memory scope (`run:{conversation}`).
+    conversation: String,
     pub run_id: String,
     /// Steps of the run an earlier response already showed.
     pub seen: usize,
@@ -167,7 +187,7 @@ impl Turn {
         let mut shell = self.shell.clone();
         shell["status"] = json!("queued");
         let record = json!({"response": shell, "input": self.input, "history": self.history, "run_id": self.run_id,
-            "steps_seen": self.seen});
+            "steps_seen": self.seen, "conversation": self.conversation});
         let store = self.state.responses.store().clone();
         store.put(&self.id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
         let state = self.state.clone();
@@ -194,7 +214,7 @@ impl Turn {
         let response = response_object(&self.rt, &self.shell, &run, &steps, (self.seen, self.search_results));
         if self.store {
             let record = json!({"response": response, "input": self.input, "history": self.history,
-                "run_id": run.id, "steps_seen": steps.len()});
+                "run_id": run.id, "steps_seen": steps.len(), "conversation": self.conversation});
             self.state.responses.store().put(&self.id, record).await.map_err(|e| ApiError::internal(e.to_string()))?;
         }
         Ok(response)
@@ -209,6 +229,19 @@ fn chain_items(rec: &Value) -> Vec<Value> {
     out
 }
 
+/// A chain's conversation id: its first response's id, carried by every later record.
+fn conversation_id(prev: Option<&Value>, prev_id: Option<&str>, own: &str) -> String {
+    let carried = prev.and_then(|p| p["conversation"].as_str());
+    carried.or(prev_id).unwrap_or(own).to_string()
+}
+
+/// A started run, and the conversation to keep when the agent's policy compacted it.
+struct Started {
+    run_id: String,
+    events: broadcast::Receiver<RunEvent>,
+    history: Option<Vec<Value>>,
+}
+
 /// A new run: the request's conversation (the chain before it and its own items but the last)
 /// as history, its last item (a user message) as the run's input.
 async fn start(
@@ -217,8 +250,9 @@ async fn start(
     req: &ResponsesRequest,
     prev: Option<&Value>,
     input: &[Value],
-) -> ApiResult<(String, broadcast::Receiver<RunEvent>)> {
-    let (agent, spec) = match req.model.strip_prefix(AGENT_MODEL_PREFIX) {
+    conversation: &str,
+) -> ApiResult<Started> {
+    let spec = match req.model.strip_prefix(AGENT_MODEL_PREFIX) {
         Some(name) => {
             for (field, set) in [("tools", req.tools.is_some()), ("instructions", req.instructions.is_some())] {
                 if set {
@@ -226,12 +260,11 @@ async fn start(
                     return Err(ApiError::invalid(field, m));
                 }
             }
-            (rt.get_agent(name).await?.name, None)
+            rt.get_agent(name).await?
         }
         None => {
             state.check_model(&req.model)?;
-            let spec = inline_spec(state, rt, req).await?;
-            (spec.name.clone(), Some(spec))
+            inline_spec(state, rt, req).await?
         }
     };
     let Some((last, earlier)) = input.split_last().filter(|(l, _)| l["type"] == "message" && l["role"] == "user")
@@ -246,12 +279,30 @@ async fn start(
         false => items::to_messages(None, &all, first_new)?,
     };
     let text = items::to_messages(None, std::slice::from_ref(last), 0)?.remove(0).content;
+    let prepared = rt.prepare_conversation(&spec, conversation, history, &text).await?;
+    let kept = (prepared.compacted_turns > 0).then(|| compacted_items(&prepared, &all, first_new));
     let mut variables = Map::new();
     if let Some(i) = &req.instructions {
         variables.insert("instructions".into(), json!(i));
     }
-    let (run, rx) = rt.start_run(&agent, RunInput { input: text, variables, history, spec }).await?;
-    Ok((run.id, rx))
+    let inline = (!req.model.starts_with(AGENT_MODEL_PREFIX)).then(|| spec.clone());
+    let run_input = RunInput { input: text, variables, history: prepared.prompt_history, spec: inline };
+    let (run, events) = rt.start_run(&spec.name, run_input).await?;
+    Ok(Started { run_id: run.id, events, history: kept })
+}
+
+/// The record's history after a compaction: the summary as a system message, then the chain's
+/// items from the first user message the summary did not fold in. Only the chain (`all[..chain]`)
+/// is history; this request's own items stay its `input` (a compaction reaching into them
+/// leaves them there verbatim too: repeated, never lost).
+fn compacted_items(prepared: &Prepared, all: &[Value], chain: usize) -> Vec<Value> {
+    let is_user = |v: &Value| v["type"] == "message" && v["role"] == "user";
+    let user_items: Vec<usize> = (0..all.len()).filter(|&i| is_user(&all[i])).collect();
+    let cut = user_items.get(prepared.compacted_turns).copied().unwrap_or(all.len()).min(chain);
+    let summary = prepared.history.first().map(|m| m.content.clone()).unwrap_or_default();
+    let mut out = vec![json!({"type": "message", "role": "system", "content": summary})];
+    out.extend(all[cut..chain].iter().cloned());
+    out
 }
 
 /// Applies approval decisions to the run the previous response paused (which resumes it);

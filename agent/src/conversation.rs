@@ -83,8 +83,6 @@ pub struct Prepared {
     pub compacted_turns: usize,
     /// The summary ended at `summary_max_tokens` rather than by itself.
     pub summary_truncated: bool,
-    /// Prompt tokens after preparation (instructions, history, notes and input).
-    pub prompt_tokens: usize,
 }
 
 impl AgentRuntime {
@@ -109,8 +107,7 @@ impl AgentRuntime {
         let mut p = Prepared { history, ..Prepared::default() };
         let instructions = spec.instructions.clone();
         let budget = policy.compact_at_tokens as usize;
-        p.prompt_tokens = count(&engine, &instructions, &with_notes(&p.history, &notes), input).await?;
-        if p.prompt_tokens > budget {
+        if count(&engine, &instructions, &with_notes(&p.history, &notes), input).await? > budget {
             let cut = cut_point(&engine, &p.history, policy.keep()).await?;
             let old: Vec<Message> = p.history.drain(..cut).collect();
             let (summary, truncated) = summarize(&engine, &old, policy.summary_max()).await?;
@@ -120,7 +117,6 @@ impl AgentRuntime {
             p.compacted_turns = old.iter().filter(|m| m.role == Role::User).count();
             p.summary_truncated = truncated;
             p.history.insert(0, Message::new(Role::System, format!("{SUMMARY_PREFIX}\n{summary}")));
-            p.prompt_tokens = count(&engine, &instructions, &with_notes(&p.history, &notes), input).await?;
         }
         p.prompt_history = with_notes(&p.history, &notes);
         Ok(p)

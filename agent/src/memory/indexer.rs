@@ -4,8 +4,7 @@
 //! thread, one at a time; a write never waits for one to start (it may wait behind a running
 //! pass: see `EmbeddedBackend::optimize`). Must not: run on the async workers, or fail a write.
 
-use super::backend::Backend;
-use super::MemoryError;
+use super::{Inner, MemoryError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +23,7 @@ pub struct Indexer {
 impl Indexer {
     /// Counts `n` written points; past [`INDEX_EVERY`], starts a pass on `backend` unless one
     /// runs (the count then waits for the next write).
-    pub fn wrote(&self, n: usize, target: Arc<dyn AsBackend>) {
+    pub(super) fn wrote(&self, n: usize, target: Arc<Inner>) {
         if self.pending.fetch_add(n, Ordering::Relaxed) + n < INDEX_EVERY {
             return;
         }
@@ -32,28 +31,23 @@ impl Indexer {
         self.pending.store(0, Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
             let _pass = guard;
-            if let Err(e) = pass(target.backend()) {
+            if let Err(e) = pass(&target.backend) {
                 tracing::warn!(error = %e, "memory indexing pass failed; searches stay exact, only slower");
             }
         });
     }
 
     /// Runs a pass now, after any running one.
-    pub async fn run_now(&self, target: Arc<dyn AsBackend>) -> Result<(), MemoryError> {
+    pub(super) async fn run_now(&self, target: Arc<Inner>) -> Result<(), MemoryError> {
         let _pass = self.pass.lock().await;
         self.pending.store(0, Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || pass(target.backend()))
+        tokio::task::spawn_blocking(move || pass(&target.backend))
             .await
             .map_err(|e| MemoryError::Backend(format!("indexing task failed: {e}")))?
     }
 }
 
-/// What owns the backend a pass runs on (the store's shared state).
-pub trait AsBackend: Send + Sync + 'static {
-    fn backend(&self) -> &Backend;
-}
-
-fn pass(backend: &Backend) -> Result<(), MemoryError> {
+fn pass(backend: &super::backend::Backend) -> Result<(), MemoryError> {
     let t = Instant::now();
     if backend.optimize()? {
         tracing::info!(ms = t.elapsed().as_millis() as u64, "memory store indexed (HNSW)");

@@ -23,7 +23,7 @@ pub use scope::Scope;
 
 use conflict::KeyLocks;
 use embedded::{Cond, Hit};
-use indexer::{AsBackend, Indexer};
+use indexer::Indexer;
 use kiln_inference::embed::{EmbedHandle, EmbedInput, EmbedOptions};
 use kiln_inference::EngineError;
 use qdrant_edge::external::uuid::Uuid;
@@ -139,12 +139,6 @@ struct Inner {
     embedder: EmbedHandle,
     locks: KeyLocks,
     indexer: Indexer,
-}
-
-impl AsBackend for Inner {
-    fn backend(&self) -> &Backend {
-        &self.backend
-    }
 }
 
 impl std::fmt::Debug for MemoryStore {
